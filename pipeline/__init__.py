@@ -1,0 +1,1 @@
+"""The library: corpus, packing, tiny models, teachers, cache, scheduler, evaluation."""

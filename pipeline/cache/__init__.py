@@ -1,0 +1,1 @@
+"""Teacher top-k cache: schema, codec, writer, manifest, reader."""

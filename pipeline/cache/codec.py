@@ -1,0 +1,363 @@
+"""Compact, self-describing encoding of a teacher's per-position top-k (ids, log-probs).
+
+One call encodes one cache row of P positions into two blobs (one per Parquet column):
+
+ids blob       Each position's k ids are sorted ascending and delta-coded: the first id
+               raw, then (gap - 1) >= 0, since ids within a position are distinct. The
+               first ids and the gaps each go into a uint32 and are stored as byte planes
+               (all low bytes of the stream, then all second bytes, ...), keeping only
+               as many planes as the row's largest value needs. zstd then entropy-codes
+               each plane: the high planes are nearly constant and shrink to almost
+               nothing, the low plane carries the information.
+logprobs blob  -logprob quantized to an unsigned code with `logprob_step`, at most 16
+               bits, stored as byte planes and zstd-compressed the same way.
+
+Why this layout: measured on teacher-like data (Zipf-prior logits + noise, full-vocab
+log-softmax, P=2048, V=151936, k=64; zstd level 3; bytes per position):
+  ids       per-row bit width 97.6, per-position bit width 96.2, byte planes 79.9,
+            plain uint16/uint32 109.7, raw int32 127.8.
+  logprobs  uint16 112.5 as byte planes, 120.4 as plain uint16 or row-width bit-packed,
+            118.3 re-sorted by rank and delta-coded plus a uint8 rank permutation.
+Byte planes + zstd is the smallest and the fastest to decode (one zstd call, then a
+couple of contiguous numpy passes). On uniformly random top-k sets (the worst case) it
+is within 2-9% of the entropy bound log2(C(V, k)). zstd here, not only in Parquet: same
+size on the ids, up to 8% smaller on the logprobs at small k (per-plane blocks, below),
+and the blob size no longer depends on the writer's settings.
+Parquet zstd on top of these blobs gains nothing (same file size as with none).
+Logprobs in id order are near-incompressible below ~14 bits at step 2**-10; they, not
+the ids, are the larger stream (step 2**-8 saves ~2 bits per value).
+
+Decoded positions are ordered by id ascending, NOT by rank: consumers that need the
+teacher's ranking must sort by logprob themselves.
+
+Blob = fixed header (format version, blob kind, plane widths, P, k, and the params needed
+to decode: vocab size or step/floor, so a blob decoded with the wrong codec is refused)
+followed by one zstd frame with its content checksum. Every length is checked on
+decode; a corrupt or truncated blob raises ValueError rather than returning garbage.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+FORMAT_VERSION = 1
+_IDS_TAG = ord("I")
+_LP_TAG = ord("L")
+# version, tag, first-id planes, gap planes, P, k, vocab_size, payload length
+_IDS_HEADER = struct.Struct("<BBBBIIII")
+# version, tag, code planes, pad, P, k, step, floor, payload length
+_LP_HEADER = struct.Struct("<BBBBIIddI")
+_CODE_MAX = 0xFFFF  # logprob codes are at most uint16
+
+
+def _planes_needed(max_value: int) -> int:
+    """Bytes (0..4) needed to hold values up to max_value; 0 when every value is 0."""
+    return (int(max_value).bit_length() + 7) // 8
+
+
+def _to_planes(values: np.ndarray, nplanes: int) -> np.ndarray:
+    """uint32 values -> [nplanes, n] uint8: row 0 holds all low bytes, row 1 the next, ..."""
+    values = values.reshape(-1).astype(np.uint32, copy=False)
+    planes = np.empty((nplanes, values.size), np.uint8)
+    for i in range(nplanes):
+        planes[i] = (values >> np.uint32(8 * i)).astype(np.uint8)  # astype keeps the low byte
+    return planes
+
+
+def _from_planes(buf: np.ndarray, count: int, nplanes: int) -> np.ndarray:
+    """Inverse of _to_planes: uint8 buffer of nplanes*count bytes -> uint32 [count]."""
+    if nplanes == 0:
+        return np.zeros(count, np.uint32)
+    planes = buf.reshape(nplanes, count)
+    # Horner from the top plane: contiguous passes, ~8x faster than a strided byte scatter.
+    out = planes[-1].astype(np.uint32)
+    for i in range(nplanes - 2, -1, -1):
+        out <<= np.uint32(8)
+        out |= planes[i]
+    return out
+
+
+def _compress(planes: list[np.ndarray], level: int) -> bytes:
+    """All planes into one zstd frame, each plane in its own block(s).
+
+    A zstd block has one Huffman table for its literals; a low plane (near-uniform) and a
+    high plane (near-constant) sharing a 128 KiB block would get one compromise table.
+    Ending the block after each plane saves ~7% on the logprobs at k=16 (P=2048).
+    write_checksum: zstd verifies the decompressed bytes, so payload corruption is
+    detected instead of decoding to plausible-looking wrong ids.
+    """
+    size = sum(p.size for p in planes)
+    z = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj(size=size)
+    chunks = []
+    for plane in planes:
+        for row in plane:
+            chunks.append(z.compress(row))
+            chunks.append(z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    chunks.append(z.flush())
+    return b"".join(chunks)
+
+
+def _decompress(payload, expected: int, what: str) -> np.ndarray:
+    try:
+        frame = zstandard.get_frame_parameters(payload)
+        # Insist on what encode writes: the exact size (so a corrupt size cannot make us
+        # allocate wildly) and a checksum (so its flag cannot be flipped off silently).
+        if frame.content_size != expected or not frame.has_checksum:
+            raise ValueError(
+                f"{what}: zstd frame says {frame.content_size} bytes, checksum={frame.has_checksum}; "
+                f"header implies {expected} bytes with a checksum"
+            )
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{what}: corrupt zstd payload ({e})") from None
+    if len(raw) != expected:
+        raise ValueError(f"{what}: payload decompresses to {len(raw)} bytes, header implies {expected}")
+    return np.frombuffer(raw, np.uint8)
+
+
+def _split(blob, header: struct.Struct, tag: int, what: str) -> tuple[tuple, memoryview]:
+    """Parse and sanity-check a blob's header; return its fields and the exact payload."""
+    blob = memoryview(blob).cast("B")  # bytes, bytearray or a pyarrow buffer; no copy
+    if len(blob) < header.size:
+        raise ValueError(f"{what}: truncated, {len(blob)} bytes is shorter than the {header.size}-byte header")
+    fields = header.unpack_from(blob)
+    if fields[0] != FORMAT_VERSION:
+        raise ValueError(f"{what}: unsupported format version {fields[0]} (expected {FORMAT_VERSION})")
+    if fields[1] != tag:
+        raise ValueError(f"{what}: wrong blob kind {fields[1]!r} (expected {tag!r}; ids and logprobs blobs swapped?)")
+    payload_len = fields[-1]
+    if len(blob) != header.size + payload_len:
+        raise ValueError(
+            f"{what}: length {len(blob)} != header {header.size} + payload {payload_len} (truncated or trailing bytes)"
+        )
+    return fields, blob[header.size:]  # a view: zstd reads it in place
+
+
+@dataclass(frozen=True)
+class TopKCodec:
+    """Encodes/decodes one row's top-k ids and log-probs; see the module docstring.
+
+    Log-probs are stored as code = round(-logprob / logprob_step), clipped to
+    [0, min(round(-logprob_floor / logprob_step), 65535)] and decoded as -code * step.
+    So values >= min_logprob come back within max_abs_error_bound(); values below it
+    (including -inf) come back as min_logprob. With the defaults the uint16 code range,
+    not the floor, is the limit: min_logprob = -65535 * 2**-10 = -63.9990234375.
+    """
+
+    vocab_size: int
+    k: int
+    logprob_step: float = 2**-10  # fixed-point step for -logprob; max abs error = step/2 in range
+    logprob_floor: float = -64.0  # log-probs below are clamped (see min_logprob)
+    zstd_level: int = 3  # level 9 saves ~1-3% more at 2-12x the encode time
+
+    def __post_init__(self):
+        if not 1 <= self.vocab_size <= 2**31 - 1:
+            raise ValueError(f"vocab_size must be in [1, 2**31 - 1] (ids decode to int32), got {self.vocab_size}")
+        if not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+        if not (math.isfinite(self.logprob_step) and self.logprob_step > 0):
+            raise ValueError(f"logprob_step must be finite and > 0, got {self.logprob_step}")
+        if not (math.isfinite(self.logprob_floor) and self.logprob_floor < 0):
+            raise ValueError(f"logprob_floor must be finite and < 0, got {self.logprob_floor}")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
+        if self._code_max < 1:
+            raise ValueError(f"logprob_floor {self.logprob_floor} is within half a step of 0; no range left")
+
+    @property
+    def _code_max(self) -> int:
+        return min(round(-self.logprob_floor / self.logprob_step), _CODE_MAX)
+
+    @property
+    def _step_is_pow2(self) -> bool:
+        # Then -code * step (code < 2**16) has <= 16 significant bits: exact in float32.
+        return math.frexp(self.logprob_step)[0] == 0.5 and 2**-100 < self.logprob_step < 2**100
+
+    @property
+    def min_logprob(self) -> float:
+        """Lowest decodable log-prob; everything below (and -inf) decodes to it."""
+        return float(np.float32(-self._code_max * self.logprob_step))
+
+    def max_abs_error_bound(self) -> float:
+        """Max |decoded - input| for finite inputs >= min_logprob."""
+        bound = self.logprob_step / 2
+        # Any step but a power of two adds the float32 rounding of the decoded value.
+        if not self._step_is_pow2:
+            bound += float(np.spacing(np.float32(-self.min_logprob))) / 2
+        return bound
+
+    def describe(self) -> dict:
+        return {
+            "codec": "ddk.topk",
+            "version": FORMAT_VERSION,
+            "vocab_size": self.vocab_size,
+            "k": self.k,
+            "ids_layout": "sorted ids, first id + (gap-1), uint32 byte planes, zstd",
+            "logprobs_layout": "round(-logprob/step) <= uint16, byte planes, zstd",
+            "order_within_position": "id ascending (not rank)",
+            "logprob_step": self.logprob_step,
+            "logprob_floor": self.logprob_floor,
+            "min_logprob": self.min_logprob,
+            "clamping": "log-probs below min_logprob, including -inf, decode as min_logprob",
+            "max_abs_logprob_error": self.max_abs_error_bound(),
+            "zstd_level": self.zstd_level,
+        }
+
+    # ---------------------------------------------------------------- encode
+    def _validate(self, ids, logprobs) -> tuple[np.ndarray, np.ndarray]:
+        """Check encode's inputs; returns (ids int64, logprobs float64), original order."""
+        ids = np.asarray(ids)
+        logprobs = np.asarray(logprobs)
+        if ids.ndim != 2 or ids.shape[1] != self.k:
+            raise ValueError(f"ids must have shape [positions, k={self.k}], got {ids.shape}")
+        if ids.shape[0] == 0:
+            raise ValueError("ids has no positions")
+        if logprobs.shape != ids.shape:
+            raise ValueError(f"logprobs shape {logprobs.shape} != ids shape {ids.shape}")
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be an integer array, got dtype {ids.dtype}")
+        if not np.issubdtype(logprobs.dtype, np.floating):
+            raise ValueError(f"logprobs must be a float array, got dtype {logprobs.dtype}")
+        lo, hi = ids.min(), ids.max()
+        if lo < 0 or hi >= self.vocab_size:
+            bad = int(lo) if lo < 0 else int(hi)
+            raise ValueError(f"id {bad} out of range [0, vocab_size={self.vocab_size})")
+        logprobs = logprobs.astype(np.float64, copy=False)
+        if np.isnan(logprobs).any():
+            raise ValueError(f"NaN logprob at position {int(np.argwhere(np.isnan(logprobs))[0, 0])}")
+        # +step/2 of slack: rounding in the teacher's log-softmax can leave the top
+        # token a hair above 0; such values round to code 0 anyway.
+        if (logprobs > self.logprob_step / 2).any():
+            p = int(np.argwhere(logprobs > self.logprob_step / 2)[0, 0])
+            raise ValueError(f"logprobs must be <= 0, got {logprobs[p].max()} at position {p}")
+        return ids.astype(np.int64, copy=False), logprobs
+
+    def _codes(self, logprobs: np.ndarray) -> np.ndarray:
+        # -inf -> +inf -> clipped to the max code, like any other value below the floor.
+        q = np.rint(-logprobs / self.logprob_step)
+        return np.clip(q, 0, self._code_max).astype(np.int64)
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes]:
+        """ids [P, k] int, logprobs [P, k] float -> (ids_blob, logprobs_blob)."""
+        ids, logprobs = self._validate(ids, logprobs)
+        positions = ids.shape[0]
+        # Sort by id carrying the code along: one sort of (id << 16 | code) keys is
+        # ~2x faster than argsort + two gathers.
+        keys = np.sort((ids << 16) | self._codes(logprobs), axis=1)
+        ids, codes = keys >> 16, keys & _CODE_MAX
+
+        gaps = np.diff(ids, axis=1)
+        if (gaps == 0).any():
+            p = int(np.argwhere(gaps == 0)[0, 0])
+            raise ValueError(f"duplicate id {int(ids[p][np.argmax(gaps[p] == 0)])} within position {p}")
+        gaps -= 1
+        first = ids[:, 0]
+        first_planes = _planes_needed(first.max())
+        gap_planes = _planes_needed(gaps.max()) if gaps.size else 0
+        payload = _compress([_to_planes(first, first_planes), _to_planes(gaps, gap_planes)], self.zstd_level)
+        ids_blob = _IDS_HEADER.pack(
+            FORMAT_VERSION, _IDS_TAG, first_planes, gap_planes, positions, self.k, self.vocab_size, len(payload)
+        ) + payload
+
+        code_planes = _planes_needed(codes.max())
+        payload = _compress([_to_planes(codes, code_planes)], self.zstd_level)
+        lp_blob = _LP_HEADER.pack(
+            FORMAT_VERSION, _LP_TAG, code_planes, 0, positions, self.k,
+            self.logprob_step, self.logprob_floor, len(payload),
+        ) + payload
+        return ids_blob, lp_blob
+
+    # ---------------------------------------------------------------- decode
+    def _check_shape(self, what: str, blob_positions: int, blob_k: int, positions: int):
+        if positions < 1:
+            raise ValueError(f"positions must be >= 1, got {positions}")
+        if blob_k != self.k:
+            raise ValueError(f"{what}: blob has k={blob_k}, codec has k={self.k}")
+        if blob_positions != positions:
+            raise ValueError(f"{what}: blob has {blob_positions} positions, caller expects {positions}")
+
+    def decode(self, ids_blob: bytes, logprobs_blob: bytes, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> ids [P, k] int32 and logprobs [P, k] float32, each position ordered by id ascending."""
+        what = "ids blob"
+        fields, payload = _split(ids_blob, _IDS_HEADER, _IDS_TAG, what)
+        _, _, first_planes, gap_planes, blob_p, blob_k, vocab, _ = fields
+        self._check_shape(what, blob_p, blob_k, positions)
+        if vocab != self.vocab_size:
+            raise ValueError(f"{what}: encoded for vocab_size={vocab}, codec has {self.vocab_size}")
+        if first_planes > 4 or gap_planes > 4:
+            raise ValueError(f"{what}: bad plane counts {first_planes}/{gap_planes} (max 4)")
+        n_gaps = positions * (self.k - 1)
+        raw = _decompress(payload, positions * first_planes + n_gaps * gap_planes, what)
+        first = _from_planes(raw[: positions * first_planes], positions, first_planes)
+        gaps = _from_planes(raw[positions * first_planes:], n_gaps, gap_planes)
+        if max(first.max(), gaps.max(initial=0)) >= self.vocab_size:
+            raise ValueError(f"{what}: first id or gap >= vocab_size={self.vocab_size}")
+        # Each step of the running sum adds gap+1 <= vocab_size, so it stays below
+        # k * vocab_size: int32 cannot overflow unless that product reaches 2**31.
+        ids = np.empty((positions, self.k), np.int32 if self.k * self.vocab_size < 2**31 else np.int64)
+        ids[:, 0] = first
+        ids[:, 1:] = gaps.reshape(positions, self.k - 1)
+        ids[:, 1:] += 1
+        np.cumsum(ids, axis=1, out=ids)
+        if ids[:, -1].max() >= self.vocab_size:  # rows are increasing, so the last id is the max
+            raise ValueError(f"{what}: decodes to id {int(ids[:, -1].max())} >= vocab_size={self.vocab_size}")
+
+        what = "logprobs blob"
+        fields, payload = _split(logprobs_blob, _LP_HEADER, _LP_TAG, what)
+        _, _, code_planes, pad, blob_p, blob_k, step, floor, _ = fields
+        self._check_shape(what, blob_p, blob_k, positions)
+        if pad != 0:
+            raise ValueError(f"{what}: reserved header byte is {pad}, expected 0")
+        if (step, floor) != (self.logprob_step, self.logprob_floor):
+            raise ValueError(
+                f"{what}: encoded with step={step}, floor={floor}; codec has {self.logprob_step}, {self.logprob_floor}"
+            )
+        if code_planes > 2:
+            raise ValueError(f"{what}: bad plane count {code_planes} (max 2)")
+        raw = _decompress(payload, positions * self.k * code_planes, what)
+        codes = _from_planes(raw, positions * self.k, code_planes).reshape(positions, self.k)
+        if codes.max() > self._code_max:
+            raise ValueError(f"{what}: code {int(codes.max())} exceeds the max code {self._code_max}")
+        if self._step_is_pow2:  # code * step is exact in float32: skip the float64 detour
+            logprobs = codes.astype(np.float32)
+            logprobs *= np.float32(-self.logprob_step)
+        else:
+            logprobs = (codes * -self.logprob_step).astype(np.float32)
+        return ids.astype(np.int32, copy=False), logprobs
+
+
+def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray) -> dict:
+    """Round-trip (ids, logprobs) through `codec` and report what actually came back.
+
+    max_abs_error is over values at or above codec.min_logprob (the ones the bound
+    covers); clamped counts the values below it, -inf included, which decode as
+    min_logprob. max_abs_error_finite also includes finite clamped values.
+    """
+    ref_ids, ref_lp = codec._validate(ids, logprobs)
+    order = np.argsort(ref_ids, axis=1)  # decode returns id order
+    ref_ids, ref_lp = np.take_along_axis(ref_ids, order, 1), np.take_along_axis(ref_lp, order, 1)
+    ids_blob, lp_blob = codec.encode(ids, logprobs)
+    out_ids, out_lp = codec.decode(ids_blob, lp_blob, ref_ids.shape[0])
+
+    clamped = np.rint(-ref_lp / codec.logprob_step) > codec._code_max  # i.e. the clip changed the code
+    err = np.abs(out_lp.astype(np.float64) - ref_lp)
+    finite = np.isfinite(ref_lp)
+    in_range = err[~clamped]
+    return {
+        "ids_exact": bool(np.array_equal(out_ids, ref_ids)),
+        "values": int(ref_lp.size),
+        "clamped": int(clamped.sum()),
+        "neg_inf": int((~finite).sum()),
+        "max_abs_error": float(in_range.max()) if in_range.size else 0.0,
+        "max_abs_error_finite": float(err[finite].max()) if finite.any() else 0.0,
+        "bound": codec.max_abs_error_bound(),
+        "within_bound": bool(in_range.size == 0 or in_range.max() <= codec.max_abs_error_bound()),
+        "ids_bytes": len(ids_blob),
+        "logprobs_bytes": len(lp_blob),
+        "bytes_per_position": (len(ids_blob) + len(lp_blob)) / ref_ids.shape[0],
+    }

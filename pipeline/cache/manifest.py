@@ -1,0 +1,201 @@
+"""The cache's two index files: `plan.json` (what will be written) and `manifest.json` (what was).
+
+`plan.json` is written first and pins everything the bytes depend on (teacher weights,
+tokenizer, k, sequence length, the packed corpus, the codec). A later run on the same
+directory either matches it and resumes, or is refused with the field that differs.
+`manifest.json` appears only when every planned shard exists; it adds byte sizes,
+checksums, per-domain teacher validation loss and the codec's measured fidelity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .schema import FORMAT_VERSION, shard_name
+from .writer import read_shard_info
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class CacheError(ValueError):
+    """A cache problem the user can fix; the message names the file and the fix."""
+
+
+@dataclass
+class ShardSpec:
+    file: str  # relative to the cache directory
+    domain: str
+    split: str
+    index: int
+    row_start: int
+    row_end: int
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+
+@dataclass
+class CachePlan:
+    format_version: int
+    teacher: dict  # path, weights_sha256, backend, dtype
+    tokenizer: dict  # sha256, vocab_size
+    k: int
+    seq_len: int
+    codec: dict  # TopKCodec parameters
+    domains: dict  # name -> {"train_rows", "val_rows", "tokens_sha256"}
+    shards: list[ShardSpec]
+
+    def fingerprint(self) -> dict:
+        """Everything the shard bytes depend on; two plans with equal fingerprints write equal shards."""
+        d = dataclasses.asdict(self)
+        d["teacher"] = {k: v for k, v in self.teacher.items() if k != "path"}
+        return d
+
+    def save(self, cache_dir: Path) -> None:
+        write_json_atomic(cache_dir / PLAN_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, cache_dir: Path) -> "CachePlan":
+        d = json.loads((cache_dir / PLAN_FILE).read_text())
+        d["shards"] = [ShardSpec(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+def plan_shards(domain_rows: dict[str, dict[str, int]], rows_per_shard: int) -> list[ShardSpec]:
+    shards = []
+    for domain, splits in domain_rows.items():
+        for split in ("val", "train"):  # val first: the scheduler's teacher numbers come from it
+            n = splits[split]
+            for index, start in enumerate(range(0, n, rows_per_shard)):
+                shards.append(ShardSpec(shard_name(domain, split, index), domain, split, index, start, min(n, start + rows_per_shard)))
+    return shards
+
+
+def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path) -> None:
+    """Refuse to mix two configs in one directory; name the first field that differs."""
+    if existing.tokenizer["sha256"] != new.tokenizer["sha256"]:
+        raise CacheError(
+            f"{cache_dir}: the cache was started with another tokenizer (sha256 {existing.tokenizer['sha256'][:12]}, "
+            f"this teacher's is {new.tokenizer['sha256'][:12]}); use the same teacher or write to a new cache.out_dir"
+        )
+    a, b = existing.fingerprint(), new.fingerprint()
+    for key in a:
+        if a[key] != b.get(key):
+            detail = _first_difference(a[key], b.get(key), key)
+            raise CacheError(
+                f"{cache_dir}: the existing cache was made with a different config ({detail}); "
+                f"re-run with the original config to resume, or set cache.out_dir to a new directory"
+            )
+
+
+def _first_difference(a, b, path: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) != len(b):
+        return f"{path}: {len(a)} entries vs {len(b)}"
+    sa, sb = json.dumps(a)[:60], json.dumps(b)[:60]
+    return f"{path}: {sa} vs {sb}"
+
+
+def shard_done(cache_dir: Path, spec: ShardSpec) -> bool:
+    """A shard with its final name is complete (atomic rename); check its footer agrees."""
+    path = cache_dir / spec.file
+    if not path.exists():
+        return False
+    try:
+        info = read_shard_info(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable footer means the same thing here
+        raise CacheError(f"{path}: unreadable shard ({e}); delete the file and re-run to rewrite it") from None
+    if (info["domain"], info["split"], info["row_start"], info["rows"]) != (spec.domain, spec.split, spec.row_start, spec.rows):
+        raise CacheError(f"{path}: holds rows of another plan ({info}); delete the file and re-run to rewrite it")
+    return True
+
+
+def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) -> dict:
+    """Index the finished shards: sizes, checksums, teacher validation loss, fidelity."""
+    domains: dict[str, dict] = {
+        name: {"train_rows": d["train_rows"], "val_rows": d["val_rows"], "shards": []} for name, d in plan.domains.items()
+    }
+    max_err, clamped, total_bytes = 0.0, 0, 0
+    val_nll: dict[str, list[float]] = {name: [0.0, 0] for name in plan.domains}
+    for spec in plan.shards:
+        path = cache_dir / spec.file
+        info = read_shard_info(path)
+        size = path.stat().st_size
+        total_bytes += size
+        max_err = max(max_err, info["max_abs_logprob_error"])
+        clamped += info["clamped_logprobs"]
+        domains[spec.domain]["shards"].append(
+            {"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, "sha256": sha256_file(path)}
+        )
+        if spec.split == "val":
+            col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
+            lp = col.values.to_numpy(zero_copy_only=False).astype(np.float64)
+            val_nll[spec.domain][0] += -lp.sum()
+            val_nll[spec.domain][1] += lp.size
+    tokens = 0
+    for name, d in domains.items():
+        loss = val_nll[name][0] / max(val_nll[name][1], 1)
+        d["teacher_val_loss"] = loss
+        d["teacher_val_ppl"] = math.exp(loss)
+        d["tokens"] = (d["train_rows"] + d["val_rows"]) * plan.seq_len
+        tokens += d["tokens"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "teacher": plan.teacher,
+        "tokenizer": plan.tokenizer,
+        "k": plan.k,
+        "seq_len": plan.seq_len,
+        "codec": plan.codec,
+        "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped},
+        "bytes": total_bytes,
+        "tokens": tokens,
+        "bytes_per_token": total_bytes / max(tokens, 1),
+        "domains": domains,
+    }
+    if stats:
+        manifest["capture"] = stats
+    write_json_atomic(cache_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def load_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST_FILE
+    if not path.exists():
+        hint = "it is incomplete: re-run `ddk teacher-cache` with its config to finish it" if (Path(cache_dir) / PLAN_FILE).exists() else "run `ddk teacher-cache` first"
+        raise CacheError(f"{path} not found; {hint}")
+    m = json.loads(path.read_text())
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: format version {m.get('format_version')}, this ddk reads {FORMAT_VERSION}; rebuild the cache")
+    return m
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,34 @@
+"""The shard schema: one Parquet row per packed sequence, keyed by sample, never by batch.
+
+A row of L + 1 tokens has L predicted positions. Per position the teacher support is
+generic (ids + logprobs + tail): top-k today, an importance-sampled support later fits
+the same columns, reader and kernel.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # "<domain>/<split>/<row>": the sample's identity
+        pa.field("row", pa.int64(), nullable=False),  # row index within (domain, split)
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # L + 1 token ids
+        pa.field("topk_ids", pa.binary(), nullable=False),  # codec blob: [L, k] ids, sorted by id per position
+        pa.field("topk_logprobs", pa.binary(), nullable=False),  # codec blob: [L, k] quantized logprobs
+        pa.field("target_logprob", pa.list_(pa.float32()), nullable=False),  # [L] log p(actual next token)
+        pa.field("tail_logmass", pa.list_(pa.float32()), nullable=False),  # [L] log(1 - sum_k p)
+    ]
+)
+
+SPLITS = ("train", "val")
+
+
+def sample_key(domain: str, split: str, row: int) -> str:
+    return f"{domain}/{split}/{row}"
+
+
+def shard_name(domain: str, split: str, index: int) -> str:
+    return f"{domain}/{split}-{index:05d}.parquet"

@@ -1,0 +1,82 @@
+"""TopKShardWriter: encode one shard's rows and write it atomically.
+
+A shard is immutable once it has its final name: it is written to `<name>.tmp`, flushed
+to disk and renamed, so a killed run leaves either a complete shard or a temp file that
+the next run overwrites. Per-shard facts (rows, codec fidelity) go into the Parquet
+key-value metadata so the manifest can be rebuilt from the shards alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..teachers.base import TopK
+from .codec import TopKCodec, measure_fidelity
+from .schema import FORMAT_VERSION, SHARD_SCHEMA, sample_key
+
+META_KEY = b"ddk.shard"
+
+
+class TopKShardWriter:
+    def __init__(self, codec: TopKCodec, zstd_level: int = 3):
+        self.codec = codec
+        self.zstd_level = zstd_level
+
+    def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK) -> dict:
+        n, width = rows.shape
+        positions = width - 1
+        ids_blobs, lp_blobs = [], []
+        max_err, clamped = 0.0, 0
+        for i in range(n):
+            ib, lb = self.codec.encode(topk.ids[i], topk.logprobs[i])
+            ids_blobs.append(ib)
+            lp_blobs.append(lb)
+            fid = measure_fidelity(self.codec, topk.ids[i], topk.logprobs[i])
+            max_err = max(max_err, float(fid["max_abs_error"]))
+            clamped += int(fid.get("clamped", 0))
+        flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731
+        offsets = lambda m: pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))  # noqa: E731
+        table = pa.Table.from_arrays(
+            [
+                pa.array([sample_key(domain, split, row_start + i) for i in range(n)], pa.string()),
+                pa.array(np.arange(row_start, row_start + n, dtype=np.int64)),
+                pa.ListArray.from_arrays(offsets(width), flat(rows.astype(np.int32))),
+                pa.array(ids_blobs, pa.binary()),
+                pa.array(lp_blobs, pa.binary()),
+                pa.ListArray.from_arrays(offsets(positions), flat(topk.target_logprob.astype(np.float32))),
+                pa.ListArray.from_arrays(offsets(positions), flat(topk.tail_logmass.astype(np.float32))),
+            ],
+            schema=SHARD_SCHEMA,
+        )
+        info = {
+            "format_version": FORMAT_VERSION,
+            "domain": domain,
+            "split": split,
+            "row_start": row_start,
+            "rows": n,
+            "positions": positions,
+            "max_abs_logprob_error": max_err,
+            "clamped_logprobs": clamped,
+        }
+        table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd", compression_level=self.zstd_level, use_dictionary=["key"])
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return info
+
+
+def read_shard_info(path: Path) -> dict:
+    """The writer's metadata of a finished shard (reads only the Parquet footer)."""
+    meta = pq.read_schema(path).metadata or {}
+    if META_KEY not in meta:
+        raise ValueError(f"{path}: not a ddk shard (no '{META_KEY.decode()}' metadata); delete it and re-run to rewrite it")
+    return json.loads(meta[META_KEY])

@@ -1,0 +1,251 @@
+"""Typed config tree: plain dataclasses, loaded from TOML, overridable from the CLI.
+
+A config file has one table per section (`[corpus]`, `[models]`, `[teacher]`, `[cache]`).
+`--set cache.k=16` on any command overrides one field; the value is parsed as a TOML
+literal (so `16`, `true`, `"hf"`, `["a", "b"]` all work) and bare words fall back to
+strings (`--set teacher.backend=hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the file, the field and the fix."""
+
+
+@dataclass
+class DomainSource:
+    """One domain of a user corpus: a name and the files that make it up."""
+
+    name: str
+    # Files or glob patterns (relative to the config file's directory, or absolute):
+    # .jsonl/.json (one object per line), .parquet, or .txt (one document per file).
+    paths: list[str] = field(default_factory=list)
+    # Field holding the text in .jsonl objects and the column name in .parquet files.
+    text_field: str = "text"
+
+
+@dataclass
+class CorpusConfig:
+    # "builtin": the embedded multi-domain corpus made from the Python installation on
+    # disk (no network, no files in the repo). "files": the `domains` listed below.
+    source: str = "builtin"
+    domains: list[DomainSource] = field(default_factory=list)
+    # Builtin corpus only: cap on the characters taken per domain (keeps CPU runs small).
+    builtin_chars_per_domain: int = 1_500_000
+    # Tokens per training row as the student sees it. Each stored row holds seq_len + 1
+    # tokens so that every one of the seq_len positions has a teacher target.
+    seq_len: int = 128
+    # Validation rows per domain (the paper uses 500 samples); drawn by document hash so
+    # no document straddles train and validation.
+    val_rows: int = 32
+    # Upper bound on train rows per domain (0 = no cap).
+    max_train_rows: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim = hidden_size / num_heads must be one vLLM CPU supports
+    intermediate_size: int = 344
+    # Brief pre-training so the teacher actually knows more than the student.
+    pretrain_steps: int = 200
+    lr: float = 3e-3
+    batch_rows: int = 16
+    # Domain mix for pre-training: {} = proportional to rows; else relative weights,
+    # e.g. the student sees mostly two domains so DDK has gaps to find.
+    domain_mix: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelsConfig:
+    """`make tiny-models`: a local BPE tokenizer plus a teacher and a student."""
+
+    out_dir: str = "runs/default/models"
+    vocab_size: int = 2048
+    # Characters of each domain used to train the tokenizer.
+    tokenizer_chars_per_domain: int = 300_000
+    teacher: ModelSpec = field(
+        default_factory=lambda: ModelSpec(
+            hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, pretrain_steps=400
+        )
+    )
+    student: ModelSpec = field(
+        default_factory=lambda: ModelSpec(pretrain_steps=150)
+    )
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    # A HF model directory (config.json + weights + tokenizer). Empty: the tiny teacher
+    # under models.out_dir (built on demand).
+    path: str = ""
+    # "auto": vllm when importable, else hf. "vllm" fails loudly when vLLM is missing.
+    backend: str = "auto"
+    dtype: str = "float32"  # capture dtype: float32 | bfloat16 | float16
+    batch_rows: int = 32
+    # vLLM only.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE; without it the CPU worker asks for 92 % of RAM
+    enforce_eager: bool = True
+
+
+@dataclass
+class CacheConfig:
+    out_dir: str = "runs/default/cache"
+    k: int = 64
+    rows_per_shard: int = 128
+    logprob_step: float = 2**-10
+    parquet_zstd_level: int = 3
+    # Independent capture processes over disjoint shard ranges (one vLLM engine each).
+    workers: int = 1
+
+
+@dataclass
+class Config:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # Where the config came from; relative corpus paths resolve against its directory.
+    source_path: str = ""
+
+    def teacher_path(self) -> Path:
+        return Path(self.teacher.path) if self.teacher.path else Path(self.models.out_dir) / "teacher"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_path")
+        return d
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from a TOML table, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields or key == "source_path":
+            known = ", ".join(n for n in fields if n != "source_path")
+            raise ConfigError(f"{where}: unknown field '{key}' (known fields: {known})")
+        ftype = fields[key].type
+        default = getattr(cls(), key) if _has_all_defaults(cls) else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a table, got {value!r}")
+            value = _build(type(default), value, f"{where}.{key}")
+        elif key == "domains" and cls is CorpusConfig:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.domains: expected an array of tables ([[corpus.domains]])")
+            value = [_build(DomainSource, v, f"{where}.domains[{i}]") for i, v in enumerate(value)]
+        else:
+            value = _coerce(value, default, f"{where}.{key}", ftype)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _has_all_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _coerce(value: Any, default: Any, where: str, ftype: Any) -> Any:
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (int, float, str, list, dict)) and not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set cache.k=16")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare word: a string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass --config with an existing TOML file (see configs/)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        source = str(p.resolve())
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = _build(Config, data, Path(source).name if source else "config")
+    cfg.source_path = source
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    c = cfg.corpus
+    if c.source not in ("builtin", "files"):
+        raise ConfigError(f"corpus.source: '{c.source}' is not one of 'builtin', 'files'")
+    if c.source == "files" and not c.domains:
+        raise ConfigError("corpus.source = 'files' but no [[corpus.domains]] are listed; add at least one")
+    names = [d.name for d in c.domains]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"corpus.domains: duplicate domain names in {names}")
+    if c.seq_len < 2:
+        raise ConfigError(f"corpus.seq_len = {c.seq_len}: must be >= 2")
+    if c.val_rows < 1:
+        raise ConfigError(f"corpus.val_rows = {c.val_rows}: must be >= 1 (the scheduler needs validation rows)")
+    if cfg.cache.k < 1:
+        raise ConfigError(f"cache.k = {cfg.cache.k}: must be >= 1")
+    if cfg.cache.rows_per_shard < 1:
+        raise ConfigError(f"cache.rows_per_shard = {cfg.cache.rows_per_shard}: must be >= 1")
+    if cfg.teacher.backend not in ("auto", "vllm", "hf"):
+        raise ConfigError(f"teacher.backend: '{cfg.teacher.backend}' is not one of auto, vllm, hf")
+    if cfg.teacher.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of float32, bfloat16, float16")
+    if cfg.cache.workers < 1:
+        raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
+    for role in ("teacher", "student"):
+        spec: ModelSpec = getattr(cfg.models, role)
+        if spec.hidden_size % spec.num_heads:
+            raise ConfigError(f"models.{role}: hidden_size {spec.hidden_size} not divisible by num_heads {spec.num_heads}")
+        head_dim = spec.hidden_size // spec.num_heads
+        if head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ConfigError(
+                f"models.{role}: head_dim {head_dim} (hidden_size/num_heads) is not supported by vLLM's CPU "
+                f"attention; pick hidden_size/num_heads in {sorted(VLLM_CPU_HEAD_DIMS)}"
+            )
+
+
+# DESIGN.md section 4: head_dim 16 fails in vLLM's CPU attention.
+VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}

@@ -1,0 +1,42 @@
+"""Per-domain validation loss and perplexity of a causal LM on packed rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def mean_token_loss(model, rows: np.ndarray, batch_rows: int = 32, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over all positions of `rows` [n, seq_len + 1]."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_rows):
+        ids = torch.as_tensor(rows[i : i + batch_rows], dtype=torch.long, device=device)
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += ids[:, 1:].numel()
+    return total / max(count, 1)
+
+
+def domain_losses(model, packed, split: str = "val", batch_rows: int = 32, device: str = "cpu") -> dict[str, float]:
+    return {p.name: mean_token_loss(model, p.rows(split), batch_rows, device) for p in packed}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def format_table(columns: dict[str, dict[str, float]], as_ppl: bool = False) -> str:
+    """A plain-text table: one row per domain, one column per model."""
+    names = list(next(iter(columns.values())).keys())
+    head = f"{'domain':<12}" + "".join(f"{c:>14}" for c in columns)
+    lines = [head, "-" * len(head)]
+    for n in names:
+        vals = [columns[c][n] for c in columns]
+        lines.append(f"{n:<12}" + "".join(f"{(perplexity(v) if as_ppl else v):>14.3f}" for v in vals))
+    return "\n".join(lines)

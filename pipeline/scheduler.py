@@ -1,0 +1,351 @@
+"""DDK domain weighting: the discrepancy factor (Eq. 1), its smooth update (Eq. 2) and the
+domain-knowledge-guided interval sampler (Algorithm 1) of arXiv 2407.16154.
+
+Everything here is numpy and pure bookkeeping: the caller measures perplexities, this
+module turns them into sampling weights and the weights into rows. State is kept in
+plain JSON-serializable dicts so that a checkpoint can be read (and diffed) by eye.
+
+Conventions: `lS[i]`, `lT[i]` are the student's and teacher's PERPLEXITIES on domain i's
+validation split (not losses), and every weight vector is ordered like the domain list
+it was built with.
+"""
+
+import logging
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ddk", "ddk-no-smoothing", "uniform", "proportional")
+
+# -----------------------------------------------------------------------------
+# input checks: the equations are only meaningful for positive, finite perplexities
+
+
+def _check_ppl(student_ppl, teacher_ppl):
+    lS = np.asarray(student_ppl, dtype=np.float64)
+    lT = np.asarray(teacher_ppl, dtype=np.float64)
+    if lS.ndim != 1 or lT.ndim != 1:
+        raise ValueError(
+            f"perplexities must be 1-D (one value per domain), got shapes {lS.shape} and {lT.shape}"
+        )
+    if lS.shape != lT.shape:
+        raise ValueError(
+            f"student_ppl has {lS.size} domains but teacher_ppl has {lT.size}: "
+            "pass one perplexity per domain, in the same domain order, for both"
+        )
+    if lS.size == 0:
+        raise ValueError("no domains: pass at least one perplexity")
+    for name, x in (("student_ppl", lS), ("teacher_ppl", lT)):
+        bad = ~(np.isfinite(x) & (x > 0))
+        if bad.any():
+            raise ValueError(
+                f"{name} must be positive and finite, got {x[bad].tolist()} at domain indices "
+                f"{np.flatnonzero(bad).tolist()}: pass perplexities exp(mean CE), not losses or "
+                "log-probs, and check the evaluation for NaN/overflow (empty validation split?)"
+            )
+    return lS, lT
+
+
+def _check_distribution(r, n, name="r_t", atol=1e-6):
+    r = np.asarray(r, dtype=np.float64)
+    if r.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one weight per domain), got {r.shape}")
+    if not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise ValueError(f"{name} must be finite and non-negative, got {r.tolist()}")
+    if abs(r.sum() - 1.0) > atol:
+        raise ValueError(
+            f"{name} must sum to 1 (a distribution over domains), sums to {r.sum():.8f}: "
+            "normalize it, or pass the weights the previous update returned"
+        )
+    return r / r.sum()  # remove the last float error so sums stay exact downstream
+
+
+def _softmax(logits):
+    z = logits - np.max(logits)  # subtracting the max keeps exp() from overflowing
+    e = np.exp(z)
+    return e / e.sum()
+
+
+# -----------------------------------------------------------------------------
+# Eq. 1 and Eq. 2
+
+
+def discrepancy_factor(student_ppl, teacher_ppl) -> np.ndarray:
+    """Eq. 1, the domain discrepancy factor: r[i] = softmax_i(lS[i] / lT[i]).
+
+    lS, lT are per-domain perplexities of student and teacher on the validation splits.
+    The domain where the student lags the teacher most (relative to the teacher's own
+    difficulty there) gets the largest share.
+    """
+    lS, lT = _check_ppl(student_ppl, teacher_ppl)
+    return _softmax(lS / lT)
+
+
+def smooth_update(r_t, student_ppl, teacher_ppl, alpha: float = 0.5) -> np.ndarray:
+    """Eq. 2, factor smooth updating, applied at the start of interval t+1:
+
+        psi[i]       = r_t[i] * exp(lS[i] / lT[i])
+        r_{t+1}[i]   = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N
+
+    r_t carries history (so one noisy evaluation cannot swing the mix) and the
+    (1 - alpha)/N term guarantees every domain a floor. Pure function of its inputs.
+    """
+    lS, lT = _check_ppl(student_ppl, teacher_ppl)
+    n = lS.size
+    r_t = _check_distribution(r_t, n)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1] (paper: 0.5), got {alpha}")
+    # psi normalized == softmax(log r_t + ratio): computed in log space so a large ratio
+    # cannot overflow exp(); a zero weight (log 0 = -inf) simply stays out of the softmax.
+    with np.errstate(divide="ignore"):
+        log_psi = np.log(r_t) + lS / lT
+    return alpha * _softmax(log_psi) + (1.0 - alpha) / n
+
+
+# -----------------------------------------------------------------------------
+# the scheduler: which rule applies when, and the record of what it decided
+
+
+class HistoryEntry(NamedTuple):
+    """One update: the weights chosen at `step` and the measurements behind them."""
+
+    step: int
+    weights: list  # r_t after the update, the sampling weights of the interval starting here
+    student_ppl: list  # lS
+    ratio: list  # lS / lT, the paper's Fig. 3 quantity
+
+
+class DomainScheduler:
+    """Domain weights r_t over training, one update per distillation interval of K steps.
+
+    Modes:
+      "ddk"              r_0 = Eq. 1 on the student before its first step, then Eq. 2.
+      "ddk-no-smoothing" the paper's "w/o FS": every update r_t = Eq. 1 directly.
+      "uniform"          1/N forever (cpt, kd-uniform, the paper's "equal sampling").
+      "proportional"     train row counts / total, fixed (corpus-proportional kd).
+
+    The fixed modes still accept `update` so that every mode records the same history
+    (ratios over training are plotted for all of them), but their weights never move.
+    """
+
+    def __init__(self, domains, mode: str = "ddk", interval: int = 1000, alpha: float = 0.5,
+                 rows_per_domain: dict | None = None):
+        self.domains = list(domains)
+        if not self.domains:
+            raise ValueError("DomainScheduler needs at least one domain")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"duplicate domain names in {self.domains}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"interval K must be an integer >= 1 optimizer steps, got {interval}")
+        if not (0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1] (paper: 0.5), got {alpha}")
+        self.mode = mode
+        self.interval = int(interval)
+        self.alpha = float(alpha)
+        self.num_updates = 0
+        self.history: list[HistoryEntry] = []
+        n = len(self.domains)
+        if mode == "proportional":
+            if rows_per_domain is None:
+                raise ValueError("mode 'proportional' needs rows_per_domain={domain: train row count}")
+            missing = [d for d in self.domains if d not in rows_per_domain]
+            if missing:
+                raise ValueError(f"rows_per_domain lacks domains {missing}: give a count for every domain")
+            counts = np.array([rows_per_domain[d] for d in self.domains], dtype=np.float64)
+            if np.any(counts < 0) or counts.sum() <= 0:
+                raise ValueError(f"rows_per_domain must be non-negative with a positive total, got {counts.tolist()}")
+            self.weights = counts / counts.sum()
+        else:
+            # for ddk modes this is only a placeholder until the step-0 update (Eq. 1)
+            self.weights = np.full(n, 1.0 / n)
+
+    @staticmethod
+    def interval_steps(total_steps: int, interval: int | None = None,
+                       interval_fraction: float | None = None) -> int:
+        """K in optimizer steps, given either directly or as a fraction of total_steps
+        (tiny runs need K ~ total/30; the paper used 1000 of ~30,000). Always >= 1."""
+        if (interval is None) == (interval_fraction is None):
+            raise ValueError(
+                "give exactly one of interval (steps) or interval_fraction (of total steps), "
+                f"got interval={interval}, interval_fraction={interval_fraction}"
+            )
+        if interval is not None:
+            if int(interval) != interval or interval < 1:
+                raise ValueError(f"interval must be an integer >= 1, got {interval}")
+            return int(interval)
+        if int(total_steps) != total_steps or total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
+        if not (0.0 < interval_fraction <= 1.0):
+            raise ValueError(f"interval_fraction must be in (0, 1], got {interval_fraction}")
+        return max(1, int(round(total_steps * interval_fraction)))
+
+    def needs_update(self, step: int) -> bool:
+        """True at step 0 (r_0 before the first optimizer step) and every K steps after."""
+        return step % self.interval == 0
+
+    def update(self, step: int, student_ppl, teacher_ppl) -> np.ndarray:
+        """Apply the mode's rule to the perplexities measured at `step`, record, return r_t."""
+        lS, lT = _check_ppl(student_ppl, teacher_ppl)
+        if lS.size != len(self.domains):
+            raise ValueError(
+                f"got {lS.size} perplexities for {len(self.domains)} domains {self.domains}: "
+                "pass one per domain in this order"
+            )
+        if self.mode == "ddk-no-smoothing" or (self.mode == "ddk" and self.num_updates == 0):
+            self.weights = discrepancy_factor(lS, lT)
+        elif self.mode == "ddk":
+            self.weights = smooth_update(self.weights, lS, lT, self.alpha)
+        # uniform / proportional: weights fixed at construction
+        self.num_updates += 1
+        self.history.append(HistoryEntry(int(step), self.weights.tolist(), lS.tolist(), (lS / lT).tolist()))
+        return self.weights.copy()
+
+    def state_dict(self) -> dict:
+        return {
+            "domains": list(self.domains),
+            "mode": self.mode,
+            "interval": self.interval,
+            "alpha": self.alpha,
+            "num_updates": self.num_updates,
+            "weights": self.weights.tolist(),
+            "history": [h._asdict() for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # a checkpoint of another run's domains or mode would silently resample the wrong mix
+        for key, mine in (("domains", self.domains), ("mode", self.mode)):
+            theirs = list(state[key]) if key == "domains" else state[key]
+            if theirs != mine:
+                raise ValueError(
+                    f"checkpoint {key} {theirs!r} != this scheduler's {mine!r}: "
+                    "resume with the same config the checkpoint was written with"
+                )
+        self.interval = int(state["interval"])
+        self.alpha = float(state["alpha"])
+        self.num_updates = int(state["num_updates"])
+        self.weights = np.asarray(state["weights"], dtype=np.float64)
+        self.history = [HistoryEntry(**h) for h in state["history"]]
+
+
+# -----------------------------------------------------------------------------
+# Algorithm 1: domain-knowledge-guided sampling
+
+
+def largest_remainder_counts(weights, n_rows: int) -> np.ndarray:
+    """Integer counts summing to n_rows, as close to weights * n_rows as integers allow
+    (Hamilton's method: floors first, the leftover rows to the largest fractional parts,
+    ties to the lower domain index)."""
+    w = np.asarray(weights, dtype=np.float64)
+    quotas = w * n_rows
+    counts = np.floor(quotas).astype(np.int64)
+    leftover = int(n_rows - counts.sum())
+    order = np.argsort(-(quotas - counts), kind="stable")
+    counts[order[:leftover]] += 1
+    return counts
+
+
+def _domain_seed(seed: int, domain: str, epoch: int) -> list:
+    # crc32, not hash(): Python salts str hashes per process, which would break resume
+    return [int(seed), zlib.crc32(domain.encode("utf-8")), int(epoch)]
+
+
+_SHUFFLE_TAG = 0x5348554C  # separates the interval-shuffle streams from the domain streams
+
+
+class IntervalSampler:
+    """Draws each interval's dataset D_t (Algorithm 1): per-domain counts follow r_t,
+    rows within a domain come without replacement from a per-domain permutation that
+    continues across intervals and starts a new epoch when the domain runs out.
+
+    Weights passed to `draw` are ordered like `self.domains` (the order of
+    rows_per_domain). The only state is each domain's (epoch, cursor): permutations are
+    re-derived from (seed, domain, epoch), so a checkpoint stays tiny and readable.
+    """
+
+    def __init__(self, rows_per_domain: dict, seed: int = 0):
+        self.rows_per_domain = {str(d): int(n) for d, n in rows_per_domain.items()}
+        if not self.rows_per_domain:
+            raise ValueError("IntervalSampler needs at least one domain")
+        bad = {d: n for d, n in self.rows_per_domain.items() if n < 0}
+        if bad:
+            raise ValueError(f"row counts must be >= 0, got {bad}")
+        self.domains = list(self.rows_per_domain)
+        self.seed = int(seed)
+        self.epoch = {d: 0 for d in self.domains}
+        self.cursor = {d: 0 for d in self.domains}
+        self._perm = {}  # domain -> (epoch, permutation) cache, derived state only
+
+    def _permutation(self, domain: str) -> np.ndarray:
+        epoch = self.epoch[domain]
+        cached = self._perm.get(domain)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng(_domain_seed(self.seed, domain, epoch))
+            cached = (epoch, rng.permutation(self.rows_per_domain[domain]))
+            self._perm[domain] = cached
+        return cached[1]
+
+    def _take(self, domain: str, count: int) -> list:
+        rows = []
+        while count > 0:
+            perm = self._permutation(domain)
+            if self.cursor[domain] == len(perm):
+                # exhausted: the next epoch is a fresh permutation, so repeats only begin here
+                self.epoch[domain] += 1
+                self.cursor[domain] = 0
+                logger.info("domain %r exhausted its %d train rows; starting epoch %d",
+                            domain, len(perm), self.epoch[domain])
+                continue
+            c = self.cursor[domain]
+            chunk = perm[c:c + count]
+            rows.extend(int(i) for i in chunk)
+            self.cursor[domain] = c + len(chunk)
+            count -= len(chunk)
+        return rows
+
+    def draw(self, interval_index: int, weights, n_rows: int, rank: int = 0,
+             world_size: int = 1) -> list[tuple[str, int]]:
+        """The interval's dataset: n_rows (domain, row_index) pairs, counts per domain by
+        largest-remainder rounding of weights * n_rows, shuffled, then this rank's slice
+        [rank::world_size]. Every rank must make the same calls (same global list)."""
+        w = _check_distribution(weights, len(self.domains), name="weights")
+        if int(n_rows) != n_rows or n_rows < 0:
+            raise ValueError(f"n_rows must be an integer >= 0, got {n_rows}")
+        if not (0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        counts = largest_remainder_counts(w, int(n_rows))
+        empty = [d for d, c in zip(self.domains, counts) if c > 0 and self.rows_per_domain[d] == 0]
+        if empty:
+            raise ValueError(f"domains {empty} have weight > 0 but no train rows: drop them from the run")
+        pairs = []
+        for d, c in zip(self.domains, counts):
+            pairs.extend((d, i) for i in self._take(d, int(c)))
+        # the shuffle is seeded by the interval index, so every rank agrees on the order
+        rng = np.random.default_rng([self.seed, _SHUFFLE_TAG, int(interval_index)])
+        order = rng.permutation(len(pairs))
+        shuffled = [pairs[i] for i in order]
+        return shuffled[rank::world_size]
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "rows_per_domain": dict(self.rows_per_domain),
+            "epoch": dict(self.epoch),
+            "cursor": dict(self.cursor),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # a different seed or corpus would make the saved cursors point into other permutations
+        if int(state["seed"]) != self.seed or dict(state["rows_per_domain"]) != self.rows_per_domain:
+            raise ValueError(
+                f"checkpoint sampler (seed={state['seed']}, rows={state['rows_per_domain']}) does not "
+                f"match this one (seed={self.seed}, rows={self.rows_per_domain}): resume with the "
+                "same seed and the same cache"
+            )
+        self.epoch = {d: int(state["epoch"][d]) for d in self.domains}
+        self.cursor = {d: int(state["cursor"][d]) for d in self.domains}
+        self._perm = {}

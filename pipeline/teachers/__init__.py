@@ -1,0 +1,1 @@
+"""Teacher backends (vllm, hf): token rows in, one TopK batch type out."""

@@ -1,0 +1,48 @@
+"""What every teacher backend returns: one `TopK` batch type, whatever engine made it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TopK:
+    """Teacher distributions for B rows of L + 1 tokens: one entry per predicted position.
+
+    Position p (0 <= p < L) is the teacher's distribution over token p + 1 given tokens
+    0..p, so the L positions cover every token the student predicts.
+    """
+
+    ids: np.ndarray  # [B, L, k] int32, top-k token ids, highest probability first
+    logprobs: np.ndarray  # [B, L, k] float32, log p over the full vocabulary (temperature 1)
+    target_logprob: np.ndarray  # [B, L] float32, log p of the actual next token
+    tail_logmass: np.ndarray  # [B, L] float32, log(1 - sum_k p): mass outside the top-k
+
+    def __post_init__(self):
+        b, l, k = self.ids.shape
+        assert self.logprobs.shape == (b, l, k) and self.target_logprob.shape == (b, l) == self.tail_logmass.shape
+
+
+def log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012).
+
+    log1p(-exp(x)) loses everything when exp(x) is close to 1 (kept mass > 0.9999);
+    log(-expm1(x)) is the accurate branch there.
+    """
+    x = np.minimum(np.asarray(x, dtype=np.float64), 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(x > -np.log(2.0), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+class TeacherBackend:
+    """Interface: `topk(rows)` on [B, L + 1] int token rows; `close()` frees the engine."""
+
+    name = "base"
+
+    def topk(self, rows: np.ndarray) -> TopK:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

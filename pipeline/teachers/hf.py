@@ -1,0 +1,44 @@
+"""transformers backend: a plain forward pass plus torch.topk. Runs everywhere.
+
+The tail mass is exact: the logsumexp of the logits outside the top-k, in fp32, minus
+the full-vocabulary logsumexp (no subtraction of probabilities near 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import TeacherBackend, TopK
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFTeacher(TeacherBackend):
+    name = "hf"
+
+    def __init__(self, path: str, k: int, dtype: str = "float32", device: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.k = k
+
+    @torch.no_grad()
+    def topk(self, rows: np.ndarray) -> TopK:
+        ids = torch.as_tensor(np.array(rows, dtype=np.int64), device=self.device)
+        logits = self.model(input_ids=ids[:, :-1]).logits.float()  # [B, L, V]
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top_vals, top_ids = torch.topk(logits, self.k, dim=-1)
+        target = torch.gather(logits, -1, ids[:, 1:, None]).squeeze(-1) - lse.squeeze(-1)
+        rest = logits.scatter(-1, top_ids, float("-inf"))
+        tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - lse).squeeze(-1)
+        return TopK(
+            ids=top_ids.to(torch.int32).cpu().numpy(),
+            logprobs=(top_vals - lse).cpu().numpy().astype(np.float32),
+            target_logprob=target.cpu().numpy().astype(np.float32),
+            tail_logmass=tail.cpu().numpy().astype(np.float32),
+        )
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,92 @@
+"""vLLM backend: teacher forcing through `prompt_logprobs`, no generation.
+
+Each row of L + 1 tokens is one prompt; vLLM returns, for prompt positions 1..L, the
+actual token's logprob followed by the top-k (`flat_logprobs` keeps this as flat lists:
+no per-token Python objects, no detokenization, which is where the time goes on CPU).
+Logprobs are `raw_logprobs` (never temperature-scaled). vLLM does not give the full
+vocabulary logsumexp, so the tail mass is log1mexp(logsumexp(top-k)) of its fp32
+logprobs: exact up to their rounding (relative error ~1e-7 / tail mass).
+
+Run it in a child process (the caller does: `stages/teacher_cache.py`): vLLM spawns an
+engine core and workers, and a parent that exits without shutting them down orphans
+them (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .base import TeacherBackend, TopK, log1mexp
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMTeacher(TeacherBackend):
+    name = "vllm"
+
+    def __init__(self, path: str, k: int, max_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, cpu_kvcache_gib: int = 2, enforce_eager: bool = True,
+                 seed: int = 0):
+        # Without this the CPU worker reserves 92 % of a NUMA node's memory for KV cache.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
+        from vllm import LLM, SamplingParams
+
+        kwargs = dict(
+            model=path,
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            max_model_len=max_len,
+            max_logprobs=k,
+            logprobs_mode="raw_logprobs",
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+        )
+        import torch
+
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+        self.k = k
+
+    def topk(self, rows: np.ndarray) -> TopK:
+        from vllm.inputs import TokensPrompt
+
+        rows = np.asarray(rows)
+        b, n = rows.shape
+        l, k = n - 1, self.k
+        prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        ids = np.empty((b, l, k + 1), dtype=np.int32)
+        lps = np.empty((b, l, k + 1), dtype=np.float32)
+        for i, out in enumerate(outs):
+            flat = out.prompt_logprobs
+            # Entry 0 (the first token) is empty; each later position holds the actual
+            # token first, then ranks 1..k (the actual token may appear twice).
+            if len(flat.token_ids) != l * (k + 1):
+                raise RuntimeError(f"vLLM returned {len(flat.token_ids)} prompt logprobs for row {i}, expected {l * (k + 1)}")
+            ids[i] = np.asarray(flat.token_ids, dtype=np.int32).reshape(l, k + 1)
+            lps[i] = np.asarray(flat.logprobs, dtype=np.float32).reshape(l, k + 1)
+        top_lp = lps[:, :, 1:]
+        kept = np.logaddexp.reduce(top_lp.astype(np.float64), axis=-1)
+        return TopK(
+            ids=ids[:, :, 1:].copy(),
+            logprobs=top_lp.copy(),
+            target_logprob=lps[:, :, 0].copy(),
+            tail_logmass=log1mexp(kept).astype(np.float32),
+        )
+
+    def close(self) -> None:
+        # Shut the engine core and its workers down explicitly so nothing outlives us.
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm

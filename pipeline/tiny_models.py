@@ -1,0 +1,160 @@
+"""Tiny local models: a byte-level BPE tokenizer, a teacher and a student, made from the corpus.
+
+No model hub: the tokenizer is trained with `tokenizers` on the corpus, the models are
+`LlamaForCausalLM` built from a config, briefly pre-trained, and written with
+`save_pretrained`, so every later stage loads them through `from_pretrained(dir)` exactly
+as it would load a real checkpoint. The teacher trains on all domains; the student on
+`models.student.domain_mix` (the default config skews it to two domains) so that its gap
+to the teacher differs clearly by domain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from .progress import progress
+
+from .config import ConfigError, ModelsConfig, ModelSpec
+from .corpus import Domain
+from .evaluate import domain_losses
+from .packing import PackedDomain
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+DONE_MARKER = "tiny_models.json"
+
+
+def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        for d in domains:
+            used = 0
+            for doc in d.documents:
+                if used >= chars_per_domain:
+                    break
+                yield doc.text
+                used += len(doc.text)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+
+
+def build_model(spec: ModelSpec, vocab_size: int, max_positions: int, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    return LlamaForCausalLM(config)
+
+
+def _mix_weights(spec: ModelSpec, packed: list[PackedDomain], role: str) -> np.ndarray:
+    names = [p.name for p in packed]
+    if not spec.domain_mix:
+        w = np.array([len(p.train) for p in packed], dtype=np.float64)
+    else:
+        unknown = set(spec.domain_mix) - set(names)
+        if unknown:
+            raise ConfigError(f"models.{role}.domain_mix names unknown domains {sorted(unknown)}; domains are {names}")
+        w = np.array([spec.domain_mix.get(n, 0.0) for n in names], dtype=np.float64)
+        if w.sum() <= 0:
+            raise ConfigError(f"models.{role}.domain_mix: weights must sum to > 0")
+    return w / w.sum()
+
+
+def pretrain(model, spec: ModelSpec, packed: list[PackedDomain], role: str, seed: int) -> None:
+    """A short AdamW run with warm-up and cosine decay on the domain mix of `spec`."""
+    weights = _mix_weights(spec, packed, role)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, spec.pretrain_steps // 10)
+    model.train()
+    bar = progress(range(spec.pretrain_steps), desc=f"pre-train {role}", unit="step")
+    for step in bar:
+        lr = spec.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / spec.pretrain_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        counts = rng.multinomial(spec.batch_rows, weights)
+        rows = np.concatenate([p.train[rng.integers(0, len(p.train), c)] for p, c in zip(packed, counts) if c])
+        ids = torch.as_tensor(rows, dtype=torch.long)
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force: bool = False) -> dict:
+    """Write `tokenizer`, `teacher/` and `student/` under cfg.out_dir; return per-domain val losses.
+
+    Idempotent: a finished directory (marker file with the same config) is reused.
+    """
+    from .packing import pack_domains
+
+    out = Path(cfg.out_dir)
+    marker = out / DONE_MARKER
+    fingerprint = {"models": _asdict(cfg), "corpus": corpus_cfg.source}
+    if marker.exists() and not force:
+        done = json.loads(marker.read_text())
+        if done.get("fingerprint") == fingerprint:
+            return done
+        raise ConfigError(
+            f"{out} holds tiny models made with a different config; delete it, pass --force, "
+            f"or set models.out_dir to a new directory"
+        )
+    t0 = time.time()
+    tokenizer = train_tokenizer(domains, cfg.vocab_size, cfg.tokenizer_chars_per_domain)
+    packed = pack_domains(domains, tokenizer, corpus_cfg)
+    vocab = len(tokenizer)
+    report: dict = {"fingerprint": fingerprint, "vocab_size": vocab, "val_loss": {}}
+    for i, role in enumerate(("teacher", "student")):
+        spec: ModelSpec = getattr(cfg, role)
+        # RoPE has no position parameters: a generous limit lets later runs pick any
+        # seq_len (vLLM also needs room for one generated token after the prompt).
+        model = build_model(spec, vocab, max(2048, 2 * corpus_cfg.seq_len), tokenizer, cfg.seed + i)
+        pretrain(model, spec, packed, role, cfg.seed + i)
+        report["val_loss"][role] = domain_losses(model, packed)
+        report[f"{role}_params"] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(out / role)
+        tokenizer.save_pretrained(out / role)
+    report["seconds"] = round(time.time() - t0, 1)
+    marker.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Stages composed from pipeline pieces, and the CLI (outermost layer)."""

@@ -1,0 +1,97 @@
+"""One capture worker: a teacher engine over a subset of the planned shards.
+
+Run in-process for the hf backend, and as `python -m ddk.stages.capture_worker` (a child
+process in its own session) for vLLM and for several workers. Each shard is written
+atomically by TopKShardWriter, so workers never coordinate beyond the shard list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from ..pipeline.progress import progress
+
+from ..pipeline.cache.codec import TopKCodec
+from ..pipeline.cache.manifest import CachePlan, shard_done, write_json_atomic
+from ..pipeline.cache.writer import TopKShardWriter
+
+TOKENS_DIR = "_work"
+CAPTURE_FILE = f"{TOKENS_DIR}/capture.json"
+
+
+def tokens_path(cache_dir: Path, domain: str, split: str) -> Path:
+    return cache_dir / TOKENS_DIR / "tokens" / f"{domain}.{split}.npy"
+
+
+def make_backend(plan: CachePlan, capture: dict):
+    t = capture["teacher"]
+    if capture["backend"] == "vllm":
+        from ..pipeline.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(
+            plan.teacher["path"], plan.k, plan.seq_len + 2,  # prompt of L + 1 tokens + 1 generated dtype=plan.teacher["dtype"],
+            tensor_parallel_size=t["tensor_parallel_size"], gpu_memory_utilization=t["gpu_memory_utilization"],
+            cpu_kvcache_gib=t["cpu_kvcache_gib"], enforce_eager=t["enforce_eager"], seed=capture["seed"],
+        )
+    from ..pipeline.teachers.hf import HFTeacher
+
+    return HFTeacher(plan.teacher["path"], plan.k, dtype=plan.teacher["dtype"])
+
+
+def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
+    cache_dir = Path(cache_dir)
+    plan = CachePlan.load(cache_dir)
+    capture = json.loads((cache_dir / CAPTURE_FILE).read_text())
+    todo = [plan.shards[i] for i in shard_ids if not shard_done(cache_dir, plan.shards[i])]
+    if not todo:
+        return
+    c = plan.codec
+    writer = TopKShardWriter(TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"]), c["parquet_zstd_level"])
+    # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
+    batch_rows = capture["teacher"]["batch_rows"] if capture["backend"] == "hf" else max(s.rows for s in todo)
+    backend = make_backend(plan, capture)
+    tokens, busy = 0, 0.0
+    try:
+        bar = progress(total=sum(s.rows for s in todo) * plan.seq_len, desc=f"teacher top-k [{capture['backend']} w{worker}]",
+                   unit="tok", unit_scale=True, position=worker)
+        for spec in todo:
+            t0 = time.perf_counter()
+            rows = np.load(tokens_path(cache_dir, spec.domain, spec.split), mmap_mode="r")[spec.row_start : spec.row_end]
+            parts = [backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)]
+            topk = _concat(parts)
+            writer.write(cache_dir / spec.file, spec.domain, spec.split, spec.row_start, np.asarray(rows), topk)
+            busy += time.perf_counter() - t0
+            tokens += spec.rows * plan.seq_len
+            bar.update(spec.rows * plan.seq_len)
+            bar.set_postfix(shard=spec.file, refresh=False)
+        bar.close()
+    finally:
+        backend.close()
+        stats = cache_dir / TOKENS_DIR / "stats" / f"worker-{worker}.json"
+        stats.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stats, {"tokens": tokens, "seconds": busy})
+
+
+def _concat(parts):
+    from ..pipeline.teachers.base import TopK
+
+    if len(parts) == 1:
+        return parts[0]
+    return TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "target_logprob", "tail_logmass")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="ddk stage-one capture worker (started by `ddk teacher-cache`).")
+    ap.add_argument("cache_dir")
+    ap.add_argument("--shards", required=True, help="comma-separated shard indices of plan.json")
+    ap.add_argument("--worker", type=int, default=0)
+    args = ap.parse_args()
+    run_capture(Path(args.cache_dir), [int(s) for s in args.shards.split(",") if s], args.worker)
+
+
+if __name__ == "__main__":
+    main()

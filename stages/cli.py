@@ -1,0 +1,193 @@
+"""`ddk`: the command line. The outermost layer: parse options, call a stage, print.
+
+Every command that reads a config takes `--config FILE.toml` and any number of
+`--set section.field=value` overrides (see configs/ for the fields).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..pipeline.cache.manifest import CacheError
+from ..pipeline.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/default.toml"
+
+
+def friendly_errors(fn):
+    """Turn the errors a user can fix into one line (what, where, how to fix); keep tracebacks for bugs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, CacheError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def config_options(fn):
+    fn = click.option(
+        "--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+        help="Override one config field, e.g. --set cache.k=16 --set teacher.backend=hf (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help=f"TOML config file (default: {DEFAULT_CONFIG} when it exists, else built-in defaults).",
+    )(fn)
+    return fn
+
+
+def _load(config_path, overrides):
+    if config_path is None and Path(DEFAULT_CONFIG).exists():
+        config_path = DEFAULT_CONFIG
+    return load_config(config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """ddk: offline two-stage knowledge distillation for LLMs (DDK, arXiv 2407.16154).
+
+    \b
+    Stage one   ddk teacher-cache   teacher top-k logits -> Parquet shards per domain
+    Stage two   ddk distill         student trains from the cache (coming: see README)
+    Tools       ddk tiny-models     local tokenizer + teacher + student for tests/demos
+                ddk corpus          domain sizes of the configured corpus
+                ddk cache inspect   manifest summary, bytes/token, fidelity
+                ddk cache verify    checksums, schema, decodability
+    """
+
+
+@main.command("tiny-models")
+@config_options
+@click.option("--force", is_flag=True, help="Rebuild even if the output directory holds models made with another config.")
+@friendly_errors
+def tiny_models_cmd(config_path, overrides, force):
+    """Train a byte-level BPE tokenizer on the corpus and write a tiny teacher and student.
+
+    Both are LlamaForCausalLM directories (save_pretrained) under models.out_dir, the
+    teacher pre-trained on all domains and the student on models.student.domain_mix,
+    so the teacher is ahead everywhere and the student lags most where it saw least.
+    """
+    from ..pipeline.corpus import load_domains
+    from ..pipeline.evaluate import format_table
+    from ..pipeline.tiny_models import make_tiny_models
+
+    cfg = _load(config_path, overrides)
+    domains = load_domains(cfg.corpus, Path(cfg.source_path).parent if cfg.source_path else Path.cwd())
+    report = make_tiny_models(cfg.models, domains, cfg.corpus, force=force)
+    click.echo(f"models in {cfg.models.out_dir}: vocab {report['vocab_size']}, teacher {report['teacher_params']:,} params, "
+               f"student {report['student_params']:,} params ({report['seconds']} s)")
+    click.echo("validation loss (nats/token):")
+    click.echo(format_table(report["val_loss"]))
+
+
+@main.command("corpus")
+@config_options
+@friendly_errors
+def corpus_cmd(config_path, overrides):
+    """Print each domain's documents and characters (and rows/tokens once a tokenizer exists)."""
+    from ..pipeline.corpus import load_domains
+
+    cfg = _load(config_path, overrides)
+    domains = load_domains(cfg.corpus, Path(cfg.source_path).parent if cfg.source_path else Path.cwd())
+    tok_dir = cfg.teacher_path()
+    packed = None
+    if (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from ..pipeline.packing import pack_domains
+
+        packed = {p.name: p for p in pack_domains(domains, AutoTokenizer.from_pretrained(tok_dir), cfg.corpus)}
+    click.echo(f"{'domain':<12}{'documents':>10}{'chars':>12}" + (f"{'train rows':>12}{'val rows':>10}{'tokens':>12}" if packed else ""))
+    for d in domains:
+        line = f"{d.name:<12}{len(d.documents):>10}{d.chars:>12,}"
+        if packed:
+            p = packed[d.name]
+            line += f"{len(p.train):>12}{len(p.val):>10}{(len(p.train) + len(p.val)) * cfg.corpus.seq_len:>12,}"
+        click.echo(line)
+    if not packed:
+        click.echo(f"(no tokenizer at {tok_dir} yet: run `ddk tiny-models` or set teacher.path for row and token counts)")
+
+
+@main.command("teacher-cache")
+@config_options
+@friendly_errors
+def teacher_cache_cmd(config_path, overrides):
+    """Stage one: run the teacher over the corpus and write the top-k cache.
+
+    Teacher forcing, no generation: every position of every packed row gets the
+    teacher's top-k ids and logprobs, its logprob of the actual next token and the
+    exact tail mass, compressed into immutable Parquet shards per domain with a
+    manifest. Re-running resumes a killed run and is a no-op on a complete cache.
+    """
+    from .teacher_cache import teacher_cache
+
+    cfg = _load(config_path, overrides)
+    manifest = teacher_cache(cfg, log=click.echo)
+    click.echo(summarize(manifest, cfg.cache.out_dir))
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect or verify a teacher cache directory."""
+
+
+@cache_group.command("inspect")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@friendly_errors
+def inspect_cmd(cache_dir, as_json):
+    """Summarize CACHE_DIR: teacher, k, domains, rows, bytes per token, fidelity."""
+    from ..pipeline.cache.manifest import load_manifest
+
+    m = load_manifest(Path(cache_dir))
+    click.echo(json.dumps(m, indent=2) if as_json else summarize(m, cache_dir))
+
+
+@cache_group.command("verify")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--no-decode", is_flag=True, help="Skip decoding every row (checksums and schema only).")
+@friendly_errors
+def verify_cmd(cache_dir, no_decode):
+    """Check every shard of CACHE_DIR: present, size, sha256, schema, rows, decodable."""
+    from ..pipeline.cache.reader import verify_cache
+
+    problems = verify_cache(cache_dir, decode=not no_decode)
+    if problems:
+        for p in problems:
+            click.echo(p, err=True)
+        raise click.ClickException(f"{len(problems)} problem(s) in {cache_dir}; delete the named shards and re-run `ddk teacher-cache` to rewrite them")
+    click.echo(f"{cache_dir}: all shards present, checksums and schema match")
+
+
+def summarize(m: dict, cache_dir) -> str:
+    t = m["teacher"]
+    lines = [
+        f"cache {cache_dir}",
+        f"  teacher    {t['path']} (weights sha256 {t['weights_sha256'][:12]}, {t['dtype']}, backend {t['backend']})",
+        f"  tokenizer  sha256 {m['tokenizer']['sha256'][:12]}, vocab {m['tokenizer']['vocab_size']}",
+        f"  k={m['k']}  seq_len={m['seq_len']}  codec logprob step {m['codec']['logprob_step']:.6g}",
+        f"  size       {m['bytes']:,} bytes for {m['tokens']:,} tokens = {m['bytes_per_token']:.1f} bytes/token "
+        f"(raw int32 ids + fp32 logprobs: {8 * m['k']} bytes/token)",
+        f"  fidelity   max abs logprob error {m['fidelity']['max_abs_logprob_error']:.2e} nats, "
+        f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the floor {m['codec']['logprob_floor']}",
+    ]
+    cap = m.get("capture")
+    if cap and cap.get("tokens_per_s"):
+        lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")
+    lines.append(f"  {'domain':<12}{'train rows':>11}{'val rows':>9}{'shards':>7}{'bytes':>13}{'teacher val loss':>18}{'ppl':>9}")
+    for name, d in m["domains"].items():
+        size = sum(s["bytes"] for s in d["shards"])
+        lines.append(f"  {name:<12}{d['train_rows']:>11}{d['val_rows']:>9}{len(d['shards']):>7}{size:>13,}{d['teacher_val_loss']:>18.4f}{d['teacher_val_ppl']:>9.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

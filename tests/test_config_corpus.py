@@ -1,0 +1,116 @@
+"""Config loading/overrides, corpus readers and packing: the data path up to token rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ddk.pipeline.config import ConfigError, CorpusConfig, DomainSource, load_config
+from ddk.pipeline.corpus import builtin_domains, load_domain, load_domains
+from ddk.pipeline.packing import pack_domain
+
+
+def test_overrides_parse_toml_literals_and_bare_words(tmp_path):
+    cfg = load_config(None, ["cache.k=16", "teacher.backend=hf", "models.student.domain_mix={ code = 1.0 }", "corpus.seq_len=64"])
+    assert cfg.cache.k == 16 and cfg.teacher.backend == "hf" and cfg.corpus.seq_len == 64
+    assert cfg.models.student.domain_mix == {"code": 1.0}
+
+
+def test_default_config_file_loads():
+    cfg = load_config("configs/default.toml")
+    assert cfg.corpus.source == "builtin" and cfg.cache.k == 64
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cache.kk=3", "unknown field 'kk'"),
+        ("cache.k=0", "cache.k = 0"),
+        ("cache.k=\"many\"", "expected int"),
+        ("teacher.backend=onnx", "not one of auto, vllm, hf"),
+        ("models.teacher.num_heads=16", "head_dim"),  # 192/16 = 12: vLLM CPU attention refuses it
+        ("corpus.source=web", "not one of 'builtin', 'files'"),
+    ],
+)
+def test_bad_config_is_one_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/default.toml", [override])
+
+
+def test_missing_config_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_builtin_corpus_has_four_distinct_domains():
+    domains = builtin_domains(20_000)
+    assert [d.name for d in domains] == ["code", "reference", "docstrings", "unicode"]
+    for d in domains:
+        assert d.chars >= 20_000 or d.name == "reference", d.name
+    code, ref, doc, uni = (d.documents[0].text for d in domains)
+    assert "def " in code or "class " in code or "import " in code
+    first_docstring = doc.split("\n\n")[1].split("\n")[0]
+    assert all(first_docstring not in d.text for d in domains[0].documents)  # docstrings live in their own domain
+    assert json.loads(uni.splitlines()[0])["cp"].startswith("U+")
+
+
+def test_user_files_jsonl_parquet_txt(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "hello world"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    pq.write_table(pa.table({"body": ["from parquet", None]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("plain text file")
+    dom = load_domain(DomainSource("mixed", ["a.jsonl", "b.parquet", "*.txt"], text_field="body"), tmp_path)
+    assert [d.text for d in dom.documents] == ["hello world", "second", "from parquet", "plain text file"]
+
+
+def test_user_file_errors_name_file_field_and_fix(tmp_path):
+    with pytest.raises(ConfigError, match="matches no file"):
+        load_domain(DomainSource("x", ["missing/*.jsonl"]), tmp_path)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"a.jsonl:1: no field 'text' \(found \['content'\]\); set text_field"):
+        load_domain(DomainSource("x", ["a.jsonl"]), tmp_path)
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(ConfigError, match="no non-empty text"):
+        load_domain(DomainSource("x", ["empty.txt"]), tmp_path)
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        load_domain(DomainSource("x", ["p.parquet"]), tmp_path)
+    with pytest.raises(ConfigError, match="no \\[\\[corpus.domains\\]\\]"):
+        load_config(None, ["corpus.source=files"])
+
+
+def test_files_corpus_resolves_relative_to_config(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d.txt").write_text("abc " * 50)
+    cfg = CorpusConfig(source="files", domains=[DomainSource("d", ["data/*.txt"])])
+    assert load_domains(cfg, tmp_path)[0].documents[0].text.startswith("abc")
+
+
+def test_packing_split_is_deterministic_by_document(tiny_models):
+    from transformers import AutoTokenizer
+
+    cfg, _ = tiny_models
+    tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
+    dom = builtin_domains(30_000)[1]
+    a = pack_domain(dom, tok, cfg.corpus)
+    b = pack_domain(type(dom)(dom.name, list(reversed(dom.documents))), tok, cfg.corpus)
+    assert a.val.shape == (cfg.corpus.val_rows, cfg.corpus.seq_len + 1)
+    assert a.train.shape[1] == cfg.corpus.seq_len + 1 and len(a.train) > 10
+    np.testing.assert_array_equal(a.val, b.val)  # file order does not move the split
+    train_tokens = {tuple(r[i : i + 8]) for r in a.train for i in range(0, len(r) - 8, 8)}
+    leaked = sum(tuple(r[i : i + 8]) in train_tokens for r in a.val for i in range(0, len(r) - 8, 8))
+    assert leaked < 0.2 * a.val.size / 8  # only common short n-grams may repeat, not whole documents
+
+
+def test_packing_refuses_a_domain_too_small(tiny_models):
+    from transformers import AutoTokenizer
+
+    from ddk.pipeline.corpus import Document, Domain
+
+    cfg, _ = tiny_models
+    tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
+    with pytest.raises(ConfigError, match="domain 'small'.*too few"):
+        pack_domain(Domain("small", [Document("d", "tiny text")]), tok, cfg.corpus)

@@ -1,0 +1,158 @@
+"""Stage one end to end on the tiny teacher (hf backend): shards, manifest, reader, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddk.pipeline.cache.manifest import CacheError, load_manifest
+from ddk.pipeline.cache.reader import TopKCacheReader, verify_cache
+from ddk.pipeline.config import ConfigError, load_config
+from ddk.pipeline.teachers.hf import HFTeacher
+from ddk.stages.cli import main as cli
+from ddk.stages.teacher_cache import teacher_cache
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _files(cache_dir):
+    return {p.relative_to(cache_dir).as_posix(): p.read_bytes() for p in sorted(cache_dir.rglob("*.parquet"))}
+
+
+def test_tiny_teacher_beats_student_on_every_domain(tiny_models):
+    _, report = tiny_models
+    for domain, t in report["val_loss"]["teacher"].items():
+        assert t < report["val_loss"]["student"][domain], domain
+
+
+def test_manifest_records_what_design_asks(tiny_cache):
+    cfg, m = tiny_cache
+    assert m["k"] == 8 and m["seq_len"] == 32 and m["tokenizer"]["vocab_size"] >= 300
+    assert len(m["teacher"]["weights_sha256"]) == 64 and m["teacher"]["dtype"] == "float32"
+    assert set(m["domains"]) == {"code", "reference", "docstrings", "unicode"}
+    assert 0 < m["fidelity"]["max_abs_logprob_error"] <= 2**-11 + 1e-9
+    for d in m["domains"].values():
+        assert d["val_rows"] == 4 and d["train_rows"] > 0
+        assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in d["shards"])
+        assert math.isclose(d["teacher_val_ppl"], math.exp(d["teacher_val_loss"]))
+
+
+def test_reader_returns_what_the_teacher_computed(tiny_cache):
+    """Decode rows from the shards and compare with a fresh teacher forward pass."""
+    cfg, m = tiny_cache
+    reader = TopKCacheReader(cfg.cache.out_dir)
+    keys = [("unicode", "val", 1), ("code", "train", 20), ("reference", "train", 3)]
+    batch = reader.batch(keys)
+    teacher = HFTeacher(str(cfg.teacher_path()), k=8)
+    ref = teacher.topk(batch.input_ids.numpy())
+    order = np.argsort(ref.ids, axis=-1)  # the cache stores each position's support sorted by id
+    np.testing.assert_array_equal(batch.topk_ids.numpy(), np.take_along_axis(ref.ids, order, -1))
+    np.testing.assert_allclose(batch.topk_logprobs.numpy(), np.take_along_axis(ref.logprobs, order, -1), atol=2**-11 + 1e-6)
+    np.testing.assert_allclose(batch.target_logprob.numpy(), ref.target_logprob, atol=1e-5)
+    np.testing.assert_allclose(batch.tail_logmass.numpy(), ref.tail_logmass, atol=1e-5)
+    # The tail is exact: kept mass + tail mass = 1 at every position, including the last.
+    total = torch.logsumexp(torch.cat([batch.topk_logprobs.double(), batch.tail_logmass.double()[..., None]], -1), -1)
+    assert torch.allclose(total, torch.zeros_like(total), atol=2e-3)
+    assert batch.topk_ids.shape == (3, 32, 8) and batch.input_ids.shape == (3, 33)
+    # Teacher val loss in the manifest equals the mean -target logprob of the val rows.
+    val = reader.batch([("code", "val", i) for i in range(4)])
+    assert math.isclose(-val.target_logprob.double().mean().item(), m["domains"]["code"]["teacher_val_loss"], rel_tol=1e-6)
+
+
+def test_rerun_is_noop_and_resume_rewrites_only_missing(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.out_dir, cache)
+    before = _files(cache)
+    cfg2 = load_config(cfg.source_path, [f"cache.out_dir={json.dumps(str(cache))}"])
+    logs = []
+    teacher_cache(cfg2, log=logs.append)
+    assert "nothing to do" in logs[-1] and _files(cache) == before
+    # Simulate a run killed mid-way: no manifest, two shards gone, a stray temp file.
+    (cache / "manifest.json").unlink()
+    victims = ["reference/train-00001.parquet", "unicode/val-00000.parquet"]
+    for v in victims:
+        (cache / v).unlink()
+    (cache / "code" / "train-00002.parquet.tmp").write_bytes(b"half a shard")
+    logs.clear()
+    teacher_cache(cfg2, log=logs.append)
+    assert any("resuming, 2 of" in line for line in logs)
+    assert _files(cache) == before  # byte-identical to the uninterrupted run
+    assert verify_cache(cache) == []
+
+
+def test_existing_cache_with_other_config_is_refused(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.out_dir, cache)
+    before = _files(cache)
+    out = f"cache.out_dir={json.dumps(str(cache))}"
+    with pytest.raises(CacheError, match=r"different config \(k: 8 vs 4\)"):
+        teacher_cache(load_config(cfg.source_path, [out, "cache.k=4"]), log=QUIET)
+    with pytest.raises(CacheError, match="seq_len: 32 vs 24"):
+        teacher_cache(load_config(cfg.source_path, [out, "corpus.seq_len=24"]), log=QUIET)
+    assert _files(cache) == before  # nothing written, nothing lost
+
+
+def test_teacher_with_other_tokenizer_is_refused(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.out_dir, cache)
+    other = tmp_path / "other-models"
+    overrides = [f"cache.out_dir={json.dumps(str(cache))}", f"models.out_dir={json.dumps(str(other))}", "models.vocab_size=300"]
+    with pytest.raises(CacheError, match="started with another tokenizer"):
+        teacher_cache(load_config(cfg.source_path, overrides), log=QUIET)
+
+
+def test_k_larger_than_vocab_is_refused(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    with pytest.raises(ConfigError, match=r"cache.k = 100000 exceeds the teacher's vocabulary"):
+        teacher_cache(load_config(cfg.source_path, ["cache.k=100000", f"cache.out_dir={json.dumps(str(tmp_path / 'c'))}"]), log=QUIET)
+    assert not (tmp_path / "c").exists()
+
+
+def test_non_cache_directory_is_not_touched(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(CacheError, match="not a ddk cache"):
+        teacher_cache(load_config(cfg.source_path, [f"cache.out_dir={json.dumps(str(tmp_path))}"]), log=QUIET)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_verify_and_reader_name_a_damaged_shard(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.out_dir, cache)
+    victim = cache / "docstrings" / "train-00000.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    victim.write_bytes(bytes(data))
+    truncated = cache / "code" / "val-00000.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    problems = verify_cache(cache)
+    assert any("docstrings/train-00000.parquet: sha256 mismatch" in p for p in problems)
+    assert any("code/val-00000.parquet" in p and "truncated" in p for p in problems)
+    with pytest.raises(CacheError, match="code/val-00000.parquet: cannot read shard"):
+        TopKCacheReader(cache).batch([("code", "val", 0)])
+    result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
+    assert result.exit_code == 1 and "2 problem(s)" in result.output
+
+
+def test_cli_inspect_verify_and_help(tiny_cache):
+    cfg, _ = tiny_cache
+    runner = CliRunner()
+    out = runner.invoke(cli, ["cache", "inspect", cfg.cache.out_dir])
+    assert out.exit_code == 0, out.output
+    assert "bytes/token" in out.output and "max abs logprob error" in out.output and "unicode" in out.output
+    assert runner.invoke(cli, ["cache", "verify", cfg.cache.out_dir]).exit_code == 0
+    for cmd in (["--help"], ["teacher-cache", "--help"], ["tiny-models", "--help"], ["cache", "inspect", "--help"]):
+        assert runner.invoke(cli, cmd).exit_code == 0
+    missing = runner.invoke(cli, ["cache", "inspect", "/nonexistent/cache"])
+    assert missing.exit_code == 1 and "manifest.json not found" in missing.output
+    assert load_manifest(cfg.cache.out_dir)["bytes_per_token"] > 0
