@@ -1,6 +1,7 @@
 # ddk: the two stages and their tools. Every target installs what it needs first.
 #   make teacher-cache                 stage one on the embedded default (configs/default.toml)
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
+#   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 
 CONFIG ?= configs/default.toml
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: setup tiny-models teacher-cache inspect test test-fast bench-kernel clean
+.PHONY: setup tiny-models teacher-cache distill eval inspect test test-fast bench-kernel clean
 
 setup: $(STAMP)
 
@@ -37,6 +38,13 @@ tiny-models: setup
 
 teacher-cache: setup
 	$(DDK) teacher-cache --config $(CONFIG) $(SET)
+
+# MODE=cpt|kd|ddk, ABLATION=--no-smoothing|--equal-sampling, RESUME=--resume
+distill: setup
+	$(DDK) distill --config $(CONFIG) $(if $(MODE),--mode $(MODE)) $(ABLATION) $(RESUME) $(SET)
+
+eval: setup
+	$(DDK) eval --config $(CONFIG) $(SET)
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")

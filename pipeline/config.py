@@ -111,17 +111,68 @@ class CacheConfig:
     workers: int = 1
 
 
+MODES = ("cpt", "kd", "ddk")
+
+
+@dataclass
+class DistillConfig:
+    """Stage two. Modes of one tool (the paper's comparison):
+
+    cpt   CE only, domains proportional to their train rows; ignores the teacher columns.
+    kd    CE + gamma * KL (Eq. 3), domains proportional (or uniform: kd_domains).
+    ddk   CE + gamma * KL with the DDK domain scheduler (Eq. 1-2, Algorithm 1).
+          no_smoothing: r_t from Eq. 1 directly ("w/o FS"); equal_sampling: uniform
+          domains with the DDK loss ("ES").
+    """
+
+    mode: str = "ddk"
+    no_smoothing: bool = False
+    equal_sampling: bool = False
+    kd_domains: str = "proportional"  # kd mode: "proportional" | "uniform"
+    # A HF model directory; "" = the tiny student under models.out_dir.
+    student: str = ""
+    cache_dir: str = ""  # "" = cache.out_dir
+    out_dir: str = "runs/default/distill"
+    steps: int = 600
+    batch_rows: int = 16  # rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    gamma: float = 0.2  # KL weight (paper default 0.2)
+    temperature: float = 1.0
+    use_tail: bool = True  # include the teacher's tail bucket in the KL (T = 1 only)
+    alpha: float = 0.5  # Eq. 2 smoothing
+    interval: int = 0  # K in steps; 0 = interval_fraction * steps
+    interval_fraction: float = 1 / 30
+    eval_rows: int = 0  # validation rows per domain for the scheduler; 0 = all cached
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    kl_impl: str = "auto"  # "auto" (triton on CUDA, torch chunked on CPU) | "triton" | "torch"
+    seed: int = 0
+
+
 @dataclass
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # Where the config came from; relative corpus paths resolve against its directory.
     source_path: str = ""
 
     def teacher_path(self) -> Path:
         return Path(self.teacher.path) if self.teacher.path else Path(self.models.out_dir) / "teacher"
+
+    def student_path(self) -> Path:
+        return Path(self.distill.student) if self.distill.student else Path(self.models.out_dir) / "student"
+
+    def cache_path(self) -> Path:
+        return Path(self.distill.cache_dir or self.cache.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -235,6 +286,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of float32, bfloat16, float16")
     if cfg.cache.workers < 1:
         raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
+    d = cfg.distill
+    if d.mode not in MODES:
+        raise ConfigError(f"distill.mode: unknown mode '{d.mode}'; use one of {', '.join(MODES)} (ablations: ddk with no_smoothing or equal_sampling)")
+    if (d.no_smoothing or d.equal_sampling) and d.mode != "ddk":
+        raise ConfigError(f"distill.no_smoothing / equal_sampling are ablations of mode 'ddk', not '{d.mode}'")
+    if d.no_smoothing and d.equal_sampling:
+        raise ConfigError("distill.no_smoothing and distill.equal_sampling are two different ablations; pick one")
+    if d.kd_domains not in ("proportional", "uniform"):
+        raise ConfigError(f"distill.kd_domains: '{d.kd_domains}' is not one of proportional, uniform")
+    if d.steps < 1 or d.batch_rows < 1 or d.grad_accum < 1:
+        raise ConfigError("distill.steps, distill.batch_rows and distill.grad_accum must be >= 1")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature = {d.temperature}: must be > 0")
+    if d.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"distill.precision: '{d.precision}' is not one of auto, fp32, bf16")
+    if d.kl_impl not in ("auto", "triton", "torch"):
+        raise ConfigError(f"distill.kl_impl: '{d.kl_impl}' is not one of auto, triton, torch")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha = {d.alpha}: must be in [0, 1]")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
         if spec.hidden_size % spec.num_heads:

@@ -40,3 +40,23 @@ def format_table(columns: dict[str, dict[str, float]], as_ppl: bool = False) -> 
         vals = [columns[c][n] for c in columns]
         lines.append(f"{n:<12}" + "".join(f"{(perplexity(v) if as_ppl else v):>14.3f}" for v in vals))
     return "\n".join(lines)
+
+
+def val_keys(reader, rows_per_domain: int = 0) -> dict[str, list[tuple[str, str, int]]]:
+    """Validation keys per domain of a cache (all rows, or the first `rows_per_domain`)."""
+    out = {}
+    for d in reader.domains:
+        n = reader.num_rows(d, "val")
+        n = min(n, rows_per_domain) if rows_per_domain else n
+        out[d] = [(d, "val", i) for i in range(n)]
+    return out
+
+
+def cache_student_losses(model, reader, keys: dict, batch_rows: int = 32, device: str = "cpu") -> dict[str, float]:
+    """Student mean CE per domain on cached validation rows."""
+    return {d: mean_token_loss(model, reader.token_rows(k).numpy(), batch_rows, device) for d, k in keys.items()}
+
+
+def cache_teacher_losses(reader, keys: dict) -> dict[str, float]:
+    """Teacher mean CE per domain on the same rows, from the cached target logprobs (Eq. 1's lT)."""
+    return {d: -float(reader.batch(k).target_logprob.double().mean()) for d, k in keys.items()}

@@ -112,7 +112,7 @@ def pretrain(model, spec: ModelSpec, packed: list[PackedDomain], role: str, seed
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
 

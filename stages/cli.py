@@ -56,7 +56,8 @@ def main():
 
     \b
     Stage one   ddk teacher-cache   teacher top-k logits -> Parquet shards per domain
-    Stage two   ddk distill         student trains from the cache (coming: see README)
+    Stage two   ddk distill         student trains from the cache (modes cpt, kd, ddk)
+                ddk eval            per-domain validation loss/PPL of a student vs the teacher
     Tools       ddk tiny-models     local tokenizer + teacher + student for tests/demos
                 ddk corpus          domain sizes of the configured corpus
                 ddk cache inspect   manifest summary, bytes/token, fidelity
@@ -132,6 +133,76 @@ def teacher_cache_cmd(config_path, overrides):
     cfg = _load(config_path, overrides)
     manifest = teacher_cache(cfg, log=click.echo)
     click.echo(summarize(manifest, cfg.cache.out_dir))
+
+
+@main.command("distill")
+@config_options
+@click.option("--mode", type=click.Choice(["cpt", "kd", "ddk"]), default=None, help="Shortcut for --set distill.mode=...")
+@click.option("--no-smoothing", is_flag=True, help="DDK ablation 'w/o FS': sampling weights from Eq. 1 directly, no Eq. 2 smoothing.")
+@click.option("--equal-sampling", is_flag=True, help="DDK ablation 'ES': uniform domains with the DDK loss.")
+@click.option("--resume", is_flag=True, help="Continue the run in distill.out_dir from its latest checkpoint.")
+@friendly_errors
+def distill_cmd(config_path, overrides, mode, no_smoothing, equal_sampling, resume):
+    """Stage two: train the student from the teacher cache.
+
+    \b
+    Modes (one cache serves all):
+      cpt   cross-entropy only (continued pre-training), corpus-proportional domains
+      kd    CE + gamma * KL(teacher || student) over the cached top-k + tail
+      ddk   the KD loss with DDK's domain scheduler: every K steps the student's
+            per-domain perplexity against the teacher's re-weights the domains
+            (Eq. 1, smoothed by Eq. 2) and the next interval's rows are drawn by it
+
+    Ends with a per-domain PPL table (teacher, student before, after), results.json,
+    metrics.jsonl and PNG plots in distill.out_dir.
+    """
+    from .distill import TrainingError, distill
+
+    extra = list(overrides)
+    if mode:
+        extra.append(f"distill.mode={mode}")
+    if no_smoothing:
+        extra.append("distill.no_smoothing=true")
+    if equal_sampling:
+        extra.append("distill.equal_sampling=true")
+    cfg = _load(config_path, extra)
+    try:
+        distill(cfg, resume=resume, log=click.echo)
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("eval")
+@config_options
+@click.option("--student", type=click.Path(file_okay=False), default=None, help="Student model directory or checkpoint (default: distill.out_dir's latest checkpoint, else distill.student).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Teacher cache (default: distill.cache_dir or cache.out_dir).")
+@click.option("--rows", type=int, default=0, help="Validation rows per domain (0 = all cached).")
+@friendly_errors
+def eval_cmd(config_path, overrides, student, cache_dir, rows):
+    """Per-domain validation loss and PPL of a student next to the teacher's cached numbers."""
+    import torch
+    from ..pipeline.cache.reader import TopKCacheReader
+    from ..pipeline.checkpoint import latest_checkpoint
+    from ..pipeline.evaluate import cache_student_losses, cache_teacher_losses, perplexity, val_keys
+    from .distill import load_student
+
+    cfg = _load(config_path, overrides)
+    reader = TopKCacheReader(cache_dir or cfg.cache_path())
+    if student is None:
+        ckpt = latest_checkpoint(Path(cfg.distill.out_dir))
+        student = str(ckpt / "model") if ckpt else str(cfg.student_path())
+    p = Path(student)
+    if (p / "model" / "config.json").exists():
+        p = p / "model"  # a checkpoint directory
+    cfg.distill.student = str(p)
+    model, _ = load_student(cfg, reader, "cuda" if torch.cuda.is_available() else "cpu")
+    keys = val_keys(reader, rows)
+    s = cache_student_losses(model, reader, keys, device=str(model.device))
+    t = cache_teacher_losses(reader, keys)
+    click.echo(f"student {p}  vs  teacher cache {reader.dir}")
+    click.echo(f"{'domain':<12}{'teacher loss':>13}{'teacher ppl':>12}{'student loss':>13}{'student ppl':>12}{'ppl ratio':>10}")
+    for d in reader.domains:
+        click.echo(f"{d:<12}{t[d]:>13.4f}{perplexity(t[d]):>12.2f}{s[d]:>13.4f}{perplexity(s[d]):>12.2f}{perplexity(s[d]) / perplexity(t[d]):>10.3f}")
 
 
 @main.group("cache")

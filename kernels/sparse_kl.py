@@ -1,0 +1,441 @@
+"""Sparse KL(teacher || student) over a cached teacher top-k support plus one tail bucket.
+
+For a row of student logits z (vocabulary V), teacher support S (k distinct ids) with
+probabilities q_s and teacher tail mass q_tail = 1 - sum_S q_s (DESIGN.md section 3):
+
+    loss = sum_{s in S} q_s (log q_s - log p_s) + q_tail (log q_tail - log p_tail)
+
+with log p = log_softmax(z) and p_tail = 1 - sum_S p_s, the student's mass outside S
+treated as one bucket. Terms with q = 0 contribute 0. The gradient (T = 1) is
+
+    dz_j = Q p_j - q_j                      for j in S
+    dz_j = Q p_j - q_tail p_j / p_tail      for j not in S
+
+with Q = sum_S q_s + q_tail (Q = sum_S q_s when the tail term is disabled).
+
+Temperature T != 1 (Hinton et al.): the student uses log_softmax(z / T); the teacher's
+support probabilities become q_s proportional to exp(lp_s / T), renormalised over the
+support; the tail term is disabled, because only the tail's total mass is cached and
+not its shape, so its tempered mass is unknown; the loss is multiplied by T^2 so that
+gradient magnitudes stay comparable across temperatures.
+
+Two implementations share one autograd contract (``SparseKLFunction``): a Triton
+kernel pair (CUDA, or CPU under ``TRITON_INTERPRET=1``) and a chunked plain-torch path
+(CPU training, and the reference the kernel is tested against). Neither keeps an
+[N, V] fp32 buffer: the forward saves only per-row statistics, the backward re-reads
+the logits and writes the gradient (in the logits' dtype) straight into its output.
+All arithmetic is fp32 (fp64 logits: fp64 on the torch path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path serves CPU training without triton
+    triton = None
+
+# log p_tail is clamped at log of the smallest normal fp32, where the kernel's fp32
+# exp stops resolving the tail: a student tail that underflows (or is empty, V == k)
+# then gives a finite loss, and a term whose teacher tail is ~0 stays ~0 instead of
+# becoming 0 * inf.
+P_TAIL_MIN = torch.finfo(torch.float32).tiny
+LOG_P_TAIL_MIN = math.log(P_TAIL_MIN)
+
+# Bytes of fp32 scratch per row chunk on the torch path; its temporaries are a small
+# multiple of this, whatever N is.
+TORCH_CHUNK_BYTES = 1 << 27
+
+# The GPU kernels stream a row in blocks of this many logits, one program per row. The
+# interpreter costs per operation rather than per element, so on CPU a whole row is one
+# block.
+GPU_BLOCK_V = 4096
+GPU_NUM_WARPS = 8
+INTERPRETER_BLOCK_V = 1 << 18
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, TORCH_CHUNK_BYTES // (4 * vocab))
+
+
+def _shift(chunk, inv_t, row_max, out):
+    """out = chunk / T - row_max, in out's dtype (the compute dtype)."""
+    if inv_t == 1.0:
+        torch.sub(chunk, row_max[:, None], out=out)
+    else:
+        out.copy_(chunk).mul_(inv_t).sub_(row_max[:, None])
+
+
+def _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
+    n, v = logits.shape
+    cdt = log_q.dtype
+    ids = topk_ids.long()
+    loss = torch.empty(n, dtype=cdt, device=logits.device)
+    row_max = torch.empty_like(loss)
+    log_sum = torch.empty_like(loss)
+    log_p_tail = torch.empty_like(loss) if log_q_tail is not None else None
+    step = _rows_per_chunk(v)
+    scratch = torch.empty(min(n, step), v, dtype=cdt, device=logits.device)
+    for r0 in range(0, n, step):
+        r = slice(r0, r0 + step)
+        chunk = logits[r]
+        e = scratch[: chunk.shape[0]]
+        # Rounding is monotone, so the max of the scaled row is the scaled max. Shifting
+        # by it first keeps z - m exact near the top: log p stays accurate even for
+        # logits of magnitude 1e4.
+        m = chunk.amax(1).to(cdt) * inv_t
+        _shift(chunk, inv_t, m, e)
+        z_s = e.gather(1, ids[r])
+        e.exp_()
+        if log_q_tail is not None:
+            # Sum the tail with the support zeroed out, rather than 1 - P_S: exact even
+            # when the support holds all but 1e-30 of the student's mass.
+            e_s = e.gather(1, ids[r])
+            tail = e.scatter_(1, ids[r], 0.0).sum(1)
+            ls = (tail + e_s.sum(1)).log()
+            lpt = (tail.clamp(min=P_TAIL_MIN).log() - ls).clamp(min=LOG_P_TAIL_MIN)
+            log_p_tail[r] = lpt
+        else:
+            ls = e.sum(1).log()
+        logp_s = z_s - ls[:, None]
+        q = log_q[r].exp()
+        rows = torch.where(q > 0, q * (log_q[r] - logp_s), 0.0).sum(1)
+        if log_q_tail is not None:
+            qt = log_q_tail[r].exp()
+            rows += torch.where(qt > 0, qt * (log_q_tail[r] - lpt), 0.0)
+        loss[r] = rows
+        row_max[r] = m
+        log_sum[r] = ls
+    return loss, row_max, log_sum, log_p_tail
+
+
+def _torch_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
+                    log_p_tail, scale, inv_t, grad):
+    n, v = logits.shape
+    cdt = log_q.dtype
+    ids = topk_ids.long()
+    coef, inv_sum = _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale)
+    step = _rows_per_chunk(v)
+    # fp32 logits: the gradient rows themselves are the scratch.
+    scratch = None if grad.dtype == cdt else torch.empty(min(n, step), v, dtype=cdt,
+                                                         device=logits.device)
+    for r0 in range(0, n, step):
+        r = slice(r0, r0 + step)
+        chunk = logits[r]
+        e = grad[r] if scratch is None else scratch[: chunk.shape[0]]
+        _shift(chunk, inv_t, row_max[r], e)
+        p_s = e.gather(1, ids[r]).exp_().mul_(inv_sum[r, None])
+        e.exp_().mul_(coef[r, None])
+        e.scatter_(1, ids[r], (q_sum[r, None] * p_s - log_q[r].exp()) * scale[r, None])
+        if scratch is not None:
+            grad[r] = e
+
+
+def _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale):
+    """Per-row factors of the gradient, shared by both paths.
+
+    Off the support dz_j = exp(z_j - m) * coef with coef = (Q - q_tail / p_tail) * g / S,
+    S = sum_j exp(z_j - m); the support entries are then overwritten with
+    (Q p_s - q_s) * g. q_tail / p_tail <= 1 / P_TAIL_MIN stays finite in fp32, and
+    p_j <= p_tail off the support keeps its product with p_j <= q_tail.
+    """
+    inv_sum = torch.exp(-log_sum)
+    ratio = 0.0 if log_q_tail is None else torch.exp(log_q_tail - log_p_tail)
+    return (q_sum - ratio) * scale * inv_sum, inv_sum
+
+
+# The gradient is computed in the backward, from the saved per-row statistics, not
+# written during the forward as Liger's cross-entropy does. The traffic is the same
+# (forward: one read; backward: one read, one write; Liger: two reads and a write in the
+# forward), but the logits stay intact (the training loss adds CE on the same logits, so
+# they cannot be overwritten with the gradient), no [N, V] gradient is held from the
+# forward to the backward or computed at all under no_grad, and grad_output is applied
+# in the same pass instead of a second one.
+if triton is not None:
+
+    @triton.jit
+    def _sparse_kl_fwd_kernel(
+        logits_ptr, stride_row, ids_ptr, log_q_ptr, log_q_tail_ptr, q_sum_ptr,
+        loss_ptr, row_max_ptr, log_sum_ptr, log_p_tail_ptr,
+        V, K, inv_t, p_tail_min, log_p_tail_min,
+        HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = logits_ptr + row * stride_row
+        q_sum = tl.load(q_sum_ptr + row)
+        loss = 0.0
+        m = 0.0
+        log_sum = 0.0
+        log_pt = 0.0
+        # Q == 0: a padding row (or a teacher with no mass): loss and gradient are 0.
+        if q_sum > 0:
+            k_off = tl.arange(0, BLOCK_K)
+            k_mask = k_off < K
+            ids = tl.load(ids_ptr + row * K + k_off, mask=k_mask, other=0)
+            z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
+            if TEMPERED:
+                z_s = z_s * inv_t
+            # Start the online max at the support's max. The running max then moves only
+            # if an off-support logit beats every support logit, which forces
+            # p_tail > 1 / (k + 1); otherwise every exp term below is bit-identical to
+            # the one recomputed from z_s afterwards, and the fp64 difference
+            # sum_all - sum_S is the tail mass with no cancellation, however small.
+            m = tl.max(tl.where(k_mask, z_s, -float("inf")), 0)
+            acc = tl.zeros([], dtype=tl.float64)
+            for start in range(0, V, BLOCK_V):
+                off = start + tl.arange(0, BLOCK_V)
+                z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+                if TEMPERED:
+                    z = z * inv_t
+                m_new = tl.maximum(m, tl.max(z, 0))
+                acc = acc * tl.exp(m - m_new).to(tl.float64) + tl.sum(
+                    tl.exp(z - m_new).to(tl.float64), 0)
+                m = m_new
+            log_sum = tl.log(acc.to(tl.float32))
+            logp_s = (z_s - m) - log_sum
+            log_q = tl.load(log_q_ptr + row * K + k_off, mask=k_mask, other=-float("inf"))
+            # q = 0 terms are 0; the where on log q keeps 0 * -inf (NaN) out of the sum.
+            q = tl.exp(log_q)
+            loss = tl.sum(q * (tl.where(q > 0, log_q, 0.0) - logp_s), 0)
+            if HAS_TAIL:
+                e_s = tl.where(k_mask, tl.exp(z_s - m), 0.0)
+                tail = tl.maximum(acc - tl.sum(e_s.to(tl.float64), 0), p_tail_min)
+                log_pt = tl.maximum(tl.log(tail.to(tl.float32)) - log_sum, log_p_tail_min)
+                log_qt = tl.load(log_q_tail_ptr + row)
+                qt = tl.exp(log_qt)
+                loss += qt * (tl.where(qt > 0, log_qt, 0.0) - log_pt)
+        tl.store(loss_ptr + row, loss)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_sum)
+        if HAS_TAIL:
+            tl.store(log_p_tail_ptr + row, log_pt)
+
+    @triton.jit
+    def _sparse_kl_bwd_kernel(
+        logits_ptr, stride_row, grad_ptr, stride_grad_row,
+        ids_ptr, log_q_ptr, q_sum_ptr, scale_ptr, coef_ptr, inv_sum_ptr, row_max_ptr,
+        V, K, inv_t,
+        TEMPERED: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = logits_ptr + row * stride_row
+        g_row = grad_ptr + row * stride_grad_row
+        out_ty = grad_ptr.dtype.element_ty
+        q_sum = tl.load(q_sum_ptr + row)
+        scale = tl.load(scale_ptr + row)
+        if (q_sum > 0) & (scale != 0):
+            m = tl.load(row_max_ptr + row)
+            coef = tl.load(coef_ptr + row)
+            # Every entry as if off the support, then the k support entries overwritten:
+            # k compares per logit to test membership would cost more than the stream.
+            for start in range(0, V, BLOCK_V):
+                off = start + tl.arange(0, BLOCK_V)
+                z = tl.load(z_row + off, mask=off < V, other=0.0).to(tl.float32)
+                if TEMPERED:
+                    z = z * inv_t
+                tl.store(g_row + off, (tl.exp(z - m) * coef).to(out_ty), mask=off < V)
+            # Orders the overwrite after the dense stores of other threads of this program.
+            tl.debug_barrier()
+            k_off = tl.arange(0, BLOCK_K)
+            k_mask = k_off < K
+            ids = tl.load(ids_ptr + row * K + k_off, mask=k_mask, other=0)
+            z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
+            if TEMPERED:
+                z_s = z_s * inv_t
+            p_s = tl.exp(z_s - m) * tl.load(inv_sum_ptr + row)
+            log_q = tl.load(log_q_ptr + row * K + k_off, mask=k_mask, other=-float("inf"))
+            dz_s = (q_sum * p_s - tl.exp(log_q)) * scale
+            tl.store(g_row + ids, dz_s.to(out_ty), mask=k_mask)
+        else:
+            for start in range(0, V, BLOCK_V):
+                off = start + tl.arange(0, BLOCK_V)
+                tl.store(g_row + off, tl.zeros([BLOCK_V], dtype=out_ty), mask=off < V)
+
+
+def _launch_params(logits, k):
+    block_v = GPU_BLOCK_V if logits.is_cuda else INTERPRETER_BLOCK_V
+    block_v = min(block_v, triton.next_power_of_2(logits.shape[1]))
+    return dict(
+        BLOCK_V=block_v,
+        BLOCK_K=max(16, triton.next_power_of_2(k)),
+        num_warps=GPU_NUM_WARPS if block_v >= 2048 else 4,
+    )
+
+
+def _triton_forward(logits, topk_ids, log_q, log_q_tail, q_sum, inv_t):
+    n, v = logits.shape
+    k = topk_ids.shape[1]
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    row_max = torch.empty_like(loss)
+    log_sum = torch.empty_like(loss)
+    has_tail = log_q_tail is not None
+    log_p_tail = torch.empty_like(loss) if has_tail else None
+    _sparse_kl_fwd_kernel[(n,)](
+        logits, logits.stride(0), topk_ids, log_q,
+        log_q_tail if has_tail else q_sum, q_sum,
+        loss, row_max, log_sum, log_p_tail if has_tail else loss,
+        v, k, inv_t, P_TAIL_MIN, LOG_P_TAIL_MIN,
+        HAS_TAIL=has_tail, TEMPERED=inv_t != 1.0,
+        **_launch_params(logits, k),
+    )
+    return loss, row_max, log_sum, log_p_tail
+
+
+def _triton_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
+                     log_p_tail, scale, inv_t, grad):
+    n, v = logits.shape
+    k = topk_ids.shape[1]
+    coef, inv_sum = _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale)
+    _sparse_kl_bwd_kernel[(n,)](
+        logits, logits.stride(0), grad, grad.stride(0),
+        topk_ids, log_q, q_sum, scale, coef, inv_sum, row_max,
+        v, k, inv_t,
+        TEMPERED=inv_t != 1.0,
+        **_launch_params(logits, k),
+    )
+
+
+class SparseKLFunction(torch.autograd.Function):
+    """Per-row sparse KL [N] (already scaled by T^2); gradient w.r.t. the logits only.
+
+    ``log_q`` [N, k] and ``log_q_tail`` [N] (or None) are the teacher's log-probs as the
+    loss sees them (tempered, padding rows at -inf); see ``sparse_kl_loss``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, topk_ids, log_q, log_q_tail, temperature, use_triton):
+        q_sum = log_q.exp().sum(1)
+        if log_q_tail is not None:
+            q_sum += log_q_tail.exp()
+        inv_t = 1.0 / temperature
+        if use_triton:
+            out = _triton_forward(logits, topk_ids, log_q, log_q_tail, q_sum, inv_t)
+        else:
+            out = _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t)
+        loss, row_max, log_sum, log_p_tail = out
+        if temperature != 1.0:
+            loss.mul_(temperature**2)
+        ctx.save_for_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
+                              log_p_tail)
+        ctx.temperature = temperature
+        ctx.use_triton = use_triton
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum, log_p_tail = \
+            ctx.saved_tensors
+        t = ctx.temperature
+        # d/dz of T^2 * KL(u = z / T) is T * dKL/du.
+        scale = (grad_loss.to(q_sum.dtype) * t).contiguous()
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        backward = _triton_backward if ctx.use_triton else _torch_backward
+        backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum, log_p_tail,
+                 scale, 1.0 / t, grad)
+        return grad, None, None, None, None, None
+
+
+def _teacher_log_probs(topk_logprobs, tail_logmass, mask, temperature, dtype):
+    log_q = topk_logprobs.to(dtype)
+    log_q_tail = None
+    if temperature != 1.0:
+        log_q = torch.log_softmax(log_q / temperature, dim=1)
+    elif tail_logmass is not None:
+        log_q_tail = tail_logmass.to(dtype)
+    if mask is not None:
+        # Padding rows get no teacher mass (Q = 0): zero loss and gradient, whatever
+        # their cached values hold.
+        log_q = log_q.masked_fill(~mask[:, None], -math.inf)
+        if log_q_tail is not None:
+            log_q_tail = log_q_tail.masked_fill(~mask, -math.inf)
+    return log_q.contiguous(), None if log_q_tail is None else log_q_tail.contiguous()
+
+
+def sparse_kl_loss(
+    logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor | None,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> Tensor:
+    """KL(teacher || student) over the teacher's cached support plus a tail bucket.
+
+    Args:
+        logits: [N, V] student logits (fp32, bf16, fp16; fp64 on the torch path).
+        topk_ids: [N, k] int64 or int32 support ids, distinct within a row.
+        topk_logprobs: [N, k] teacher log-probs at temperature 1, normalised over the
+            full vocabulary (-inf for zero mass).
+        tail_logmass: [N] log(1 - sum_k p_teacher); None disables the tail term. Ignored
+            when ``temperature != 1`` (only the tail's total mass is known, not the
+            shape that tempering it would need).
+        mask: [N] bool, False marks padding rows (zero loss, zero gradient).
+        temperature: T. The student uses log_softmax(logits / T), the teacher's support
+            is renormalised to q_s proportional to exp(lp_s / T), and the loss is scaled
+            by T^2 (Hinton et al.) so gradient magnitudes match T = 1.
+        reduction: "mean" over unmasked rows, "sum", or "none" ([N], 0 at padding).
+        impl: "triton", "torch", or "auto" (triton on CUDA logits, else torch).
+
+    Returns:
+        fp32 loss (fp64 for fp64 logits on the torch path); the gradient w.r.t. ``logits``
+        comes back in the logits' dtype. The teacher inputs receive no gradient.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    n = logits.shape[0]
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_logprobs must both be [{n}, k], got "
+                         f"{tuple(topk_ids.shape)} and {tuple(topk_logprobs.shape)}")
+    if tail_logmass is not None and tail_logmass.shape != (n,):
+        raise ValueError(f"tail_logmass must be [{n}], got {tuple(tail_logmass.shape)}")
+    if mask is not None and mask.shape != (n,):
+        raise ValueError(f"mask must be [{n}], got {tuple(mask.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if impl == "auto":
+        impl = "triton" if logits.is_cuda and triton is not None else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'triton', 'torch' or 'auto', got {impl!r}")
+    if impl == "triton" and triton is None:
+        raise RuntimeError("impl='triton' needs the triton package")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    cdt = torch.float64 if logits.dtype == torch.float64 and impl == "torch" else torch.float32
+    log_q, log_q_tail = _teacher_log_probs(topk_logprobs, tail_logmass, mask, temperature, cdt)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows = SparseKLFunction.apply(logits, topk_ids.contiguous(), log_q, log_q_tail, float(temperature),
+                                  impl == "triton")
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (max(n, 1) if mask is None else mask.sum().clamp(min=1))
+
+
+class SparseKLLoss(nn.Module):
+    """``sparse_kl_loss`` with its temperature, reduction and implementation fixed."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "mean", impl: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.reduction = reduction
+        self.impl = impl
+
+    def forward(self, logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                tail_logmass: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return sparse_kl_loss(logits, topk_ids, topk_logprobs, tail_logmass, mask,
+                              self.temperature, self.reduction, self.impl)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, impl={self.impl!r}"

@@ -1,0 +1,256 @@
+"""Sparse KL (kernels/sparse_kl.py) against a dense fp64 autograd reference.
+
+Runs on CUDA when available (the Triton kernel compiled), else on CPU with the Triton
+kernel under the interpreter.
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+# Triton reads this when it is first imported (its own library functions are decorated
+# then); torch does not import triton, so this comes in time unless something imported
+# triton earlier in the session: export it (or set it in a conftest) in that case.
+_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from ddk.kernels import sparse_kl as sk  # noqa: E402
+
+# Loss and gradient tolerances against the fp64 reference. bf16 logits are exact inputs
+# to both sides and all arithmetic is fp32, so the bf16 loss is as tight as fp32; its
+# gradient is rounded to bf16 on the way out: half a step (2^-8) on GPU, a whole step
+# (2^-7) under the interpreter, whose fp32 -> bf16 cast truncates.
+FP32_LOSS = dict(rtol=1e-5, atol=1e-6)
+FP32_GRAD = dict(rtol=1e-5, atol=1e-7)
+BF16_LOSS = dict(rtol=1e-5, atol=1e-6)
+BF16_GRAD = dict(rtol=1e-2, atol=1e-7)
+TOL = {torch.float32: (FP32_LOSS, FP32_GRAD), torch.bfloat16: (BF16_LOSS, BF16_GRAD)}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_skip_reason():
+    if sk.triton is None:
+        return "triton is not importable"
+    if DEVICE == "cpu" and os.environ["TRITON_INTERPRET"] != "1":
+        return "no CUDA and TRITON_INTERPRET is not 1"
+    if DEVICE == "cpu" and _TRITON_IMPORTED_EARLY:
+        return "triton was imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+TRITON_SKIP = _triton_skip_reason()
+IMPLS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None,
+                                                    reason=str(TRITON_SKIP))),
+]
+
+
+def reference(logits, ids, logprobs, tail, mask, temperature):
+    """Per-row loss and its autograd gradient, fp64, straight from the formula."""
+    z = logits.detach().double().requires_grad_()
+    rows = torch.arange(z.shape[0], device=z.device)
+    if mask is not None:
+        rows = rows[mask]
+    logp = torch.log_softmax(z[rows] / temperature, dim=1)
+    log_q = logprobs[rows].double()
+    if temperature != 1.0:
+        log_q = torch.log_softmax(log_q / temperature, dim=1)
+        tail = None
+    q = log_q.exp()
+    loss = torch.where(q > 0, q * (log_q - logp.gather(1, ids[rows].long())), 0.0).sum(1)
+    if tail is not None:
+        log_p_tail = logp.scatter(1, ids[rows].long(), -math.inf).logsumexp(1)
+        log_p_tail = log_p_tail.clamp(min=sk.LOG_P_TAIL_MIN)
+        log_qt = tail[rows].double()
+        qt = log_qt.exp()
+        loss = loss + torch.where(qt > 0, qt * (log_qt - log_p_tail), 0.0)
+    full = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    return full.index_put((rows,), loss * temperature**2), z
+
+
+def teacher(n, v, k, gen, scale=2.0):
+    """Top-k of a random teacher: ids (shuffled within the row), log-probs, tail mass."""
+    t = torch.randn(n, v, generator=gen, dtype=torch.float64) * scale
+    log_p = torch.log_softmax(t, dim=1)
+    lp, ids = log_p.topk(k, dim=1)
+    perm = torch.argsort(torch.rand(n, k, generator=gen), dim=1)
+    lp, ids = lp.gather(1, perm), ids.gather(1, perm)
+    tail = torch.log1p(-lp.exp().sum(1))
+    return ids.to(DEVICE), lp.float().to(DEVICE), tail.float().to(DEVICE)
+
+
+def run(impl, logits, ids, lp, tail, mask=None, temperature=1.0, weights=None):
+    x = logits.detach().clone().requires_grad_()
+    rows = sk.sparse_kl_loss(x, ids, lp, tail, mask, temperature, reduction="none", impl=impl)
+    w = torch.ones_like(rows) if weights is None else weights
+    (rows * w).sum().backward()
+    return rows.detach(), x.grad
+
+
+def check(impl, logits, ids, lp, tail, mask=None, temperature=1.0, weights=None, tol=None):
+    loss_tol, grad_tol = tol or TOL[logits.dtype]
+    rows, grad = run(impl, logits, ids, lp, tail, mask, temperature, weights)
+    ref_rows, z = reference(logits, ids, lp, tail, mask, temperature)
+    w = torch.ones_like(ref_rows) if weights is None else weights.double()
+    (ref_rows * w).sum().backward()
+    assert rows.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(rows.double(), ref_rows.detach(), **loss_tol)
+    torch.testing.assert_close(grad.double(), z.grad, **grad_tol)
+    if mask is not None:
+        assert (grad[~mask] == 0).all() and (rows[~mask] == 0).all()
+
+
+# (N, V, k): V = 151936 is not a power of two; k is ragged across cases.
+SHAPES = [(6, 1000, 1), (5, 1000, 128), (4, 32000, 64), (3, 151936, 37)]
+MODES = {"tail": (True, 1.0), "no_tail": (False, 1.0), "T2": (True, 2.0)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(impl, dtype, mode, shape):
+    n, v, k = shape
+    use_tail, temperature = MODES[mode]
+    gen = torch.Generator().manual_seed(n * v + k)
+    ids, lp, tail = teacher(n, v, k, gen)
+    logits = (torch.randn(n, v, generator=gen) * 3).to(DEVICE, dtype)
+    mask = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    lp[1], tail[1] = math.nan, math.nan  # a padding row's cache slot may hold anything
+    # Unequal upstream gradients per row, one of them 0 on a live row.
+    weights = torch.rand(n, generator=gen).to(DEVICE)
+    weights[-1] = 0.0
+    check(impl, logits, ids, lp, tail if use_tail else None, mask, temperature, weights)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_logits(impl):
+    gen = torch.Generator().manual_seed(7)
+    ids, lp, tail = teacher(3, 1000, 16, gen)
+    logits = (torch.randn(3, 1000, generator=gen) * 3).to(DEVICE, torch.float16)
+    check(impl, logits, ids, lp, tail, tol=(FP32_LOSS, dict(rtol=1e-3, atol=1e-7)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_extreme_logits(impl, dtype):
+    """1e4-scale logits, teacher log-probs at ~0 and -inf: finite and still exact."""
+    n, v, k = 4, 2000, 8
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
+    logits = (torch.randn(n, v, generator=gen) * 1e4).to(DEVICE, dtype)
+    lp = torch.full((n, k), -math.inf, device=DEVICE)
+    lp[:, 0] = math.log1p(-1e-6)  # near-certain teacher
+    lp[:, 1] = math.log(1e-6) - 1.0
+    tail = torch.log1p(-lp.exp().sum(1))
+    tail[0] = -math.inf  # no teacher mass outside the support
+    check(impl, logits, ids, lp, tail, tol=(dict(rtol=1e-5, atol=1e-5), TOL[dtype][1]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("log_qt", [-math.inf, -40.0], ids=["qt0", "qt_tiny"])
+def test_student_tail_underflows(impl, log_qt):
+    """One huge support logit: p_tail ~ exp(-1e4) underflows; a ~0 teacher tail keeps ~0."""
+    n, v, k = 3, 1000, 4
+    gen = torch.Generator().manual_seed(2)
+    ids, lp, _ = teacher(n, v, k, gen)
+    logits = torch.randn(n, v, generator=gen).to(DEVICE)
+    logits.scatter_(1, ids[:, :1], 1e4)
+    tail = torch.full((n,), log_qt, device=DEVICE)
+    rows, grad = run(impl, logits, ids, lp, tail)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    check(impl, logits, ids, lp, tail)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_support_covers_vocab(impl):
+    """V == k: the student tail is empty (p_tail = 0 exactly) and so is the teacher's."""
+    gen = torch.Generator().manual_seed(3)
+    ids, lp, tail = teacher(3, 16, 16, gen)
+    tail.fill_(-math.inf)
+    check(impl, torch.randn(3, 16, generator=gen).to(DEVICE), ids, lp, tail)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tiny_student_tail_keeps_precision(impl):
+    """p_tail ~ 1e-9 against q_tail = 0.1: no cancellation in 1 - sum_S p_s."""
+    n, v, k = 3, 2000, 8
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
+    logits = torch.randn(n, v, generator=gen).to(DEVICE)
+    logits.scatter_(1, ids, 30.0 + torch.randn(n, k, generator=gen).to(DEVICE))
+    lp = (torch.log_softmax(torch.randn(n, k, generator=gen), dim=1) + math.log(0.9)).to(DEVICE)
+    tail = torch.full((n,), math.log(0.1), device=DEVICE)
+    check(impl, logits, ids, lp, tail)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_ids(impl):
+    gen = torch.Generator().manual_seed(5)
+    ids, lp, tail = teacher(3, 1000, 16, gen)
+    logits = torch.randn(3, 1000, generator=gen).to(DEVICE)
+    check(impl, logits, ids.int(), lp, tail)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reductions_ignore_masked_rows(impl):
+    gen = torch.Generator().manual_seed(6)
+    n, v, k = 6, 1000, 16
+    ids, lp, tail = teacher(n, v, k, gen)
+    logits = torch.randn(n, v, generator=gen).to(DEVICE)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    mean = sk.sparse_kl_loss(logits, ids, lp, tail, mask, impl=impl)
+    live = sk.sparse_kl_loss(logits[mask], ids[mask], lp[mask], tail[mask], impl=impl)
+    total = sk.sparse_kl_loss(logits, ids, lp, tail, mask, reduction="sum", impl=impl)
+    rows = sk.sparse_kl_loss(logits, ids, lp, tail, mask, reduction="none", impl=impl)
+    torch.testing.assert_close(mean, live, **FP32_LOSS)
+    torch.testing.assert_close(total, rows.sum(), **FP32_LOSS)
+    torch.testing.assert_close(mean, total / 4, **FP32_LOSS)
+    assert (rows[~mask] == 0).all()
+    none_live = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    assert sk.sparse_kl_loss(logits, ids, lp, tail, none_live, impl=impl).item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradcheck_torch_fp64(temperature):
+    gen = torch.Generator().manual_seed(8)
+    ids, lp, tail = teacher(3, 12, 4, gen)
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    z = torch.randn(3, 12, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    def f(x):
+        return sk.sparse_kl_loss(x, ids, lp, tail, mask, temperature, reduction="none",
+                              impl="torch")
+
+    assert torch.autograd.gradcheck(f, (z,))
+
+
+def test_module_matches_function():
+    gen = torch.Generator().manual_seed(9)
+    ids, lp, tail = teacher(4, 500, 8, gen)
+    logits = torch.randn(4, 500, generator=gen).to(DEVICE)
+    module = sk.SparseKLLoss(temperature=2.0, reduction="sum", impl="torch")
+    torch.testing.assert_close(
+        module(logits, ids, lp, tail),
+        sk.sparse_kl_loss(logits, ids, lp, tail, temperature=2.0, reduction="sum", impl="torch"))
+
+
+def test_rejects_bad_arguments():
+    logits = torch.randn(2, 10)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        sk.sparse_kl_loss(logits[0], ids, lp, None)
+    with pytest.raises(ValueError):
+        sk.sparse_kl_loss(logits, ids[:1], lp[:1], None)
+    with pytest.raises(ValueError):
+        sk.sparse_kl_loss(logits, ids, lp, None, reduction="avg")
