@@ -1,4 +1,5 @@
 # ddk: the two stages and their tools. Every target installs what it needs first.
+#   make demo                          teacher-cache + distill on the embedded default
 #   make teacher-cache                 stage one on the embedded default (configs/default.toml)
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
@@ -11,7 +12,10 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: setup tiny-models teacher-cache distill eval inspect test test-fast bench-kernel clean
+.PHONY: demo setup tiny-models teacher-cache distill eval inspect test test-fast bench-kernel clean
+
+# The main job on the embedded default: stage one, then stage two.
+demo: teacher-cache distill
 
 setup: $(STAMP)
 

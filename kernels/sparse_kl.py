@@ -24,7 +24,8 @@ kernel pair (CUDA, or CPU under ``TRITON_INTERPRET=1``) and a chunked plain-torc
 (CPU training, and the reference the kernel is tested against). Neither keeps an
 [N, V] fp32 buffer: the forward saves only per-row statistics, the backward re-reads
 the logits and writes the gradient (in the logits' dtype) straight into its output.
-All arithmetic is fp32 (fp64 logits: fp64 on the torch path).
+Arithmetic is fp32 whatever the logits' dtype (the kernel sums the row in fp64; fp64
+logits are computed in fp64 on the torch path).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ try:
 except ImportError:  # the torch path serves CPU training without triton
     triton = None
 
-# log p_tail is clamped at log of the smallest normal fp32, where the kernel's fp32
-# exp stops resolving the tail: a student tail that underflows (or is empty, V == k)
-# then gives a finite loss, and a term whose teacher tail is ~0 stays ~0 instead of
-# becoming 0 * inf.
+# log p_tail is clamped at log of the smallest normal fp32, where fp32 exp relative to
+# the row max stops resolving the tail: a student tail that underflows (or is empty,
+# V == k) then gives a finite loss, and a term whose teacher tail is ~0 stays ~0 instead
+# of becoming 0 * inf.
 P_TAIL_MIN = torch.finfo(torch.float32).tiny
 LOG_P_TAIL_MIN = math.log(P_TAIL_MIN)
 
@@ -51,11 +52,13 @@ LOG_P_TAIL_MIN = math.log(P_TAIL_MIN)
 # multiple of this, whatever N is.
 TORCH_CHUNK_BYTES = 1 << 27
 
-# The GPU kernels stream a row in blocks of this many logits, one program per row. The
+# The GPU kernels stream a row in blocks of this many logits, one program per row (the
+# fastest of 2048..8192 x 4..8 warps on an H100, bf16, V = 32000 and 151936). The
 # interpreter costs per operation rather than per element, so on CPU a whole row is one
 # block.
-GPU_BLOCK_V = 4096
-GPU_NUM_WARPS = 8
+GPU_FWD_BLOCK_V = 4096
+GPU_BWD_BLOCK_V = 2048
+GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_V = 1 << 18
 
 
@@ -106,20 +109,23 @@ def _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
         q = log_q[r].exp()
         rows = torch.where(q > 0, q * (log_q[r] - logp_s), 0.0).sum(1)
         if log_q_tail is not None:
-            qt = log_q_tail[r].exp()
-            rows += torch.where(qt > 0, qt * (log_q_tail[r] - lpt), 0.0)
+            rows += _tail_term(log_q_tail[r], lpt)
         loss[r] = rows
         row_max[r] = m
         log_sum[r] = ls
     return loss, row_max, log_sum, log_p_tail
 
 
-def _torch_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
-                    log_p_tail, scale, inv_t, grad):
+def _tail_term(log_q_tail, log_p_tail):
+    q_tail = log_q_tail.exp()
+    return torch.where(q_tail > 0, q_tail * (log_q_tail - log_p_tail), 0.0)
+
+
+def _torch_backward(logits, topk_ids, log_q, q_grad, coef, inv_sum, row_max, scale, inv_t,
+                    grad):
     n, v = logits.shape
     cdt = log_q.dtype
     ids = topk_ids.long()
-    coef, inv_sum = _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale)
     step = _rows_per_chunk(v)
     # fp32 logits: the gradient rows themselves are the scratch.
     scratch = None if grad.dtype == cdt else torch.empty(min(n, step), v, dtype=cdt,
@@ -130,25 +136,45 @@ def _torch_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum
         e = grad[r] if scratch is None else scratch[: chunk.shape[0]]
         _shift(chunk, inv_t, row_max[r], e)
         p_s = e.gather(1, ids[r]).exp_().mul_(inv_sum[r, None])
-        e.exp_().mul_(coef[r, None])
-        e.scatter_(1, ids[r], (q_sum[r, None] * p_s - log_q[r].exp()) * scale[r, None])
+        # coef * scale alone may overflow (see _backward_row_terms); e * coef does not.
+        e.exp_().mul_(coef[r, None]).mul_(scale[r, None])
+        e.scatter_(1, ids[r], (q_grad[r, None] * p_s - log_q[r].exp()) * scale[r, None])
         if scratch is not None:
             grad[r] = e
 
 
-def _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale):
-    """Per-row factors of the gradient, shared by both paths.
+def _backward_row_terms(log_q, log_q_tail, log_sum, log_p_tail):
+    """Per-row factors of the gradient (before grad_output), shared by both paths.
 
-    Off the support dz_j = exp(z_j - m) * coef with coef = (Q - q_tail / p_tail) * g / S,
-    S = sum_j exp(z_j - m); the support entries are then overwritten with
-    (Q p_s - q_s) * g. q_tail / p_tail <= 1 / P_TAIL_MIN stays finite in fp32, and
-    p_j <= p_tail off the support keeps its product with p_j <= q_tail.
+    Returns (Q, coef, 1 / S) with S = sum_j exp(z_j - m): off the support
+    dz_j = exp(z_j - m) * coef, coef = (Q - q_tail / p_tail) / S; the support entries
+    are Q p_s - q_s instead. q_tail / p_tail <= 1 / P_TAIL_MIN is finite in
+    fp32, and since p_j <= p_tail off the support each product stays <= q_tail; only
+    coef times a large grad_output could overflow, so that is applied last.
     """
     inv_sum = torch.exp(-log_sum)
-    ratio = 0.0 if log_q_tail is None else torch.exp(log_q_tail - log_p_tail)
-    return (q_sum - ratio) * scale * inv_sum, inv_sum
+    q_grad = log_q.exp().sum(1)
+    if log_q_tail is None:
+        return q_grad, q_grad * inv_sum, inv_sum
+    # A log p_tail clamped at the floor is constant in z: its term has no gradient, as
+    # in the loss actually computed.
+    live = log_p_tail > LOG_P_TAIL_MIN
+    ratio = torch.where(live, torch.exp(log_q_tail - log_p_tail), 0.0)
+    q_grad = q_grad + torch.where(live, log_q_tail.exp(), 0.0)
+    return q_grad, (q_grad - ratio) * inv_sum, inv_sum
 
 
+# The tail mass comes from one fp64 difference, sum over all logits minus sum over the
+# support, of bit-identical fp32 exp terms: exact to ~1e-15 of the row's sum (to fp32
+# rounding if an off-support logit is the row's max, when p_tail > 1 / (k + 1)), in a
+# single streaming pass as fast as a plain logsumexp. Rows whose tail is below
+# EXACT_TAIL_BELOW of the sum get a second pass, in a kernel of its own (the rare path
+# inside the common kernel slowed it by up to 1.6x on an H100), that sums the tail on
+# its own with its own running max, walking the row's support ids in ascending order
+# alongside the stream (a handful per block: k + nblocks steps per row, not a
+# comparison of every logit with all k ids). The backward walks the ids the same way to
+# write the support lanes in its single pass.
+#
 # The gradient is computed in the backward, from the saved per-row statistics, not
 # written during the forward as Liger's cross-entropy does. The traffic is the same
 # (forward: one read; backward: one read, one write; Liger: two reads and a write in the
@@ -156,23 +182,26 @@ def _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale):
 # they cannot be overwritten with the gradient), no [N, V] gradient is held from the
 # forward to the backward or computed at all under no_grad, and grad_output is applied
 # in the same pass instead of a second one.
+EXACT_TAIL_BELOW = 2.0**-30
+
 if triton is not None:
 
     @triton.jit
     def _sparse_kl_fwd_kernel(
-        logits_ptr, stride_row, ids_ptr, log_q_ptr, log_q_tail_ptr, q_sum_ptr,
-        loss_ptr, row_max_ptr, log_sum_ptr, log_p_tail_ptr,
-        V, K, inv_t, p_tail_min, log_p_tail_min,
+        logits_ptr, stride_row, ids_ptr, log_q_ptr, q_sum_ptr,
+        loss_ptr, row_max_ptr, log_sum_ptr, tail_share_ptr,
+        V, K, inv_t,
         HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """Support terms of the loss, row max, log-sum-exp, tail share of the sum."""
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_row
         q_sum = tl.load(q_sum_ptr + row)
         loss = 0.0
         m = 0.0
         log_sum = 0.0
-        log_pt = 0.0
+        share = 1.0
         # Q == 0: a padding row (or a teacher with no mass): loss and gradient are 0.
         if q_sum > 0:
             k_off = tl.arange(0, BLOCK_K)
@@ -181,12 +210,12 @@ if triton is not None:
             z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
             if TEMPERED:
                 z_s = z_s * inv_t
-            # Start the online max at the support's max. The running max then moves only
-            # if an off-support logit beats every support logit, which forces
-            # p_tail > 1 / (k + 1); otherwise every exp term below is bit-identical to
-            # the one recomputed from z_s afterwards, and the fp64 difference
-            # sum_all - sum_S is the tail mass with no cancellation, however small.
-            m = tl.max(tl.where(k_mask, z_s, -float("inf")), 0)
+            z_s = tl.where(k_mask, z_s, -float("inf"))
+            # The running max starts at the support's max and moves only if an
+            # off-support logit beats every support logit, which forces
+            # p_tail > 1 / (k + 1). Otherwise each exp term of the stream is bit-identical
+            # to the one recomputed from z_s below, and only the fp64 sums round.
+            m = tl.max(z_s, 0)
             acc = tl.zeros([], dtype=tl.float64)
             for start in range(0, V, BLOCK_V):
                 off = start + tl.arange(0, BLOCK_V)
@@ -198,106 +227,143 @@ if triton is not None:
                     tl.exp(z - m_new).to(tl.float64), 0)
                 m = m_new
             log_sum = tl.log(acc.to(tl.float32))
-            logp_s = (z_s - m) - log_sum
+            if HAS_TAIL:
+                tail = acc - tl.sum(tl.exp(z_s - m).to(tl.float64), 0)
+                share = (tl.maximum(tail, 0.0) / acc).to(tl.float32)
+            logp_s = tl.where(k_mask, (z_s - m) - log_sum, 0.0)
             log_q = tl.load(log_q_ptr + row * K + k_off, mask=k_mask, other=-float("inf"))
-            # q = 0 terms are 0; the where on log q keeps 0 * -inf (NaN) out of the sum.
+            # q = 0 terms are 0; the wheres keep 0 * inf (NaN) out of the sum.
             q = tl.exp(log_q)
             loss = tl.sum(q * (tl.where(q > 0, log_q, 0.0) - logp_s), 0)
-            if HAS_TAIL:
-                e_s = tl.where(k_mask, tl.exp(z_s - m), 0.0)
-                tail = tl.maximum(acc - tl.sum(e_s.to(tl.float64), 0), p_tail_min)
-                log_pt = tl.maximum(tl.log(tail.to(tl.float32)) - log_sum, log_p_tail_min)
-                log_qt = tl.load(log_q_tail_ptr + row)
-                qt = tl.exp(log_qt)
-                loss += qt * (tl.where(qt > 0, log_qt, 0.0) - log_pt)
         tl.store(loss_ptr + row, loss)
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_sum)
         if HAS_TAIL:
-            tl.store(log_p_tail_ptr + row, log_pt)
+            tl.store(tail_share_ptr + row, share)
+
+    @triton.jit
+    def _sparse_kl_tail_kernel(
+        logits_ptr, stride_row, ids_ptr, row_max_ptr, log_sum_ptr, tail_share_ptr,
+        log_p_tail_ptr, V, K, exact_tail_below, BLOCK_V: tl.constexpr,
+    ):
+        """log p_tail; rows with a tiny tail share sum the tail exactly. (T = 1 only.)"""
+        row = tl.program_id(0).to(tl.int64)
+        share = tl.load(tail_share_ptr + row)
+        if share >= exact_tail_below:
+            log_pt = tl.log(share)
+        else:
+            z_row = logits_ptr + row * stride_row
+            ids_row = ids_ptr + row * K
+            m_t = -float("inf")
+            acc_t = 0.0
+            p = 0
+            nxt = tl.load(ids_row)
+            for start in range(0, V, BLOCK_V):
+                off = start + tl.arange(0, BLOCK_V)
+                z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+                while nxt < start + BLOCK_V:
+                    z = tl.where(off == nxt, -float("inf"), z)
+                    p += 1
+                    nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
+                m_new = tl.maximum(m_t, tl.max(z, 0))
+                # No tail lane seen yet: any finite reference keeps the sum at 0.
+                m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+                acc_t = acc_t * tl.exp(m_t - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+                m_t = m_new
+            m = tl.load(row_max_ptr + row)
+            log_sum = tl.load(log_sum_ptr + row)
+            # acc_t is 0 (empty tail, m_t = -inf) or >= 1 (its max lane adds 1).
+            log_pt = (m_t - m) + tl.log(tl.maximum(acc_t, 1.0)) - log_sum
+        tl.store(log_p_tail_ptr + row, log_pt)
 
     @triton.jit
     def _sparse_kl_bwd_kernel(
         logits_ptr, stride_row, grad_ptr, stride_grad_row,
-        ids_ptr, log_q_ptr, q_sum_ptr, scale_ptr, coef_ptr, inv_sum_ptr, row_max_ptr,
+        ids_ptr, log_q_ptr, q_grad_ptr, scale_ptr, coef_ptr, inv_sum_ptr, row_max_ptr,
         V, K, inv_t,
-        TEMPERED: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        TEMPERED: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_row
         g_row = grad_ptr + row * stride_grad_row
+        ids_row = ids_ptr + row * K
+        log_q_row = log_q_ptr + row * K
         out_ty = grad_ptr.dtype.element_ty
-        q_sum = tl.load(q_sum_ptr + row)
+        q_grad = tl.load(q_grad_ptr + row)
         scale = tl.load(scale_ptr + row)
-        if (q_sum > 0) & (scale != 0):
+        if (q_grad > 0) & (scale != 0):
             m = tl.load(row_max_ptr + row)
             coef = tl.load(coef_ptr + row)
-            # Every entry as if off the support, then the k support entries overwritten:
-            # k compares per logit to test membership would cost more than the stream.
+            q_inv_sum = q_grad * tl.load(inv_sum_ptr + row)
+            p = 0
+            nxt = tl.load(ids_row)
             for start in range(0, V, BLOCK_V):
                 off = start + tl.arange(0, BLOCK_V)
-                z = tl.load(z_row + off, mask=off < V, other=0.0).to(tl.float32)
+                z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
                 if TEMPERED:
                     z = z * inv_t
-                tl.store(g_row + off, (tl.exp(z - m) * coef).to(out_ty), mask=off < V)
-            # Orders the overwrite after the dense stores of other threads of this program.
-            tl.debug_barrier()
-            k_off = tl.arange(0, BLOCK_K)
-            k_mask = k_off < K
-            ids = tl.load(ids_ptr + row * K + k_off, mask=k_mask, other=0)
-            z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
-            if TEMPERED:
-                z_s = z_s * inv_t
-            p_s = tl.exp(z_s - m) * tl.load(inv_sum_ptr + row)
-            log_q = tl.load(log_q_ptr + row * K + k_off, mask=k_mask, other=-float("inf"))
-            dz_s = (q_sum * p_s - tl.exp(log_q)) * scale
-            tl.store(g_row + ids, dz_s.to(out_ty), mask=k_mask)
+                e = tl.exp(z - m)
+                dz = e * coef
+                while nxt < start + BLOCK_V:
+                    q_s = tl.exp(tl.load(log_q_row + p))
+                    dz = tl.where(off == nxt, q_inv_sum * e - q_s, dz)
+                    p += 1
+                    nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
+                # Scaled last: coef * scale alone may overflow (see _backward_row_terms).
+                tl.store(g_row + off, (dz * scale).to(out_ty), mask=off < V)
         else:
             for start in range(0, V, BLOCK_V):
                 off = start + tl.arange(0, BLOCK_V)
                 tl.store(g_row + off, tl.zeros([BLOCK_V], dtype=out_ty), mask=off < V)
 
 
-def _launch_params(logits, k):
-    block_v = GPU_BLOCK_V if logits.is_cuda else INTERPRETER_BLOCK_V
-    block_v = min(block_v, triton.next_power_of_2(logits.shape[1]))
-    return dict(
-        BLOCK_V=block_v,
-        BLOCK_K=max(16, triton.next_power_of_2(k)),
-        num_warps=GPU_NUM_WARPS if block_v >= 2048 else 4,
-    )
+def _block_v(logits, gpu_block_v):
+    return min(gpu_block_v if logits.is_cuda else INTERPRETER_BLOCK_V,
+               triton.next_power_of_2(logits.shape[1]))
 
 
-def _triton_forward(logits, topk_ids, log_q, log_q_tail, q_sum, inv_t):
+def _triton_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
     n, v = logits.shape
     k = topk_ids.shape[1]
+    has_tail = log_q_tail is not None
+    q_sum = log_q.exp().sum(1)
+    if has_tail:
+        q_sum += log_q_tail.exp()
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     row_max = torch.empty_like(loss)
     log_sum = torch.empty_like(loss)
-    has_tail = log_q_tail is not None
-    log_p_tail = torch.empty_like(loss) if has_tail else None
+    # Without the tail the kernel never touches this pointer: any tensor stands in.
+    tail_share = torch.empty_like(loss) if has_tail else loss
     _sparse_kl_fwd_kernel[(n,)](
-        logits, logits.stride(0), topk_ids, log_q,
-        log_q_tail if has_tail else q_sum, q_sum,
-        loss, row_max, log_sum, log_p_tail if has_tail else loss,
-        v, k, inv_t, P_TAIL_MIN, LOG_P_TAIL_MIN,
+        logits, logits.stride(0), topk_ids, log_q, q_sum,
+        loss, row_max, log_sum, tail_share,
+        v, k, inv_t,
         HAS_TAIL=has_tail, TEMPERED=inv_t != 1.0,
-        **_launch_params(logits, k),
+        BLOCK_V=_block_v(logits, GPU_FWD_BLOCK_V), BLOCK_K=max(16, triton.next_power_of_2(k)),
+        num_warps=GPU_NUM_WARPS,
     )
+    if not has_tail:
+        return loss, row_max, log_sum, None
+    log_p_tail = torch.empty_like(loss)
+    _sparse_kl_tail_kernel[(n,)](
+        logits, logits.stride(0), topk_ids, row_max, log_sum, tail_share, log_p_tail,
+        v, k, EXACT_TAIL_BELOW,
+        BLOCK_V=_block_v(logits, GPU_FWD_BLOCK_V), num_warps=GPU_NUM_WARPS,
+    )
+    log_p_tail.clamp_(min=LOG_P_TAIL_MIN)
+    loss += _tail_term(log_q_tail, log_p_tail)
     return loss, row_max, log_sum, log_p_tail
 
 
-def _triton_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
-                     log_p_tail, scale, inv_t, grad):
+def _triton_backward(logits, topk_ids, log_q, q_grad, coef, inv_sum, row_max, scale, inv_t,
+                     grad):
     n, v = logits.shape
-    k = topk_ids.shape[1]
-    coef, inv_sum = _backward_row_terms(log_q_tail, q_sum, log_sum, log_p_tail, scale)
     _sparse_kl_bwd_kernel[(n,)](
         logits, logits.stride(0), grad, grad.stride(0),
-        topk_ids, log_q, q_sum, scale, coef, inv_sum, row_max,
-        v, k, inv_t,
-        TEMPERED=inv_t != 1.0,
-        **_launch_params(logits, k),
+        topk_ids, log_q, q_grad, scale, coef, inv_sum, row_max,
+        v, topk_ids.shape[1], inv_t,
+        TEMPERED=inv_t != 1.0, BLOCK_V=_block_v(logits, GPU_BWD_BLOCK_V),
+        num_warps=GPU_NUM_WARPS,
     )
 
 
@@ -310,18 +376,16 @@ class SparseKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, topk_ids, log_q, log_q_tail, temperature, use_triton):
-        q_sum = log_q.exp().sum(1)
-        if log_q_tail is not None:
-            q_sum += log_q_tail.exp()
-        inv_t = 1.0 / temperature
         if use_triton:
-            out = _triton_forward(logits, topk_ids, log_q, log_q_tail, q_sum, inv_t)
-        else:
-            out = _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t)
-        loss, row_max, log_sum, log_p_tail = out
+            # The kernels walk each row's support in ascending id order.
+            topk_ids, order = topk_ids.sort(dim=1)
+            log_q = log_q.gather(1, order)
+        forward = _triton_forward if use_triton else _torch_forward
+        loss, row_max, log_sum, log_p_tail = forward(logits, topk_ids, log_q, log_q_tail,
+                                                     1.0 / temperature)
         if temperature != 1.0:
             loss.mul_(temperature**2)
-        ctx.save_for_backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum,
+        ctx.save_for_backward(logits, topk_ids, log_q, log_q_tail, row_max, log_sum,
                               log_p_tail)
         ctx.temperature = temperature
         ctx.use_triton = use_triton
@@ -329,15 +393,14 @@ class SparseKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum, log_p_tail = \
-            ctx.saved_tensors
+        logits, topk_ids, log_q, log_q_tail, row_max, log_sum, log_p_tail = ctx.saved_tensors
         t = ctx.temperature
+        q_grad, coef, inv_sum = _backward_row_terms(log_q, log_q_tail, log_sum, log_p_tail)
         # d/dz of T^2 * KL(u = z / T) is T * dKL/du.
-        scale = (grad_loss.to(q_sum.dtype) * t).contiguous()
+        scale = (grad_loss.to(coef.dtype) * t).contiguous()
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         backward = _triton_backward if ctx.use_triton else _torch_backward
-        backward(logits, topk_ids, log_q, log_q_tail, q_sum, row_max, log_sum, log_p_tail,
-                 scale, 1.0 / t, grad)
+        backward(logits, topk_ids, log_q, q_grad, coef, inv_sum, row_max, scale, 1.0 / t, grad)
         return grad, None, None, None, None, None
 
 
@@ -413,8 +476,8 @@ def sparse_kl_loss(
     log_q, log_q_tail = _teacher_log_probs(topk_logprobs, tail_logmass, mask, temperature, cdt)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    rows = SparseKLFunction.apply(logits, topk_ids.contiguous(), log_q, log_q_tail, float(temperature),
-                                  impl == "triton")
+    rows = SparseKLFunction.apply(logits, topk_ids.contiguous(), log_q, log_q_tail,
+                                  float(temperature), impl == "triton")
     if reduction == "none":
         return rows
     total = rows.sum()

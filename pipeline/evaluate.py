@@ -34,11 +34,12 @@ def perplexity(loss: float) -> float:
 def format_table(columns: dict[str, dict[str, float]], as_ppl: bool = False) -> str:
     """A plain-text table: one row per domain, one column per model."""
     names = list(next(iter(columns.values())).keys())
-    head = f"{'domain':<12}" + "".join(f"{c:>14}" for c in columns)
+    width = max(12, *(len(c) + 2 for c in columns))
+    head = f"{'domain':<12}" + "".join(f"{c:>{width}}" for c in columns)
     lines = [head, "-" * len(head)]
     for n in names:
         vals = [columns[c][n] for c in columns]
-        lines.append(f"{n:<12}" + "".join(f"{(perplexity(v) if as_ppl else v):>14.3f}" for v in vals))
+        lines.append(f"{n:<12}" + "".join(f"{(perplexity(v) if as_ppl else v):>{width}.3f}" for v in vals))
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Benchmark the sparse KL: forward+backward time and peak memory, side by side.
 
-Three ways to get the same loss from a cached teacher top-k:
+Three ways to get the KL from a cached teacher top-k:
   dense   the teacher's top-k scattered into a dense [N, V] distribution, then
-          F.kl_div(log_softmax(logits.float()), q) under plain autograd;
+          F.kl_div(log_softmax(logits.float()), q) under plain autograd (no tail
+          bucket, so its loss differs from the other two by the tail term);
   torch   ddk.kernels.sparse_kl with impl="torch" (row chunks, O(chunk x V) scratch);
   triton  ddk.kernels.sparse_kl with impl="triton" (CUDA only).
 
@@ -143,7 +144,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict], ratio_rows: list[dict]):
-    head = f"{'V':>7} {'N':>6} {'impl':>7} {'fwd+bwd ms':>11} {'peak MiB':>9} {'eff GB/s':>9} {'loss':>10}"
+    head = (f"{'V':>7} {'N':>6} {'impl':>7} {'fwd+bwd ms':>11} {'peak MiB':>9} "
+            f"{'eff GB/s':>9} {'loss':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -169,7 +171,7 @@ def main(argv=None):
                    help="logits dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="triton is skipped on CPU")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, help="untimed runs (default: 2 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, help="timed runs (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
@@ -182,7 +184,7 @@ def main(argv=None):
     repeats = args.repeats or (10 if device == "cuda" else 3)
     impls = [i for i in args.impls if device == "cuda" or i != "triton"]
     run = measure if device == "cuda" else measure_isolated
-    warmup = args.warmup if device == "cuda" else 1
+    warmup = args.warmup if args.warmup is not None else (2 if device == "cuda" else 1)
 
     rows = []
     for v in args.vocab:

@@ -145,7 +145,7 @@ def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], lo
         # Own session: on exit we kill the whole group, so no engine core or worker
         # process outlives the run and holds our stdout open.
         env = dict(os.environ)
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the progress bar
+        env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO/WARNING lines drown the progress bar
         procs.append((w, subprocess.Popen(cmd, start_new_session=True, env=env)))
     failed = []
     try:

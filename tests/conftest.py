@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-import pytest
-
+# Triton reads TRITON_INTERPRET when it is first imported, and transformers/vllm import
+# it early: set it here, before any test module, so the kernel tests run under the
+# interpreter on machines without a GPU (on a GPU machine they run the real kernel).
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 
 # Smaller than configs/ci.toml: a few seconds to build, still a real BPE tokenizer and
 # two LlamaForCausalLM directories loaded through from_pretrained.

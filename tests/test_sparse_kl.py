@@ -133,6 +133,30 @@ def test_matches_reference(impl, dtype, mode, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("block_v", [16, 128])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_many_blocks_per_row(impl, block_v, mode, monkeypatch):
+    """Rows streamed in many blocks: rising logits move the running maxima block after
+    block, the support fills whole blocks, shares some and misses others, and one row's
+    tail is small enough for the exact tail pass."""
+    monkeypatch.setattr(sk, "GPU_FWD_BLOCK_V", block_v)
+    monkeypatch.setattr(sk, "GPU_BWD_BLOCK_V", block_v)
+    monkeypatch.setattr(sk, "INTERPRETER_BLOCK_V", block_v)
+    n, v, k = 3, 1000, 48
+    use_tail, temperature = MODES[mode]
+    gen = torch.Generator().manual_seed(11)
+    rest = [32 + torch.randperm(v - 32, generator=gen)[: k - 32] for _ in range(n)]
+    ids = torch.stack([torch.cat([torch.arange(32), r]) for r in rest])
+    ids = ids.gather(1, torch.argsort(torch.rand(n, k, generator=gen), dim=1)).to(DEVICE)
+    lp = torch.log_softmax(torch.randn(n, k, generator=gen), dim=1) + math.log(0.8)
+    tail = torch.full((n,), math.log(0.2))
+    logits = torch.randn(n, v, generator=gen) + torch.linspace(0.0, 20.0, v)
+    logits[0].scatter_(0, ids[0].cpu(), 60.0)  # p_tail ~ 1e-15: the exact tail pass
+    check(impl, logits.to(DEVICE), ids, lp.to(DEVICE), tail.to(DEVICE) if use_tail else None,
+          temperature=temperature)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fp16_logits(impl):
     gen = torch.Generator().manual_seed(7)
     ids, lp, tail = teacher(3, 1000, 16, gen)
@@ -157,18 +181,39 @@ def test_extreme_logits(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("log_qt", [-math.inf, -40.0], ids=["qt0", "qt_tiny"])
+@pytest.mark.parametrize("log_qt", [-math.inf, -40.0, math.log(0.1)], ids=["qt0", "qt_tiny", "qt"])
 def test_student_tail_underflows(impl, log_qt):
-    """One huge support logit: p_tail ~ exp(-1e4) underflows; a ~0 teacher tail keeps ~0."""
+    """One huge support logit: p_tail ~ exp(-1e4) underflows and log p_tail is clamped.
+
+    A ~0 teacher tail keeps its term ~0; a real one gives a large finite loss whose tail
+    term, constant in z at the clamp, has no gradient.
+    """
     n, v, k = 3, 1000, 4
     gen = torch.Generator().manual_seed(2)
     ids, lp, _ = teacher(n, v, k, gen)
     logits = torch.randn(n, v, generator=gen).to(DEVICE)
     logits.scatter_(1, ids[:, :1], 1e4)
     tail = torch.full((n,), log_qt, device=DEVICE)
-    rows, grad = run(impl, logits, ids, lp, tail)
-    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    check(impl, logits, ids, lp, tail)
+    check(impl, logits, ids, lp, tail, weights=torch.full((n,), 10.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tail_near_floor_large_upstream_grad(impl):
+    """p_tail ~ e^-86, just above the clamp: q_tail / p_tail ~ 1e37, finite only until
+    it meets a large grad_output, so the kernel must not form their product."""
+    n, v, k = 2, 64, 4
+    gen = torch.Generator().manual_seed(10)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
+    logits = torch.full((n, v), -1e4, device=DEVICE)
+    logits.scatter_(1, ids, torch.tensor([0.0, -1.0, -2.0, -3.0], device=DEVICE).expand(n, k))
+    off_support = torch.ones(n, v, dtype=torch.bool, device=DEVICE).scatter_(1, ids, False)
+    logits[0, off_support[0].nonzero()[0]] = -86.0
+    logits[1, off_support[1].nonzero()[0]] = -80.0
+    lp = (torch.log_softmax(torch.randn(n, k, generator=gen), dim=1) + math.log(0.5)).to(DEVICE)
+    tail = torch.full((n,), math.log(0.5), device=DEVICE)
+    # exp and log of arguments near 86 carry an absolute error ~86 eps into q_tail / p_tail.
+    tol = (dict(rtol=1e-5, atol=1e-6), dict(rtol=2e-5, atol=1e-7))
+    check(impl, logits, ids, lp, tail, weights=torch.full((n,), 100.0, device=DEVICE), tol=tol)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -181,13 +226,15 @@ def test_support_covers_vocab(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_tiny_student_tail_keeps_precision(impl):
-    """p_tail ~ 1e-9 against q_tail = 0.1: no cancellation in 1 - sum_S p_s."""
+@pytest.mark.parametrize("boost", [25.0, 30.0])
+def test_tiny_student_tail_keeps_precision(impl, boost):
+    """p_tail ~ 3e-8 or 2e-10 (either side of the kernel's EXACT_TAIL_BELOW) against
+    q_tail = 0.1: no cancellation in 1 - sum_S p_s."""
     n, v, k = 3, 2000, 8
     gen = torch.Generator().manual_seed(4)
     ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]).to(DEVICE)
     logits = torch.randn(n, v, generator=gen).to(DEVICE)
-    logits.scatter_(1, ids, 30.0 + torch.randn(n, k, generator=gen).to(DEVICE))
+    logits.scatter_(1, ids, boost + torch.randn(n, k, generator=gen).to(DEVICE))
     lp = (torch.log_softmax(torch.randn(n, k, generator=gen), dim=1) + math.log(0.9)).to(DEVICE)
     tail = torch.full((n,), math.log(0.1), device=DEVICE)
     check(impl, logits, ids, lp, tail)
@@ -229,7 +276,7 @@ def test_gradcheck_torch_fp64(temperature):
 
     def f(x):
         return sk.sparse_kl_loss(x, ids, lp, tail, mask, temperature, reduction="none",
-                              impl="torch")
+                                 impl="torch")
 
     assert torch.autograd.gradcheck(f, (z,))
 
