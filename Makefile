@@ -3,6 +3,8 @@
 #   make teacher-cache                 stage one on the embedded default (configs/default.toml)
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
+#   make compare                       cpt / kd / ddk / ablations from one cache, table + plots
+#   make bench                         speed, memory and cache-size benchmarks
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 
 CONFIG ?= configs/default.toml
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval inspect test test-fast bench-kernel clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -40,8 +42,9 @@ $(STAMP): pyproject.toml
 tiny-models: setup
 	$(DDK) tiny-models --config $(CONFIG) $(SET)
 
+# WORKERS=n: n capture processes over disjoint shards (one vLLM engine per GPU).
 teacher-cache: setup
-	$(DDK) teacher-cache --config $(CONFIG) $(SET)
+	$(DDK) teacher-cache --config $(CONFIG) $(if $(WORKERS),--set cache.workers=$(WORKERS)) $(SET)
 
 # MODE=cpt|kd|ddk, ABLATION=--no-smoothing|--equal-sampling, RESUME=--resume
 distill: setup
@@ -49,6 +52,14 @@ distill: setup
 
 eval: setup
 	$(DDK) eval --config $(CONFIG) $(SET)
+
+# cpt, kd, ddk and the two DDK ablations from one cache (builds the cache if needed).
+compare: teacher-cache
+	$(DDK) compare --config $(CONFIG) $(SET)
+
+# P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
+bench: teacher-cache
+	$(PY) -m ddk.stages.bench --config $(CONFIG) --json runs/bench/bench.json
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")

@@ -58,6 +58,7 @@ def main():
     Stage one   ddk teacher-cache   teacher top-k logits -> Parquet shards per domain
     Stage two   ddk distill         student trains from the cache (modes cpt, kd, ddk)
                 ddk eval            per-domain validation loss/PPL of a student vs the teacher
+    Evidence    ddk compare         cpt, kd, ddk and its two ablations from one cache
     Tools       ddk tiny-models     local tokenizer + teacher + student for tests/demos
                 ddk corpus          domain sizes of the configured corpus
                 ddk cache inspect   manifest summary, bytes/token, fidelity
@@ -203,6 +204,27 @@ def eval_cmd(config_path, overrides, student, cache_dir, rows):
     click.echo(f"{'domain':<12}{'teacher loss':>13}{'teacher ppl':>12}{'student loss':>13}{'student ppl':>12}{'ppl ratio':>10}")
     for d in reader.domains:
         click.echo(f"{d:<12}{t[d]:>13.4f}{perplexity(t[d]):>12.2f}{s[d]:>13.4f}{perplexity(s[d]):>12.2f}{perplexity(s[d]) / perplexity(t[d]):>10.3f}")
+
+
+@main.command("compare")
+@config_options
+@click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: all five).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
+@friendly_errors
+def compare_cmd(config_path, overrides, modes, out_dir):
+    """Train the same student in every mode from one cache and compare them per domain.
+
+    Same seed, token budget and hyper-parameters (the config's [distill] section) for
+    all modes. Writes compare.md, compare.json, compare_ppl.png (modes per domain, like
+    the paper's Fig. 1) and compare_ratio.png (lS/lT over training, DDK vs w/o FS).
+    Finished modes are reused and interrupted ones resumed when it is run again.
+    """
+    from .compare import compare
+
+    cfg = _load(config_path, overrides)
+    out = Path(out_dir) if out_dir else Path(cfg.distill.out_dir).parent / "compare"
+    path = config_path if config_path is not None or not Path(DEFAULT_CONFIG).exists() else DEFAULT_CONFIG
+    compare(path, list(overrides), out, modes.split(",") if modes else None, log=click.echo)
 
 
 @main.group("cache")

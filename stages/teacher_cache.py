@@ -131,21 +131,36 @@ def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
     return state
 
 
-def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], log=print) -> None:
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], log=print, tensor_parallel_size: int = 1) -> None:
     """One process per worker over disjoint shard subsets. vLLM always runs in a child process."""
     if backend == "hf" and workers == 1:
         run_capture(cache_dir, todo, worker=0)
         return
     procs = []
+    gpus = _visible_gpus()
     for w in range(workers):
         mine = todo[w::workers]
         if not mine:
             continue
         cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(w), "--shards", ",".join(map(str, mine))]
-        # Own session: on exit we kill the whole group, so no engine core or worker
-        # process outlives the run and holds our stdout open.
         env = dict(os.environ)
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO/WARNING lines drown the progress bar
+        if workers > 1 and len(gpus) >= workers * tensor_parallel_size:
+            # One engine per GPU (or per tensor-parallel group): vLLM's own data-parallel recipe.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[w * tensor_parallel_size : (w + 1) * tensor_parallel_size])
+        # Own session: on exit we kill the whole group, so no engine core or worker
+        # process outlives the run and holds our stdout open.
         procs.append((w, subprocess.Popen(cmd, start_new_session=True, env=env)))
     failed = []
     try:
@@ -191,7 +206,7 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     write_json_atomic(cache_dir / CAPTURE_FILE, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed})
     t0 = time.time()
     if todo:
-        run_workers(cache_dir, backend, cfg.cache.workers, todo, log)
+        run_workers(cache_dir, backend, cfg.cache.workers, todo, log, cfg.teacher.tensor_parallel_size)
     missing = [s.file for s in plan.shards if not shard_done(cache_dir, s)]
     if missing:
         raise CacheError(f"{cache_dir}: {len(missing)} shards were not written (first: {missing[0]}); see the worker output above, then re-run to resume")

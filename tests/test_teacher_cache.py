@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,22 @@ def test_cli_inspect_verify_and_help(tiny_cache):
     missing = runner.invoke(cli, ["cache", "inspect", "/nonexistent/cache"])
     assert missing.exit_code == 1 and "manifest.json not found" in missing.output
     assert load_manifest(cfg.cache.out_dir)["bytes_per_token"] > 0
+
+
+def test_two_workers_write_the_same_cache_and_redo_only_missing_shards(tiny_cache, tmp_path):
+    """`make teacher-cache WORKERS=2`: disjoint shard subsets in two processes, merged by one manifest."""
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    overrides = [f"cache.out_dir={json.dumps(str(cache))}", "cache.workers=2"]
+    logs = []
+    teacher_cache(load_config(cfg.source_path, overrides), log=logs.append)
+    reference = _files(Path(cfg.cache.out_dir))
+    assert _files(cache) == reference
+    # One worker "crashed" after part of its subset: only its missing shards are redone.
+    (cache / "manifest.json").unlink()
+    for v in ["code/train-00001.parquet", "docstrings/train-00003.parquet", "unicode/train-00005.parquet"]:
+        (cache / v).unlink()
+    logs.clear()
+    teacher_cache(load_config(cfg.source_path, overrides), log=logs.append)
+    assert any("resuming, 3 of" in line and "2 worker(s)" in line for line in logs)
+    assert _files(cache) == reference and verify_cache(cache) == []
