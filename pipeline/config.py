@@ -153,6 +153,14 @@ class DistillConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     kl_impl: str = "auto"  # "auto" (triton on CUDA, torch chunked on CPU) | "triton" | "torch"
     seed: int = 0
+    # Under torchrun with several ranks: "ddp" (DistributedDataParallel, a full replica per
+    # rank) or "fsdp2" (fully_shard per decoder layer, for students that do not fit one
+    # device). Ignored in a single process. batch_rows stays the GLOBAL micro-batch and
+    # must be divisible by the number of ranks.
+    parallel: str = "ddp"
+    # Every rank writes out_dir/ranks/rank-<r>.jsonl (its rows per micro-batch, its own
+    # loss, the domain weights it computed), to check that ranks agree; off in real runs.
+    debug_rank_logs: bool = False
 
 
 @dataclass
@@ -305,6 +313,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.kl_impl: '{d.kl_impl}' is not one of auto, triton, torch")
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha = {d.alpha}: must be in [0, 1]")
+    if d.parallel not in ("ddp", "fsdp2"):
+        raise ConfigError(f"distill.parallel: '{d.parallel}' is not one of ddp, fsdp2")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
         if spec.hidden_size % spec.num_heads:

@@ -6,6 +6,12 @@ of every interval of K steps the student is evaluated per domain, the scheduler 
 student/teacher perplexities into weights (Eq. 1-2) and the sampler draws the interval's
 rows (Algorithm 1). Each step minimises Eq. 3. Checkpoints make the run resumable; at
 the end a per-domain table and plots are written.
+
+The same function runs as one rank of a torchrun launch (pipeline/distributed.py holds
+the plumbing): every rank evaluates a share of the validation rows and the sums are
+reduced, so all ranks compute the same weights and draw the same interval; each rank
+trains on its slice of every global micro-batch under DDP or FSDP2; rank 0 alone logs,
+writes metrics, plots and checkpoints (full state dicts, resumable on any world size).
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipeline import distributed
 from ..pipeline.cache.manifest import CacheError
 from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ..pipeline.config import Config, ConfigError
-from ..pipeline.evaluate import cache_student_losses, cache_teacher_losses, format_table, perplexity, val_keys
+from ..pipeline.distributed import DistEnv
+from ..pipeline.evaluate import cache_teacher_losses, format_table, perplexity, val_keys
 from ..pipeline.objective import distill_loss
 from ..pipeline.progress import progress
 from ..pipeline.scheduler import DomainScheduler, IntervalSampler
@@ -95,12 +103,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is not None and path.exists():
-            # Drop what was logged after the checkpoint we resume from: that work is redone.
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif path.exists():
-            path.unlink()
+        _drop_redone(path, resume_step)
         self.fh = path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -123,9 +126,36 @@ class MetricsLog:
             self.tb.close()
 
 
+def _drop_redone(path: Path, resume_step: int | None) -> None:
+    """Forget what was logged after the checkpoint we resume from: that work is redone.
+    A train record's step counts finished steps; the others carry the step about to run
+    (an eval at the checkpoint's own step comes after the checkpoint, so it is redone)."""
+    if resume_step is None:
+        path.unlink(missing_ok=True)
+        return
+    if path.exists():
+        def done(r: dict) -> bool:
+            return r.get("step", 0) <= resume_step if r.get("kind") == "train" else r.get("step", 0) < resume_step
+
+        kept = [line for line in path.read_text().splitlines() if done(json.loads(line))]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def distill(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Stage two in this process, or as one rank of a torchrun launch (see pipeline/distributed.py)."""
+    env = distributed.init()
+    try:
+        return _distill(cfg, resume, log if env.is_main else _quiet, env)
+    finally:
+        distributed.close(env)
+
+
+def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
     d = cfg.distill
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if d.batch_rows % env.world_size:
+        raise ConfigError(f"distill.batch_rows = {d.batch_rows} is the global micro-batch, split evenly over {env.world_size} ranks; "
+                          f"set it to a multiple of {env.world_size} or launch another number of ranks")
     torch.manual_seed(d.seed)
     reader = TopKCacheReader(cfg.cache_path())
     model, tokenizer = load_student(cfg, reader, device)
@@ -143,67 +173,85 @@ def distill(cfg: Config, resume: bool = False, log=print) -> dict:
     scheduler = DomainScheduler(domains, scheduler_mode(cfg), interval, d.alpha, rows)
     sampler = IntervalSampler(rows, seed=d.seed)
     gamma = 0.0 if d.mode == "cpt" else d.gamma
-    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
     keys = val_keys(reader, d.eval_rows)
     teacher_loss = cache_teacher_losses(reader, keys)
     teacher_ppl = np.array([perplexity(teacher_loss[dom]) for dom in domains])
     rows_per_interval = interval * d.batch_rows * d.grad_accum
 
-    state = {"step": 0, "interval_index": -1, "interval_keys": [], "interval_pos": 0, "before": None}
     if ckpt is not None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
-        state = load_trainer_state(ckpt, optimizer)
+    # The optimizer must see the wrapped parameters (FSDP2 replaces them with shards).
+    model = distributed.wrap_model(model, d.parallel, env, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
+    state = {"step": 0, "interval_index": -1, "interval_keys": [], "interval_pos": 0, "before": None}
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         log(f"resuming from {ckpt} at step {state['step']}")
     if state["before"] is None:
-        state["before"] = cache_student_losses(model, reader, keys, device=device)
-    metrics = MetricsLog(out / "metrics.jsonl", state["step"] if ckpt else None)
+        state["before"] = distributed.domain_losses(model, reader, keys, env, device)
+    metrics = MetricsLog(out / "metrics.jsonl", state["step"] if ckpt else None) if env.is_main else _NoLog()
+    ranks_log = _RankLog(out, env.rank, state["step"] if ckpt else None) if d.debug_rank_logs else _NoLog()
     label = run_label(cfg)
+    ranks = f", {env.world_size} ranks ({d.parallel})" if env.enabled else ""
     log(f"distill [{label}] {d.steps} steps x {d.batch_rows * d.grad_accum} rows of {reader.seq_len} tokens, "
-        f"K={interval}, gamma={gamma}, T={d.temperature}, device {device}, cache {reader.dir}")
+        f"K={interval}, gamma={gamma}, T={d.temperature}, device {device}{ranks}, cache {reader.dir}")
 
     tokens_per_step = d.batch_rows * d.grad_accum * reader.seq_len
-    bar = progress(total=d.steps, initial=state["step"], desc=f"distill {label}", unit="step")
+    bar = progress(total=d.steps, initial=state["step"], desc=f"distill {label}", unit="step", disable=not env.is_main)
     t_last, last_ckpt = time.perf_counter(), ckpt
     step = state["step"]
     while step < d.steps:
         if scheduler.needs_update(step) and state["interval_index"] < step // interval:
             # Start of an interval: measure lS, update r_t (Eq. 1/2), draw its rows (Alg. 1).
-            student_loss = cache_student_losses(model, reader, keys, device=device)
+            # The losses are reduced over all ranks' validation shares, so every rank computes
+            # the same weights and draws the same global interval list.
+            student_loss = distributed.domain_losses(model, reader, keys, env, device)
             student_ppl = np.array([perplexity(student_loss[dom]) for dom in domains])
             weights = scheduler.update(step, student_ppl, teacher_ppl)
+            distributed.check_identical(weights, env, f"domain weights at step {step}")
             state["interval_index"] = step // interval
+            # The whole interval is kept (checkpoints stay independent of the world size);
+            # each micro-batch below is split over the ranks.
             state["interval_keys"] = [list(k) for k in sampler.draw(state["interval_index"], weights, rows_per_interval)]
             state["interval_pos"] = 0
-            metrics.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
-                           "student_loss": student_loss, "teacher_loss": teacher_loss,
-                           "ratio": dict(zip(domains, (student_ppl / teacher_ppl).tolist())),
-                           "weights": dict(zip(domains, weights.tolist()))})
+            record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+                      "student_loss": student_loss, "teacher_loss": teacher_loss,
+                      "ratio": dict(zip(domains, (student_ppl / teacher_ppl).tolist())),
+                      "weights": dict(zip(domains, weights.tolist()))}
+            metrics.write(record)
+            ranks_log.write(record)
         lr = lr_at(step, d)
         for g in optimizer.param_groups:
             g["lr"] = lr
         model.train()
         ce_sum = kl_sum = 0.0
-        for _ in range(d.grad_accum):
+        for micro in range(d.grad_accum):
             pos = state["interval_pos"]
-            batch_keys = [(dom, "train", row) for dom, row in state["interval_keys"][pos : pos + d.batch_rows]]
+            # This rank's share of the global micro-batch: the rows IntervalSampler.draw(...,
+            # rank, world_size) would give it; the ranks' shares are disjoint and make up the batch.
+            my_keys = state["interval_keys"][pos : pos + d.batch_rows][env.rank :: env.world_size]
+            batch_keys = [(dom, "train", row) for dom, row in my_keys]
             state["interval_pos"] = pos + d.batch_rows
             batch = reader.batch(batch_keys) if gamma > 0 else _tokens_only(reader, batch_keys)
-            with autocast_context(d.precision, device):
-                logits = model(input_ids=batch.input_ids[:, :-1].to(device)).logits
-            parts = distill_loss(logits, batch, gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.kl_impl)
-            if not torch.isfinite(parts.loss):
-                metrics.close()
-                good = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {parts.loss.item()} at step {step} (ce {parts.ce}, kl {parts.kl}); training stopped, {good}; lower distill.lr or check the cache with `ddk cache verify`")
-            (parts.loss / d.grad_accum).backward()
-            ce_sum += parts.ce / d.grad_accum
-            kl_sum += parts.kl / d.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip).item()
+            with distributed.grad_sync(model, micro == d.grad_accum - 1):
+                with autocast_context(d.precision, device):
+                    logits = model(input_ids=batch.input_ids[:, :-1].to(device)).logits
+                parts = distill_loss(logits, batch, gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.kl_impl)
+                # The global mean (ranks hold equal row counts), and a NaN on one rank stops all of them.
+                loss_all, ce_all, kl_all = distributed.all_reduce_mean([parts.loss.item(), parts.ce, parts.kl], env)
+                if not math.isfinite(loss_all):
+                    metrics.close()
+                    good = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise TrainingError(f"loss became {loss_all} at step {step} (ce {ce_all}, kl {kl_all}); training stopped, {good}; lower distill.lr or check the cache with `ddk cache verify`")
+                (parts.loss / d.grad_accum).backward()
+            ce_sum += ce_all / d.grad_accum
+            kl_sum += kl_all / d.grad_accum
+            ranks_log.write({"kind": "micro", "step": step, "micro": micro, "rows": my_keys, "loss": parts.loss.item(), "global_loss": loss_all})
+        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -220,8 +268,9 @@ def distill(cfg: Config, resume: bool = False, log=print) -> dict:
             last_ckpt = save_checkpoint(out, step, model, tokenizer, optimizer, state, d.keep_checkpoints)
     bar.close()
     metrics.close()
+    ranks_log.close()
 
-    after = cache_student_losses(model, reader, keys, device=device)
+    after = distributed.domain_losses(model, reader, keys, env, device)
     results = {
         "mode": label,
         "steps": d.steps,
@@ -234,11 +283,42 @@ def distill(cfg: Config, resume: bool = False, log=print) -> dict:
         "final_weights": dict(zip(domains, scheduler.weights.tolist())),
         "config": asdict(d),
     }
+    if not env.is_main:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=2))
     log(format_table({"teacher": teacher_loss, "student before": state["before"], "student after": after}, as_ppl=True))
     results["plots"] = [str(p) for p in write_plots(out, results)]
     log(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
     return results
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: one rank speaks for all."""
+
+
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _RankLog:
+    """distill.debug_rank_logs: what this rank computed and trained on, one JSON object a line."""
+
+    def __init__(self, out: Path, rank: int, resume_step: int | None):
+        path = out / "ranks" / f"rank-{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_redone(path, resume_step)
+        self.fh = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _tokens_only(reader: TopKCacheReader, keys) -> CacheBatch:

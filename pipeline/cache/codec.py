@@ -331,8 +331,12 @@ class TopKCodec:
         return ids.astype(np.int32, copy=False), logprobs
 
 
-def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray) -> dict:
+def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray,
+                     blobs: tuple[bytes, bytes] | None = None) -> dict:
     """Round-trip (ids, logprobs) through `codec` and report what actually came back.
+
+    `blobs`: the (ids_blob, logprobs_blob) already encoded from these inputs, so a writer
+    checks what it stores without encoding twice.
 
     max_abs_error is over values at or above codec.min_logprob (the ones the bound
     covers); clamped counts the values below it, -inf included, which decode as
@@ -341,7 +345,7 @@ def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray) ->
     ref_ids, ref_lp = codec._validate(ids, logprobs)
     order = np.argsort(ref_ids, axis=1)  # decode returns id order
     ref_ids, ref_lp = np.take_along_axis(ref_ids, order, 1), np.take_along_axis(ref_lp, order, 1)
-    ids_blob, lp_blob = codec.encode(ids, logprobs)
+    ids_blob, lp_blob = blobs if blobs is not None else codec.encode(ids, logprobs)
     out_ids, out_lp = codec.decode(ids_blob, lp_blob, ref_ids.shape[0])
 
     clamped = np.rint(-ref_lp / codec.logprob_step) > codec._code_max  # i.e. the clip changed the code

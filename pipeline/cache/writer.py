@@ -37,7 +37,10 @@ class TopKShardWriter:
             ib, lb = self.codec.encode(topk.ids[i], topk.logprobs[i])
             ids_blobs.append(ib)
             lp_blobs.append(lb)
-            fid = measure_fidelity(self.codec, topk.ids[i], topk.logprobs[i])
+            # Decode what will be stored: the manifest's fidelity is measured, not assumed.
+            fid = measure_fidelity(self.codec, topk.ids[i], topk.logprobs[i], blobs=(ib, lb))
+            if not fid["ids_exact"]:
+                raise RuntimeError(f"{path}: row {row_start + i} top-k ids do not survive the codec round trip (codec bug)")
             max_err = max(max_err, float(fid["max_abs_error"]))
             clamped += int(fid.get("clamped", 0))
         flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731

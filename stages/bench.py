@@ -1,0 +1,611 @@
+"""`make bench`: the performance numbers of both stages, as ratios measured side by side.
+
+    python -m ddk.stages.bench --config configs/default.toml --json runs/bench/bench.json
+    python -m ddk.stages.bench --config configs/ci.toml --quick        # CI-sized, < 3 min
+
+It reads the cache and the models that `make teacher-cache` made for the config (it
+never builds them: a missing cache is an error naming the command). Each item prints a
+small table and goes into the JSON with a description of the machine:
+
+P1  training-step throughput (tokens/s) for one student and the same batches: cached KD
+    (CE + gamma * sparse KL, batches decoded from the cache) and online KD (the teacher's
+    forward + log-softmax + top-k + tail every step, the same k, then the same loss: the
+    only difference to cached KD is where the teacher's distribution comes from), each
+    divided by CE-only continued pre-training (CPT). Every step is a whole training step:
+    batch, forward, loss, backward, clipping, AdamW. Arms run interleaved step by step
+    (A, B, C, A, B, C, ...); a ratio is the median over neighbouring steps, so the
+    machine's drift cancels in each pair.
+P2  peak memory of one sparse-KL forward+backward divided by a dense KL's, V = 32000 and
+    151936 (inputs from `bench_sparse_kl`). On CUDA: `torch.cuda.max_memory_allocated`
+    (via `bench_sparse_kl.measure`). On CPU: the peak of live bytes in the CPU allocator,
+    replayed from the allocation/free events that `torch.profiler(profile_memory=True)`
+    records; exact bytes, unlike RSS. Inputs are allocated before, so they are excluded;
+    the returned gradient is included.
+P4  cache bytes per token at k = 16, 64, 128 on real teacher outputs (HF teacher on a
+    sample of cached rows, one shard per domain written by TopKShardWriter), split by
+    Parquet column chunk, next to raw int32 ids + fp32 logprobs (8k bytes), with the
+    codec's round-trip fidelity (`measure_fidelity` against the uncompressed top-k).
+P5  stage-one tokens/s of each backend divided by the teacher's bare forward (HF forward
+    only). hf runs in-process on the sample and is split into its parts so that the
+    bottleneck shows; vllm runs `teacher_cache` on a temp directory over a capped corpus
+    in its child process and reports the manifest's tokens/s, which excludes engine
+    start-up (the start-up is shown separately).
+P6  shard decode throughput of `TopKCacheReader.batch` on random keys across the cache,
+    cold (a fresh reader: every shard is read and unpacked on first touch; the OS page
+    cache is not dropped) and warm (shards in the reader's LRU: row decode only), divided
+    by the cached-KD step's consumption from P1.
+GPU the Triton kernel's forward+backward time and bandwidth against the torch paths
+    (`bench_sparse_kl`), on CUDA only.
+
+Timings on a shared machine are noisy: nothing here asserts a number; read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..kernels.sparse_kl import TORCH_CHUNK_BYTES
+from ..pipeline.cache.codec import TopKCodec, measure_fidelity
+from ..pipeline.cache.manifest import CacheError
+from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
+from ..pipeline.cache.writer import TopKShardWriter
+from ..pipeline.config import Config, ConfigError, load_config
+from ..pipeline.objective import distill_loss
+from ..pipeline.teachers.base import TopK
+from ..pipeline.teachers.hf import HFTeacher
+from ..pipeline.teachers.vllm import vllm_available
+from . import bench_sparse_kl
+from .distill import _tokens_only, autocast_context, load_student
+
+KL_VOCABS = (32000, 151936)  # P2: a LLaMA-2 and a Qwen vocabulary
+KL_K = 64
+CACHE_KS = (16, 64, 128)  # P4
+
+
+class Sizes:
+    """How much of everything to run: the full run on the default config stays under
+    ~10 minutes on 2 cores, --quick on configs/ci.toml under 3."""
+
+    def __init__(self, quick: bool):
+        self.train_warmup = 2  # steps per arm before timing (allocations, shard loads)
+        self.train_steps = 20 if quick else 18  # timed steps per arm, interleaved
+        self.sample_rows = 16 if quick else 64  # P4/P5 rows per domain
+        self.stage_one_passes = 2 if quick else 3  # passes over the sample, one shard per domain
+        self.kl_tokens = 128 if quick else 256  # P2 rows on CPU (the ratio does not depend on it)
+        self.decode_rows = 256 if quick else 1024  # P6 random rows
+        # P5: tokens the vllm run captures; too few and per-call overheads dominate its rate.
+        self.vllm_tokens = 32_768 if quick else 131_072
+
+
+# ---------------------------------------------------------------------------- set-up
+def describe_machine(device: str) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # a shared machine: how busy it was
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
+
+
+def open_cache(cfg: Config, config_path: str, overrides: list[str]) -> TopKCacheReader:
+    """The config's cache and models, or an error that names the command that makes them."""
+    make = f"make teacher-cache CONFIG={config_path}"
+    if overrides:
+        make += ' SET="' + " ".join(f"--set {o}" for o in overrides) + '"'
+    try:
+        reader = TopKCacheReader(cfg.cache_path())
+    except CacheError as e:
+        raise CacheError(f"no usable teacher cache for {config_path} ({e}); create it with `{make}`") from None
+    for role, path in (("teacher", cfg.teacher_path()), ("student", cfg.student_path())):
+        if not (path / "config.json").exists():
+            raise CacheError(f"no {role} model at {path}; `{make}` builds the tiny models")
+    return reader
+
+
+def random_keys(reader: TopKCacheReader, n: int, rng: np.random.Generator) -> list[tuple[str, str, int]]:
+    """n distinct train rows drawn uniformly across the whole cache (all domains)."""
+    pool = [(d, "train", r) for d in reader.domains for r in range(reader.num_rows(d, "train"))]
+    return [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
+
+
+def sample_rows(reader: TopKCacheReader, per_domain: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Token rows [n, L + 1] of each domain: the teacher's input for P4 and P5."""
+    out = {}
+    for d in reader.domains:
+        n = reader.num_rows(d, "train")
+        rows = sorted(rng.choice(n, min(per_domain, n), replace=False).tolist())
+        out[d] = reader.token_rows([(d, "train", r) for r in rows]).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+def interleaved(arms: dict[str, Callable[[int], float]], warmup: int, calls: int, device: str) -> dict[str, list[float]]:
+    """Throughput (units per second) of each call of each arm.
+
+    An arm is called with a running call index (to cycle through its inputs) and returns
+    the units it processed. Calls alternate between the arms (A, B, C, A, B, C, ...), so
+    call i of every arm ran within moments of the others: on this shared machine, whose
+    speed can swing several-fold within a minute, only such neighbours compare fairly.
+    """
+    for i in range(warmup):
+        for fn in arms.values():
+            fn(i)
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(calls):
+        for name, fn in arms.items():
+            bench_sparse_kl._sync(device)  # CUDA work is asynchronous: wait before reading the clock
+            t0 = time.perf_counter()
+            units = fn(i)
+            bench_sparse_kl._sync(device)
+            rates[name].append(units / (time.perf_counter() - t0))
+    return rates
+
+
+def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> dict:
+    """Median and quartiles of a / b over neighbouring calls (drift cancels in each pair)."""
+    ratios = [x / y for x, y in zip(rates[a], rates[b])]
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+
+
+def print_table(title: str, header: list[str], rows: list[list], note: str = "") -> None:
+    cells = [[c if isinstance(c, str) else _fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    print(f"\n{title}")
+    print(line(header))
+    print("-" * len(line(header)))
+    for r in cells:
+        print(line(r))
+    if note:
+        print(note)
+    sys.stdout.flush()
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 0.01 or x == 0:
+        return f"{x:.2f}"
+    return f"{x:.1e}"
+
+
+# ---------------------------------------------------------------------------- P1
+def matmul_params(model) -> int:
+    """Weights of the Linear layers (LM head included): forward FLOPs/token ~ 2x this."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def teacher_batch(teacher: HFTeacher, rows: torch.Tensor) -> CacheBatch:
+    """Online KD: the teacher's top-k computed now, shaped like a cached batch."""
+    t = teacher.topk(rows.numpy())
+    return CacheBatch(rows, *(torch.from_numpy(a) for a in (t.ids.astype(np.int64), t.logprobs, t.target_logprob, t.tail_logmass)))
+
+
+def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, device: str, sizes: Sizes,
+                   rng: np.random.Generator) -> dict:
+    d = cfg.distill
+    model, _ = load_student(cfg, reader, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
+    gamma = d.gamma or 0.2  # a cpt config still gets a KD comparison
+    use_tail = d.use_tail and d.temperature == 1.0
+    # A few fixed batches, cycled: every arm trains on exactly the same rows.
+    batches = [random_keys(reader, d.batch_rows, rng) for _ in range(4)]
+    tokens = d.batch_rows * reader.seq_len
+
+    def step(batch: CacheBatch, g: float) -> int:
+        # The body of distill()'s step, minus logging and checkpoints.
+        with autocast_context(d.precision, device):
+            logits = model(input_ids=batch.input_ids[:, :-1].to(device)).logits
+        distill_loss(logits, batch, g, d.temperature, use_tail, d.kl_impl).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    pick = lambda i: batches[i % len(batches)]  # noqa: E731
+    arms = {
+        "CPT (CE only)": lambda i: step(_tokens_only(reader, pick(i)), 0.0),
+        "cached KD": lambda i: step(reader.batch(pick(i)), gamma),
+        "online KD": lambda i: step(teacher_batch(teacher, reader.token_rows(pick(i))), gamma),
+    }
+    rates = interleaved(arms, sizes.train_warmup, sizes.train_steps, device)
+    # Expected from FLOPs alone: student forward+backward ~ 3 x 2S per token, plus a
+    # teacher forward 2T for online KD (the paper's Table 12 arithmetic: 3.7x for 14B -> 1.8B).
+    s, t = matmul_params(model), matmul_params(teacher.model)
+    flops = {"CPT (CE only)": 1.0, "cached KD": 1.0, "online KD": 3 * s / (3 * s + t)}
+    result = {
+        "tokens_per_step": tokens, "gamma": gamma, "k": reader.k, "student_matmul_params": s, "teacher_matmul_params": t,
+        "arms": {name: {"tokens_per_s": statistics.median(r), "per_step": r, "ratio_to_cpt": paired_ratio(rates, name, "CPT (CE only)"),
+                        "flops_model_ratio_to_cpt": flops[name]} for name, r in rates.items()},
+    }
+    print_table(
+        f"P1  training-step throughput: {d.batch_rows} rows x {reader.seq_len} tokens, k={reader.k}, gamma={gamma}, "
+        f"{sizes.train_steps} interleaved steps each, device {device}",
+        ["arm", "tokens/s (median)", "/ CPT (median)", "/ CPT (quartiles)", "/ CPT from FLOPs"],
+        [[n, a["tokens_per_s"], a["ratio_to_cpt"]["median"], f"{a['ratio_to_cpt']['q1']:.2f}-{a['ratio_to_cpt']['q3']:.2f}",
+          a["flops_model_ratio_to_cpt"]] for n, a in result["arms"].items()],
+        f"/ CPT = over neighbouring steps (the machine's speed drifts; medians of separate arms do not divide). "
+        f"online KD = teacher forward + log-softmax + top-{reader.k} + tail every step, then the cached-KD loss; "
+        f"student {s:,} / teacher {t:,} matmul params",
+    )
+    del model, optimizer
+    return result
+
+
+# ---------------------------------------------------------------------------- P2
+def cpu_peak_bytes(impl: str, n: int, v: int, k: int) -> int:
+    """Peak live bytes of the CPU allocator during one forward+backward, inputs excluded.
+
+    The profiler records every allocation and free of the CPU allocator with its size;
+    replaying them in time order gives the live total at every moment. Exact and
+    repeatable, unlike the resident set, which also moves with the heap's own policy.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    logits, ids, lp, tail = bench_sparse_kl.make_inputs(n, v, k, torch.float32, "cpu")
+    x = logits.requires_grad_()
+    fn = bench_sparse_kl.loss_fn(impl)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        (grad,) = torch.autograd.grad(fn(x, ids, lp, tail), x)
+        del grad
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:  # frees carry negative sizes
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def bench_kl_memory(device: str, sizes: Sizes, kernel: dict | None) -> dict:
+    rows = []
+    if device == "cuda":
+        # The kernel bench already measured max_memory_allocated for every impl.
+        by = {(r["vocab"], r["impl"]): r for r in kernel["results"] if r["tokens"] == max(x["tokens"] for x in kernel["results"])}
+        for v in KL_VOCABS:
+            n = by[(v, "dense")]["tokens"]
+            for impl in ("dense", "torch", "triton"):
+                r = by[(v, impl)]
+                size = torch.empty(0, dtype=getattr(torch, r["dtype"])).element_size()
+                rows.append({"vocab": v, "tokens": n, "impl": impl, "peak_bytes": r["peak_bytes"], "logits_bytes": n * v * size})
+    else:
+        n = sizes.kl_tokens
+        for v in KL_VOCABS:
+            for impl in ("dense", "torch"):
+                rows.append({"vocab": v, "tokens": n, "impl": impl, "peak_bytes": cpu_peak_bytes(impl, n, v, KL_K), "logits_bytes": n * v * 4})
+    dense = {r["vocab"]: r["peak_bytes"] for r in rows if r["impl"] == "dense"}
+    for r in rows:
+        r["ratio_to_dense"] = r["peak_bytes"] / dense[r["vocab"]]
+    how = "torch.cuda.max_memory_allocated" if device == "cuda" else "CPU allocator events (torch.profiler, profile_memory)"
+    print_table(
+        f"P2  sparse-KL peak memory, forward+backward, k={KL_K}, {how}",
+        ["V", "tokens", "impl", "peak MiB", "x logits", "/ dense"],
+        [[str(r["vocab"]), r["tokens"], r["impl"], r["peak_bytes"] / 2**20, r["peak_bytes"] / r["logits_bytes"], r["ratio_to_dense"]] for r in rows],
+        "dense = top-k scattered into [N, V] + F.kl_div(log_softmax); torch = ddk's chunked path "
+        f"(fp32 scratch <= {TORCH_CHUNK_BYTES >> 20} MiB per row chunk); the returned gradient alone is 1.0x the logits",
+    )
+    return {"method": how, "k": KL_K, "rows": rows}
+
+
+# ---------------------------------------------------------------------------- P4
+def truncate_topk(topk: TopK, k: int) -> TopK:
+    """The top-k prefix of a wider top-k, its tail mass exact: the dropped ranks join the tail."""
+    dropped = topk.logprobs[..., k:].astype(np.float64)
+    tail = topk.tail_logmass.astype(np.float64)
+    if dropped.shape[-1]:
+        tail = np.logaddexp(tail, np.logaddexp.reduce(dropped, axis=-1))
+    return TopK(topk.ids[..., :k].copy(), topk.logprobs[..., :k].copy(), topk.target_logprob, tail.astype(np.float32))
+
+
+def column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes of each Parquet column chunk; what is left of the file is footer."""
+    meta = pq.ParquetFile(path).metadata
+    out: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            name = col.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + col.total_compressed_size
+    out["footer"] = path.stat().st_size - sum(out.values())
+    return out
+
+
+def bench_cache_bytes(reader: TopKCacheReader, teacher_path: Path, dtype: str, samples: dict[str, np.ndarray], tmp: Path) -> dict:
+    vocab = reader.vocab_size
+    ks = [k for k in CACHE_KS if k <= vocab]
+    # One teacher pass at the widest k; the narrower caches are its prefixes.
+    teacher = HFTeacher(str(teacher_path), max(ks), dtype=dtype)
+    wide = {d: teacher.topk(rows) for d, rows in samples.items()}
+    teacher.close()
+    tokens = sum(len(r) for r in samples.values()) * reader.seq_len
+    rows = []
+    for k in ks:
+        codec = TopKCodec(vocab, k, reader.codec.logprob_step, reader.codec.logprob_floor)
+        writer = TopKShardWriter(codec, reader.manifest["codec"].get("parquet_zstd_level", 3))
+        cols: dict[str, int] = {}
+        max_err, ids_exact = 0.0, True
+        for d, rows_d in samples.items():
+            topk = truncate_topk(wide[d], k)
+            path = tmp / f"k{k}" / f"{d}.parquet"
+            writer.write(path, d, "train", 0, rows_d, topk)
+            for name, b in column_bytes(path).items():
+                cols[name] = cols.get(name, 0) + b
+            for i in range(len(rows_d)):
+                fid = measure_fidelity(codec, topk.ids[i], topk.logprobs[i])
+                max_err, ids_exact = max(max_err, fid["max_abs_error"]), ids_exact and fid["ids_exact"]
+        total = sum(cols.values())
+        rows.append({
+            "k": k, "ids": cols["topk_ids"] / tokens, "logprobs": cols["topk_logprobs"] / tokens,
+            "other": (total - cols["topk_ids"] - cols["topk_logprobs"]) / tokens, "total": total / tokens,
+            "raw": 8.0 * k, "columns_bytes_per_token": {n: b / tokens for n, b in cols.items()},
+            "max_abs_logprob_error": max_err, "ids_exact": ids_exact, "bound": codec.max_abs_error_bound(),
+        })
+    for r in rows:
+        r["raw_over_total"] = r["raw"] / r["total"]
+    m = reader.manifest
+    print_table(
+        f"P4  cache bytes per token, HF teacher on {tokens:,} sampled tokens (V={vocab}, seq_len {reader.seq_len}), "
+        f"one shard per domain",
+        ["k", "ids", "logprobs", "other", "total B/tok", "raw 8k", "raw / total", "max |err| nats", "ids exact"],
+        [[r["k"], r["ids"], r["logprobs"], r["other"], r["total"], r["raw"], r["raw_over_total"], r["max_abs_logprob_error"], r["ids_exact"]] for r in rows],
+        f"other = input_ids, target_logprob, tail_logmass, key, row, footer. The whole cache on disk "
+        f"(k={m['k']}): {m['bytes_per_token']:.1f} B/token, max |err| {m['fidelity']['max_abs_logprob_error']:.1e}.",
+    )
+    return {"tokens": tokens, "vocab": vocab, "rows": rows, "cache_bytes_per_token": m["bytes_per_token"]}
+
+
+# ---------------------------------------------------------------------------- P5
+def bench_hf_stage_one(reader: TopKCacheReader, teacher: HFTeacher, batch_rows: int, samples: dict[str, np.ndarray],
+                       passes: int, device: str, tmp: Path) -> dict:
+    """The hf backend's work on the sample, part by part; one call = one domain's shard."""
+    writer = TopKShardWriter(reader.codec, reader.manifest["codec"].get("parquet_zstd_level", 3))
+    domains = list(samples)
+    tokens = sum(len(r) for r in samples.values()) * reader.seq_len
+    topk = {d: teacher.topk(rows) for d, rows in samples.items()}  # inputs of the encode/write arms
+
+    def shard(i: int) -> tuple[str, list[np.ndarray]]:
+        d = domains[i % len(domains)]
+        return d, [samples[d][j:j + batch_rows] for j in range(0, len(samples[d]), batch_rows)]
+
+    def per_row(fn, d: str) -> None:
+        for j in range(len(topk[d].ids)):
+            fn(reader.codec, topk[d].ids[j], topk[d].logprobs[j])
+
+    @torch.no_grad()
+    def forward(i: int) -> int:
+        d, batches = shard(i)
+        for b in batches:
+            teacher.model(input_ids=torch.as_tensor(b[:, :-1], dtype=torch.long, device=teacher.device)).logits.float()
+        return samples[d].size - len(samples[d])  # predicted positions = tokens
+
+    def topk_arm(i: int) -> int:
+        d, batches = shard(i)
+        for b in batches:
+            teacher.topk(b)
+        return samples[d].size - len(samples[d])
+
+    def encode(i: int) -> int:
+        d = domains[i % len(domains)]
+        per_row(lambda codec, ids, lp: codec.encode(ids, lp), d)
+        return samples[d].size - len(samples[d])
+
+    def fidelity(i: int) -> int:
+        d = domains[i % len(domains)]
+        per_row(measure_fidelity, d)
+        return samples[d].size - len(samples[d])
+
+    def write(i: int) -> int:
+        d = domains[i % len(domains)]
+        writer.write(tmp / f"{d}.parquet", d, "train", 0, samples[d], topk[d])
+        return samples[d].size - len(samples[d])
+
+    arms = {"forward": forward, "topk": topk_arm, "encode": encode, "fidelity": fidelity, "write": write}
+    rates = interleaved(arms, 0, passes * len(domains), device)  # the topk above was the warm-up
+    us = {name: [1e6 / x for x in r] for name, r in rates.items()}  # microseconds per token, per call
+    # hf stage one per shard = topk (forward inside) + write (encode + fidelity inside).
+    # Parts are reported as measured, nested, never as differences (a difference of two
+    # noisy timings can come out negative); shares are taken call by call, like P1's ratios.
+    us["total"] = [a + b for a, b in zip(us["topk"], us["write"])]
+    share = {name: statistics.median(x / t for x, t in zip(v, us["total"])) for name, v in us.items()}
+    return {"tokens": tokens, "us_per_token": {n: statistics.median(v) for n, v in us.items()}, "share": share,
+            "tokens_per_s": 1e6 / statistics.median(us["total"]), "forward_tokens_per_s": 1e6 / statistics.median(us["forward"]),
+            "ratio_to_forward": share["forward"]}  # (tokens/s of hf) / (tokens/s of the bare forward), paired
+
+
+def capture_with_teacher_cache(config_path: str, overrides: list[str], cfg: Config, domains: int, backend: str,
+                               tokens: int, tmp: Path) -> dict:
+    """Stage one exactly as `ddk teacher-cache` runs it, on a temp directory and a corpus
+    capped at about `tokens` (train rows per domain capped; validation rows stay)."""
+    from .teacher_cache import teacher_cache
+
+    c = cfg.corpus
+    train_rows = max(1, math.ceil(tokens / c.seq_len / domains) - c.val_rows)
+    teacher_path = cfg.teacher_path()
+    extra = [f"cache.out_dir={json.dumps(str(tmp))}", f"teacher.backend={backend}", f"teacher.path={json.dumps(str(teacher_path))}",
+             f"corpus.max_train_rows={train_rows}", "cache.workers=1"]
+    run_cfg = load_config(config_path, list(overrides) + extra)
+    t0 = time.perf_counter()
+    manifest = teacher_cache(run_cfg, log=lambda msg: print(f"  [{backend}] {msg}", file=sys.stderr))
+    cap = manifest["capture"]
+    busy = cap["tokens"] / cap["tokens_per_s"] if cap["tokens_per_s"] else None
+    return {"backend": backend, "tokens": cap["tokens"], "tokens_per_s": cap["tokens_per_s"], "capture_wall_s": cap["wall_seconds"],
+            "startup_s": cap["wall_seconds"] - busy if busy else None, "call_s": time.perf_counter() - t0}
+
+
+def bench_stage_one(config_path: str, overrides: list[str], cfg: Config, reader: TopKCacheReader, teacher: HFTeacher,
+                    samples: dict[str, np.ndarray], sizes: Sizes, device: str, tmp: Path, with_vllm: bool) -> dict:
+    hf = bench_hf_stage_one(reader, teacher, cfg.teacher.batch_rows, samples, sizes.stage_one_passes, device, tmp / "hf")
+    fwd = hf["forward_tokens_per_s"]
+    parts = [("forward + top-k (HFTeacher.topk)", "topk"), ("  of which bare HF forward", "forward"),
+             ("encode + write (TopKShardWriter.write)", "write"), ("  of which codec encode", "encode"),
+             ("  of which fidelity check", "fidelity"), ("hf stage one (top-k + write)", "total")]
+    print_table(
+        f"P5a hf stage one by part, {hf['tokens']:,} tokens, k={reader.k}, batch {cfg.teacher.batch_rows} rows, "
+        f"{sizes.stage_one_passes} interleaved passes, one call per domain shard",
+        ["part", "us / token (median)", "share (median)"],
+        [[n, hf["us_per_token"][key], f"{100 * hf['share'][key]:.0f} %"] for n, key in parts],
+        "each part is timed on its own, so the parts of a part need not add up exactly. The writer runs "
+        "measure_fidelity on every row: a second encode plus a decode.",
+    )
+    backends = [{"backend": "hf (in-process)", "tokens_per_s": hf["tokens_per_s"], "startup_s": None, "paired": hf["ratio_to_forward"]}]
+    vllm = None
+    if with_vllm:
+        vllm = capture_with_teacher_cache(config_path, overrides, cfg, len(reader.domains), "vllm", sizes.vllm_tokens, tmp / "vllm")
+        backends.append({"backend": "vllm (teacher_cache child)", **vllm})
+    own = reader.manifest.get("capture") or {}
+    if own.get("tokens_per_s"):
+        # Made whenever and wherever the cache was built: context, not a side-by-side number.
+        backends.append({"backend": f"{own['backend']}, this cache's manifest", "tokens_per_s": own["tokens_per_s"], "startup_s": None})
+    for b in backends:
+        # hf's ratio is paired call by call with the forward; the others are not interleaved with it.
+        b["ratio_to_forward"] = b.pop("paired", None) or b["tokens_per_s"] / fwd
+    vllm_note = (f"vllm: `teacher_cache` in its child process on ~{sizes.vllm_tokens:,} tokens of the corpus, tokens/s from "
+                 "its manifest (engine start-up excluded, shown apart), not interleaved with the forward"
+                 if with_vllm else f"vllm skipped ({'--no-vllm' if vllm_available() else 'not importable'})")
+    print_table(
+        "P5b stage-one throughput / the teacher's bare HF forward",
+        ["backend", "tokens/s", "/ bare forward", "engine start-up s"],
+        [["bare HF forward", fwd, 1.0, None]] + [[b["backend"], b["tokens_per_s"], b["ratio_to_forward"], b.get("startup_s")] for b in backends],
+        f"tokens/s = forward + top-k + encode + write. {vllm_note}. The manifest row was measured when and where "
+        "the cache was built.",
+    )
+    return {"hf_parts": hf, "bare_forward_tokens_per_s": fwd, "backends": backends}
+
+
+# ---------------------------------------------------------------------------- P6
+def bench_decode(cfg: Config, n_rows: int, kd_tokens_per_s: float, rng: np.random.Generator) -> dict:
+    reader = TopKCacheReader(cfg.cache_path())  # fresh: no shard read yet
+    keys = random_keys(reader, n_rows, rng)
+    b = cfg.distill.batch_rows
+    batches = [keys[i:i + b] for i in range(0, len(keys), b)]
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            reader.batch(batch)
+        return time.perf_counter() - t0
+
+    cold = one_pass()  # every shard is read, unpacked and its blobs listed on first touch
+    warm = statistics.median(one_pass() for _ in range(3))  # rows decode only
+    shards = sum(len(d["shards"]) for d in reader.manifest["domains"].values())
+    rows = []
+    for name, seconds in (("cold (fresh reader)", cold), ("warm (shards in LRU)", warm)):
+        tps = len(keys) * reader.seq_len / seconds
+        rows.append({"pass": name, "rows_per_s": len(keys) / seconds, "tokens_per_s": tps, "ratio_to_kd_step": tps / kd_tokens_per_s})
+    print_table(
+        f"P6  shard decode, {len(keys):,} random train rows in batches of {b}, cache of {shards} shards, k={reader.k}",
+        ["pass", "rows/s", "tokens/s", "/ cached-KD step tokens/s"],
+        [[r["pass"], r["rows_per_s"], r["tokens_per_s"], r["ratio_to_kd_step"]] for r in rows],
+        f"cached-KD step (P1): {kd_tokens_per_s:,.0f} tokens/s; > 1 means one decoding thread outruns one trainer "
+        "(the P1 step includes its own decoding). The OS page cache was not dropped.",
+    )
+    return {"rows": len(keys), "batch_rows": b, "passes": rows}
+
+
+# ---------------------------------------------------------------------------- GPU kernel
+def bench_kernel(device: str, tmp: Path) -> dict | None:
+    print("\nGPU Triton sparse-KL kernel vs torch (stages/bench_sparse_kl.py)")
+    if device != "cuda":
+        print("skipped: needs a CUDA GPU (none here); `make bench-kernel` on a GPU machine runs it")
+        return None
+    path = tmp / "kernel.json"
+    bench_sparse_kl.main(["--vocab", *map(str, KL_VOCABS), "--k", str(KL_K), "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m ddk.stages.bench", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/default.toml", help="TOML config whose cache and models are measured (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, as for the other commands (repeatable)")
+    p.add_argument("--json", metavar="PATH", help="write every number and the machine description here")
+    p.add_argument("--quick", action="store_true", help="CI-sized run (< 3 minutes on 2 cores with configs/ci.toml)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vllm stage-one run (its engine start-up costs ~45 s on 2 cores)")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    reader = open_cache(cfg, args.config, args.overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = Sizes(args.quick)
+    rng = np.random.default_rng(0)
+    result = {"config": args.config, "overrides": args.overrides, "quick": args.quick, "machine": describe_machine(device),
+              "cache": str(reader.dir), "k": reader.k, "seq_len": reader.seq_len, "vocab": reader.vocab_size}
+    m = result["machine"]
+    print(f"ddk bench: {args.config}{' (quick)' if args.quick else ''}, cache {reader.dir} (k={reader.k}, V={reader.vocab_size}, "
+          f"seq_len {reader.seq_len})\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+          f"{m['cuda_device'] or 'no CUDA device'}, load average {m['load_average_at_start'][0]}")
+
+    teacher = HFTeacher(str(cfg.teacher_path()), reader.k, dtype=cfg.teacher.dtype, device=device)
+    with tempfile.TemporaryDirectory(prefix="ddk-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        result["P1_training"] = bench_training(cfg, reader, teacher, device, sizes, rng)
+        kernel = bench_kernel(device, tmp)
+        result["gpu_kernel"] = kernel or {"skipped": "needs a CUDA GPU"}
+        result["P2_kl_memory"] = bench_kl_memory(device, sizes, kernel)
+        samples = sample_rows(reader, sizes.sample_rows, rng)
+        result["P4_cache_bytes"] = bench_cache_bytes(reader, cfg.teacher_path(), cfg.teacher.dtype, samples, tmp / "p4")
+        with_vllm = vllm_available() and not args.no_vllm
+        result["P5_stage_one"] = bench_stage_one(args.config, args.overrides, cfg, reader, teacher, samples, sizes, device, tmp / "p5", with_vllm)
+        kd = result["P1_training"]["arms"]["cached KD"]["tokens_per_s"]
+        result["P6_decode"] = bench_decode(cfg, sizes.decode_rows, kd, rng)
+    result["seconds"] = time.perf_counter() - t_start
+    print(f"\nbench done in {result['seconds']:.0f} s")
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, CacheError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
