@@ -46,9 +46,15 @@ tiny-models: setup
 teacher-cache: setup
 	$(DDK) teacher-cache --config $(CONFIG) $(if $(WORKERS),--set cache.workers=$(WORKERS)) $(SET)
 
-# MODE=cpt|kd|ddk, ABLATION=--no-smoothing|--equal-sampling, RESUME=--resume
+# MODE=cpt|kd|ddk, ABLATION=--no-smoothing|--equal-sampling, RESUME=--resume,
+# NPROC=n: n processes on this node under torchrun (distill.parallel = ddp | fsdp2).
+DISTILL_ARGS = distill --config $(CONFIG) $(if $(MODE),--mode $(MODE)) $(ABLATION) $(RESUME) $(SET)
 distill: setup
-	$(DDK) distill --config $(CONFIG) $(if $(MODE),--mode $(MODE)) $(ABLATION) $(RESUME) $(SET)
+ifdef NPROC
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m ddk.stages.cli $(DISTILL_ARGS)
+else
+	$(DDK) $(DISTILL_ARGS)
+endif
 
 eval: setup
 	$(DDK) eval --config $(CONFIG) $(SET)
@@ -59,7 +65,7 @@ compare: teacher-cache
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache
-	$(PY) -m ddk.stages.bench --config $(CONFIG) --json runs/bench/bench.json
+	$(PY) -m ddk.stages.bench --config $(CONFIG) --json runs/bench/bench.json $(SET)
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")

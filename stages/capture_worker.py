@@ -84,12 +84,36 @@ def _concat(parts):
     return TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "target_logprob", "tail_logmass")))
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Exit, taking our process group (vLLM engine core, its workers) along, when the
+    `ddk teacher-cache` that started us dies: a SIGKILLed parent runs no cleanup, and an
+    orphaned worker would keep the GPU and race a resumed run for the same shards."""
+    import ctypes
+    import os
+    import signal
+
+    def stop(*_):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: only the start-up check below remains
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="ddk stage-one capture worker (started by `ddk teacher-cache`).")
     ap.add_argument("cache_dir")
     ap.add_argument("--shards", required=True, help="comma-separated shard indices of plan.json")
     ap.add_argument("--worker", type=int, default=0)
+    ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     args = ap.parse_args()
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     run_capture(Path(args.cache_dir), [int(s) for s in args.shards.split(",") if s], args.worker)
 
 

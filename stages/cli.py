@@ -256,7 +256,7 @@ def verify_cmd(cache_dir, no_decode):
     if problems:
         for p in problems:
             click.echo(p, err=True)
-        raise click.ClickException(f"{len(problems)} problem(s) in {cache_dir}; delete the named shards and re-run `ddk teacher-cache` to rewrite them")
+        raise click.ClickException(f"{len(problems)} problem(s) in {cache_dir}; delete the named shards and re-run `ddk teacher-cache` with the cache's config to rewrite them")
     click.echo(f"{cache_dir}: all shards present, checksums and schema match")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -137,8 +138,19 @@ def _drop_redone(path: Path, resume_step: int | None) -> None:
         def done(r: dict) -> bool:
             return r.get("step", 0) <= resume_step if r.get("kind") == "train" else r.get("step", 0) < resume_step
 
-        kept = [line for line in path.read_text().splitlines() if done(json.loads(line))]
-        path.write_text("".join(line + "\n" for line in kept))
+        # A torn last line (killed mid-write) is redone work too.
+        kept = [line for line in path.read_text().splitlines() if _parses(line) and done(json.loads(line))]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)  # a kill here keeps the old file, never a truncated one
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def distill(cfg: Config, resume: bool = False, log=print) -> dict:

@@ -106,15 +106,32 @@ def _rows_sha256(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _manifest_shards_intact(cache_dir: Path) -> bool:
+    """Every shard the manifest lists exists with its recorded size (a stat, not a checksum)."""
+    m = json.loads((cache_dir / MANIFEST_FILE).read_text())
+    return all(
+        (cache_dir / s["file"]).exists() and (cache_dir / s["file"]).stat().st_size == s["bytes"]
+        for d in m["domains"].values() for s in d["shards"]
+    )
+
+
 def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
     """Pin the plan in the directory; returns 'complete', 'resume' or 'new'."""
     if (cache_dir / PLAN_FILE).exists():
         check_compatible(CachePlan.load(cache_dir), plan, cache_dir)
         if (cache_dir / MANIFEST_FILE).exists():
-            return "complete"
+            if not _manifest_shards_intact(cache_dir):
+                # Shards deleted (e.g. after `ddk cache verify` named them): the manifest no
+                # longer describes the directory; drop it and rewrite what is missing.
+                (cache_dir / MANIFEST_FILE).unlink()
+                state = "resume"
+            else:
+                shutil.rmtree(cache_dir / TOKENS_DIR / "tokens", ignore_errors=True)
+                return "complete"
         state = "resume"
     else:
-        if cache_dir.exists() and any(cache_dir.iterdir()):
+        # A run killed before plan.json was renamed into place leaves only its temp file.
+        if cache_dir.exists() and any(not f.name.endswith(".tmp") for f in cache_dir.iterdir()):
             raise CacheError(f"{cache_dir} exists, is not empty and holds no {PLAN_FILE}; it is not a ddk cache: pick another cache.out_dir")
         cache_dir.mkdir(parents=True, exist_ok=True)
         plan.save(cache_dir)
@@ -153,7 +170,8 @@ def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], lo
         mine = todo[w::workers]
         if not mine:
             continue
-        cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(w), "--shards", ",".join(map(str, mine))]
+        cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(w), "--shards", ",".join(map(str, mine)),
+               "--parent-pid", str(os.getpid())]
         env = dict(os.environ)
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO/WARNING lines drown the progress bar
         if workers > 1 and len(gpus) >= workers * tensor_parallel_size:

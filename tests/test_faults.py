@@ -355,10 +355,6 @@ def test_stage_one_killed_at_three_moments_resumes_byte_identical(env, reference
         assert ok.exit_code == 0, f"{name}: {ok.output}"
 
 
-@pytest.mark.xfail(strict=True, raises=CacheError, reason=(
-    "stages/teacher_cache.py:117 prepare_cache_dir: a kill between writing plan.json.tmp and its rename "
-    "(manifest.py:280-283, write_json_atomic) leaves a directory holding only plan.json.tmp; the next run "
-    "calls it 'not a ddk cache' instead of starting it"))
 def test_stage_one_killed_while_pinning_the_plan_can_be_rerun(env, reference, tmp_path):
     _, ref_cache, _ = reference
     cache = tmp_path / "cache"
@@ -367,7 +363,7 @@ def test_stage_one_killed_while_pinning_the_plan_can_be_rerun(env, reference, tm
     child.wait_paused("plan.json.tmp written, not renamed")
     child.kill9()
     assert sorted(p.name for p in cache.iterdir()) == ["plan.json.tmp"]
-    teacher_cache(load_config(config), log=QUIET)  # today: CacheError "... it is not a ddk cache"
+    teacher_cache(load_config(config), log=QUIET)
     assert _parquet(cache) == _parquet(ref_cache)
 
 
@@ -393,11 +389,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/teacher_cache.py:164 (run_workers) starts each capture worker in its own session and only kills "
-    "them in a finally block (lines 171-176), which a SIGKILL of `ddk teacher-cache` never runs: the workers "
-    "(and a vLLM engine core under them) outlive the run as orphans, keep writing shards, and race a resume "
-    "on the same <shard>.tmp names"))
 def test_stage_one_killed_with_two_workers_leaves_no_orphans(env, tmp_path):
     cache = tmp_path / "cache"
     config = env["write_config"](tmp_path, cache)
@@ -495,8 +486,8 @@ def _interrupt_at_call(monkeypatch, n: int) -> None:
 
 def test_resume_at_an_interval_boundary_logs_each_eval_once(reference, tmp_path, monkeypatch):
     """Checkpoint and interval start on the same step: the eval record written after the
-    checkpoint is dropped on resume and written once by the resumed run (HEAD 595b599 kept it
-    and logged it twice; fixed by the trim in MetricsLog, stages/distill.py)."""
+    checkpoint is dropped on resume and written once by the resumed run (595b599/702b5a7 kept it
+    and logged it twice; fixed in 5b91822 by _drop_redone, stages/distill.py)."""
     extra = ("distill.steps=6", "distill.interval=3", "distill.checkpoint_every=3")
     distill(_inproc_cfg(reference, tmp_path / "full", *extra), log=QUIET)
     cfg = _inproc_cfg(reference, tmp_path / "b", *extra)
@@ -506,13 +497,9 @@ def test_resume_at_an_interval_boundary_logs_each_eval_once(reference, tmp_path,
     monkeypatch.undo()
     distill(cfg, resume=True, log=QUIET)
     assert [e["step"] for e in _curve(tmp_path / "full", "eval")] == [0, 3]
-    assert [e["step"] for e in _curve(tmp_path / "b", "eval")] == [0, 3]  # HEAD 595b599: [0, 3, 3]
+    assert [e["step"] for e in _curve(tmp_path / "b", "eval")] == [0, 3]  # before 5b91822: [0, 3, 3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/distill.py: on resume the metrics trim (MetricsLog.__init__, _drop_redone in the working tree) "
-    "rewrites metrics.jsonl in place with Path.write_text (truncate, then write); a kill between the two "
-    "loses every record up to the checkpoint, and the next resume cannot get them back"))
 def test_resume_killed_while_trimming_metrics_keeps_the_curve(reference, tmp_path, monkeypatch):
     extra = ("distill.steps=8", "distill.interval=3", "distill.checkpoint_every=4")
     distill(_inproc_cfg(reference, tmp_path / "full", *extra), log=QUIET)
@@ -524,7 +511,7 @@ def test_resume_killed_while_trimming_metrics_keeps_the_curve(reference, tmp_pat
     real_write_text = Path.write_text
 
     def killed_after_truncate(self, *args, **kwargs):
-        if self.name == "metrics.jsonl":
+        if self.name.startswith("metrics.jsonl"):  # the trimmed copy (or the log itself, if written in place)
             open(self, "w").close()  # what the disk holds if the process dies right after the open(O_TRUNC)
             raise KeyboardInterrupt
         return real_write_text(self, *args, **kwargs)
@@ -535,7 +522,7 @@ def test_resume_killed_while_trimming_metrics_keeps_the_curve(reference, tmp_pat
     monkeypatch.undo()
     distill(cfg, resume=True, log=QUIET)
     full, b = _curve(tmp_path / "full"), _curve(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(1, 9))  # today: steps 5..8 only
+    assert [r["step"] for r in b] == list(range(1, 9))
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in full], rtol=1e-6)
 
 
@@ -571,26 +558,29 @@ def _rows_of(cache: Path, file: str) -> list[tuple[str, str, int]]:
     return [(domain, split, start + i) for i in range(per[index])]
 
 
-def test_teacher_cache_on_a_damaged_complete_cache_does_nothing(env, reference, tmp_path):
-    """Documents today's behaviour: with manifest.json present, `ddk teacher-cache` reports the cache
-    complete and touches nothing, even though `ddk cache verify` and the reader name the damage."""
+def test_teacher_cache_on_a_damaged_complete_cache_names_the_damage(env, reference, tmp_path):
+    """verify and the reader name both damaged shards; `ddk teacher-cache` notices the truncation (a
+    stat against the manifest, not a checksum), drops the stale manifest and refuses to resume until
+    the unreadable shard is deleted; after deleting both named shards it rewrites them identically."""
+    _, ref_cache, _ = reference
     cache, truncated, flipped = _damaged_copy(reference, tmp_path)
-    _flip_in_column(cache / flipped, "topk_logprobs")  # inside a codec blob: caught by its zstd checksum
-    before = _parquet(cache)
+    _flip_in_column(cache / flipped, "topk_logprobs")
 
     result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
     assert result.exit_code == 1 and "2 problem(s)" in result.output
     assert f"{cache / truncated}: " in result.output and "truncated" in result.output
     assert f"{cache / flipped}: sha256 mismatch" in result.output
-    with pytest.raises(CacheError, match=re.escape(f"{cache / flipped}: row 0 does not decode")):
+    with pytest.raises(CacheError, match=re.escape(f"{cache / flipped}: missing, truncated or corrupted")):
         TopKCacheReader(cache).batch(_rows_of(cache, flipped))
 
-    config = env["write_config"](tmp_path, cache)
-    logs = []
-    teacher_cache(load_config(config), log=logs.append)
-    assert "cache complete and matches the config; nothing to do" in logs[-1]
-    assert _parquet(cache) == before
-    assert len(verify_cache(cache)) == 2  # still damaged
+    cfg = load_config(env["write_config"](tmp_path, cache))
+    with pytest.raises(CacheError, match=re.escape(f"{cache / truncated}: unreadable shard")):
+        teacher_cache(cfg, log=QUIET)
+    assert not (cache / "manifest.json").exists()
+    (cache / truncated).unlink()
+    (cache / flipped).unlink()
+    teacher_cache(cfg, log=QUIET)
+    assert verify_cache(cache) == [] and _parquet(cache) == _parquet(ref_cache)
 
 
 def test_resume_names_a_truncated_shard_and_rewrites_it_once_deleted(env, reference, tmp_path):
@@ -609,10 +599,6 @@ def test_resume_names_a_truncated_shard_and_rewrites_it_once_deleted(env, refere
     assert _parquet(cache) == _parquet(ref_cache) and verify_cache(cache) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/cli.py:237 tells the user to 'delete the named shards and re-run `ddk teacher-cache`', but "
-    "stages/teacher_cache.py:113-114 (prepare_cache_dir) returns 'complete' whenever manifest.json exists, "
-    "so the re-run says 'nothing to do' and never rewrites the deleted shard"))
 def test_following_verify_advice_repairs_the_cache(env, reference, tmp_path):
     _, ref_cache, _ = reference
     cache, truncated, _ = _damaged_copy(reference, tmp_path)
@@ -620,14 +606,10 @@ def test_following_verify_advice_repairs_the_cache(env, reference, tmp_path):
     assert len(problems) == 1 and truncated in problems[0]
     (cache / truncated).unlink()  # "delete the named shards ..."
     teacher_cache(load_config(env["write_config"](tmp_path, cache)), log=QUIET)  # "... and re-run"
-    assert verify_cache(cache) == []  # today: "<shard>: missing"
+    assert verify_cache(cache) == []
     assert _parquet(cache) == _parquet(ref_cache)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline/cache/reader.py:347-369 (TopKCacheReader._shard) never checks a shard against the manifest's "
-    "size/sha256; the float columns are stored as raw zstd blocks without a checksum, so a flipped bit in "
-    "target_logprob decodes fine and the reader (hence distill's teacher losses) returns the wrong number"))
 def test_reader_refuses_a_bit_flip_in_a_float_column(reference, tmp_path):
     _, ref_cache, _ = reference
     cache = tmp_path / "cache"

@@ -139,7 +139,7 @@ def test_verify_and_reader_name_a_damaged_shard(tiny_cache, tmp_path):
     problems = verify_cache(cache)
     assert any("docstrings/train-00000.parquet: sha256 mismatch" in p for p in problems)
     assert any("code/val-00000.parquet" in p and "truncated" in p for p in problems)
-    with pytest.raises(CacheError, match="code/val-00000.parquet: cannot read shard"):
+    with pytest.raises(CacheError, match="code/val-00000.parquet: missing, truncated or corrupted"):
         TopKCacheReader(cache).batch([("code", "val", 0)])
     result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
     assert result.exit_code == 1 and "2 problem(s)" in result.output

@@ -52,6 +52,9 @@ class TopKCacheReader:
                 shards = [s for s in d["shards"] if s["split"] == split]
                 starts = np.cumsum([0] + [s["rows"] for s in shards[:-1]]).tolist()
                 self._index[(name, split)] = (starts, [s["file"] for s in shards])
+        # Checked on a shard's first read: float columns decode without any error check,
+        # so a flipped bit would otherwise reach training as a wrong teacher number.
+        self._expected = {s["file"]: (s["bytes"], s["sha256"]) for d in self.manifest["domains"].values() for s in d["shards"]}
         self._tables: OrderedDict[str, dict] = OrderedDict()
         self._max_open = max_open_shards
 
@@ -66,6 +69,9 @@ class TopKCacheReader:
             self._tables.move_to_end(file)
             return self._tables[file]
         path = self.dir / file
+        size, digest = self._expected[file]
+        if not path.exists() or path.stat().st_size != size or sha256_file(path) != digest:
+            raise CacheError(f"{path}: missing, truncated or corrupted (size/sha256 differ from the manifest); run `ddk cache verify {self.dir}`, delete the shards it names and re-run `ddk teacher-cache`")
         try:
             table = pq.read_table(path, memory_map=True)
             if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
