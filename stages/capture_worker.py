@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +55,37 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
     # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
     batch_rows = capture["teacher"]["batch_rows"] if capture["backend"] == "hf" else max(s.rows for s in todo)
     backend = make_backend(plan, capture)
-    tokens, busy = 0, 0.0
+    tokens, t_start = 0, time.perf_counter()
+    # The next shard's teacher forward overlaps this shard's encode + write (a second
+    # thread: zstd and most numpy work release the GIL). On a GPU the CPU-side codec is
+    # otherwise the bottleneck; on CPU the two share the cores. Output bytes are the same.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: tuple[Future, object] | None = None
     try:
         bar = progress(total=sum(s.rows for s in todo) * plan.seq_len, desc=f"teacher top-k [{capture['backend']} w{worker}]",
                    unit="tok", unit_scale=True, position=worker)
-        for spec in todo:
-            t0 = time.perf_counter()
-            rows = np.load(tokens_path(cache_dir, spec.domain, spec.split), mmap_mode="r")[spec.row_start : spec.row_end]
-            parts = [backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)]
-            topk = _concat(parts)
-            writer.write(cache_dir / spec.file, spec.domain, spec.split, spec.row_start, np.asarray(rows), topk)
-            busy += time.perf_counter() - t0
+
+        def finish(p: tuple[Future, object]) -> None:
+            nonlocal tokens
+            future, spec = p
+            future.result()  # re-raises a writer error here
             tokens += spec.rows * plan.seq_len
             bar.update(spec.rows * plan.seq_len)
             bar.set_postfix(shard=spec.file, refresh=False)
+
+        for spec in todo:
+            rows = np.load(tokens_path(cache_dir, spec.domain, spec.split), mmap_mode="r")[spec.row_start : spec.row_end]
+            topk = _concat([backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)])
+            if pending is not None:
+                finish(pending)
+            pending = (pool.submit(writer.write, cache_dir / spec.file, spec.domain, spec.split, spec.row_start,
+                                   np.asarray(rows), topk), spec)
+        if pending is not None:
+            finish(pending)
         bar.close()
     finally:
+        pool.shutdown(wait=True)
+        busy = time.perf_counter() - t_start
         backend.close()
         stats = cache_dir / TOKENS_DIR / "stats" / f"worker-{worker}.json"
         stats.parent.mkdir(parents=True, exist_ok=True)
