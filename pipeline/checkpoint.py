@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .atomic import write_text_atomic
 from .distributed import barrier, is_main, unwrap
 
 LATEST = "latest"
@@ -67,9 +68,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, state
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = out_dir / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, out_dir / LATEST)
+        write_text_atomic(out_dir / LATEST, final.name)
         for old in sorted(out_dir.glob("ckpt-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()  # no rank goes on (or reads `latest`) before the checkpoint is complete

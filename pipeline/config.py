@@ -196,7 +196,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if key not in fields or key == "source_path":
             known = ", ".join(n for n in fields if n != "source_path")
             raise ConfigError(f"{where}: unknown field '{key}' (known fields: {known})")
-        ftype = fields[key].type
         default = getattr(cls(), key) if _has_all_defaults(cls) else None
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
@@ -207,7 +206,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"{where}.domains: expected an array of tables ([[corpus.domains]])")
             value = [_build(DomainSource, v, f"{where}.domains[{i}]") for i, v in enumerate(value)]
         else:
-            value = _coerce(value, default, f"{where}.{key}", ftype)
+            value = _coerce(value, default, f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -219,7 +218,7 @@ def _has_all_defaults(cls: type) -> bool:
     )
 
 
-def _coerce(value: Any, default: Any, where: str, ftype: Any) -> Any:
+def _coerce(value: Any, default: Any, where: str) -> Any:
     if default is None:
         return value
     if isinstance(default, bool):

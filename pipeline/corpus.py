@@ -124,20 +124,19 @@ def _take(docs, budget: int) -> list[Document]:
     return out
 
 
-def _stdlib_files() -> list[Path]:
+def _stdlib_modules():
+    """(path relative to the stdlib, source, AST) of every parseable standard-library module."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
     files = [p for p in lib.rglob("*.py") if not (skip & set(p.relative_to(lib).parts))]
     # Interleave packages by sorting on name, so a character cap still spans many modules.
-    return sorted(files, key=lambda p: (p.name, str(p)))
-
-
-def _parse(path: Path) -> tuple[str, ast.Module] | None:
-    try:
-        src = path.read_text(encoding="utf-8")
-        return src, ast.parse(src)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return None
+    for path in sorted(files, key=lambda p: (p.name, str(p))):
+        try:
+            src = path.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        yield path.relative_to(lib), src, tree
 
 
 def _docstring_nodes(tree: ast.Module):
@@ -150,12 +149,7 @@ def _docstring_nodes(tree: ast.Module):
 
 
 def _stdlib_code():
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files():
-        parsed = _parse(path)
-        if parsed is None:
-            continue
-        src, tree = parsed
+    for rel, src, tree in _stdlib_modules():
         lines = src.splitlines()
         # Docstrings belong to the `docstrings` domain; blank them here (keep line count)
         # so the two domains do not overlap.
@@ -165,7 +159,7 @@ def _stdlib_code():
             for i in range(expr.lineno, expr.end_lineno):
                 lines[i] = ""
         text = "\n".join(line for line in lines if line.strip() or line == "")
-        yield Document(f"stdlib:{path.relative_to(lib)}", text)
+        yield Document(f"stdlib:{rel}", text)
 
 
 def _language_reference():
@@ -176,13 +170,8 @@ def _language_reference():
 
 
 def _stdlib_docstrings():
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files():
-        parsed = _parse(path)
-        if parsed is None:
-            continue
-        _, tree = parsed
-        module = ".".join(path.relative_to(lib).with_suffix("").parts)
+    for rel, _, tree in _stdlib_modules():
+        module = ".".join(rel.with_suffix("").parts)
         parts = []
         for node, expr in _docstring_nodes(tree):
             doc = expr.value.value.strip()

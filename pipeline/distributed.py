@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .config import ConfigError
+from .evaluate import token_loss_sum
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -201,11 +201,8 @@ def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_ro
             padding = not mine or len(chunk) == 0
             if padding:  # a forward for the others' sake, its loss not counted
                 chunk = rows[:1]
-            ids = torch.as_tensor(chunk, dtype=torch.long, device=device)
-            logits = net(input_ids=ids[:, :-1]).logits.float()
-            if padding:
-                continue
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            sums[i] += (loss.item(), ids[:, 1:].numel())
+            s, n = token_loss_sum(net, chunk, device)
+            if not padding:
+                sums[i] += (s, n)
     sums = all_reduce_sum(sums, env)
     return {domain: float(s / max(n, 1)) for domain, (s, n) in zip(keys, sums)}

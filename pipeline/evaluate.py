@@ -10,16 +10,22 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
+def token_loss_sum(model, rows: np.ndarray, device: str = "cpu") -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, number of predicted tokens) of one batch of rows."""
+    ids = torch.as_tensor(rows, dtype=torch.long, device=device)
+    logits = model(input_ids=ids[:, :-1]).logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    return loss.item(), ids[:, 1:].numel()
+
+
 def mean_token_loss(model, rows: np.ndarray, batch_rows: int = 32, device: str = "cpu") -> float:
     """Mean next-token cross-entropy (nats) over all positions of `rows` [n, seq_len + 1]."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_rows):
-        ids = torch.as_tensor(rows[i : i + batch_rows], dtype=torch.long, device=device)
-        logits = model(input_ids=ids[:, :-1]).logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += ids[:, 1:].numel()
+        s, n = token_loss_sum(model, rows[i : i + batch_rows], device)
+        total += s
+        count += n
     return total / max(count, 1)
 
 
@@ -60,4 +66,4 @@ def cache_student_losses(model, reader, keys: dict, batch_rows: int = 32, device
 
 def cache_teacher_losses(reader, keys: dict) -> dict[str, float]:
     """Teacher mean CE per domain on the same rows, from the cached target logprobs (Eq. 1's lT)."""
-    return {d: -float(reader.batch(k).target_logprob.double().mean()) for d, k in keys.items()}
+    return {d: -float(reader.target_logprobs(k).double().mean()) for d, k in keys.items()}

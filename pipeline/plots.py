@@ -7,7 +7,7 @@
   (the paper's Fig. 3), one panel per run (e.g. "ddk" beside "ddk w/o FS").
 
 Inputs are plain Python data (lists / dicts of floats). Each function writes one PNG
-atomically (`<path>.tmp.png`, then `os.replace`) and returns its Path.
+atomically (`pipeline/atomic.py`) and returns its Path.
 
 Rendering uses `matplotlib.figure.Figure` with `FigureCanvasAgg` directly, never pyplot:
 no global figure registry, and the backend a caller chose stays as it was.
@@ -16,15 +16,15 @@ no global figure registry, and the backend a caller chose stays as it was.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from .atomic import atomic_path
 
 __all__ = [
     "column_color",
@@ -122,16 +122,11 @@ def _new_figure(n_panels: int = 1, sharey: bool = False, extra_width: float = 0.
 
 
 def _save(fig: Figure, path) -> Path:
-    """Write `fig` to `path` atomically (tmp file + os.replace); return the Path."""
+    """Write `fig` to `path` atomically; return the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp.png")
-    try:
+    with atomic_path(path, ".tmp.png") as tmp:
         fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -10,6 +10,7 @@ to the teacher differs clearly by domain.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -18,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .progress import progress
 
+from .atomic import write_json_atomic
 from .config import ConfigError, ModelsConfig, ModelSpec
 from .corpus import Domain
 from .evaluate import domain_losses
 from .packing import PackedDomain
+from .progress import progress
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -125,7 +127,7 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
 
     out = Path(cfg.out_dir)
     marker = out / DONE_MARKER
-    fingerprint = {"models": _asdict(cfg), "corpus": corpus_cfg.source}
+    fingerprint = {"models": dataclasses.asdict(cfg), "corpus": corpus_cfg.source}
     if marker.exists() and not force:
         done = json.loads(marker.read_text())
         if done.get("fingerprint") == fingerprint:
@@ -150,11 +152,6 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
     report["seconds"] = round(time.time() - t0, 1)
-    marker.write_text(json.dumps(report, indent=2))
+    write_json_atomic(marker, report)  # its presence says the models are complete
     return report
 
-
-def _asdict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)

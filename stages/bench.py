@@ -263,7 +263,6 @@ def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, dev
         f"online KD = teacher forward + log-softmax + top-{reader.k} + tail every step, then the cached-KD loss; "
         f"student {s:,} / teacher {t:,} matmul params",
     )
-    del model, optimizer
     return result
 
 

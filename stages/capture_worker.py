@@ -14,11 +14,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from ..pipeline.progress import progress
 
+from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import TopKCodec
-from ..pipeline.cache.manifest import CachePlan, shard_done, write_json_atomic
+from ..pipeline.cache.manifest import CachePlan, shard_done
 from ..pipeline.cache.writer import TopKShardWriter
+from ..pipeline.progress import progress
+from ..pipeline.teachers.base import TopK
 
 TOKENS_DIR = "_work"
 CAPTURE_FILE = f"{TOKENS_DIR}/capture.json"
@@ -92,9 +94,7 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
         write_json_atomic(stats, {"tokens": tokens, "seconds": busy})
 
 
-def _concat(parts):
-    from ..pipeline.teachers.base import TopK
-
+def _concat(parts: list[TopK]) -> TopK:
     if len(parts) == 1:
         return parts[0]
     return TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "target_logprob", "tail_logmass")))

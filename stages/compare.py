@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
+from ..pipeline.atomic import write_json_atomic, write_text_atomic
+from ..pipeline.checkpoint import latest_checkpoint
 from ..pipeline.config import ConfigError, load_config
 from ..pipeline.evaluate import perplexity
 from .distill import distill, read_metrics, run_label
@@ -35,19 +38,11 @@ def _run_mode(config_path, overrides: list[str], label: str, extra: list[str], o
     results_path = run_dir / "results.json"
     if results_path.exists():
         done = json.loads(results_path.read_text())
-        if done["config"] == json.loads(json.dumps(_distill_dict(cfg))):
+        if done["config"] == json.loads(json.dumps(asdict(cfg.distill))):  # as results.json stores it
             log(f"[{label}] finished earlier in {run_dir}; reusing its results")
             return done
         raise ConfigError(f"{run_dir} holds a finished run with another [distill] config; delete it or pass another --out")
-    from ..pipeline.checkpoint import latest_checkpoint
-
     return distill(cfg, resume=latest_checkpoint(run_dir) is not None, log=log)
-
-
-def _distill_dict(cfg) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg.distill)
 
 
 def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, log=print) -> dict:
@@ -58,8 +53,8 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     out.mkdir(parents=True, exist_ok=True)
     runs = {label: _run_mode(config_path, list(overrides), label, extra, out, log) for label, extra in wanted}
     summary = summarize(runs, out)
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    (out / "compare.md").write_text(markdown(summary))
+    write_json_atomic(out / "compare.json", summary)
+    write_text_atomic(out / "compare.md", markdown(summary))
     summary["plots"] = [str(p) for p in plot(summary, runs, out)]
     log(markdown(summary))
     log(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {', '.join(summary['plots'])}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ..pipeline import distributed
+from ..pipeline.atomic import write_json_atomic, write_text_atomic
 from ..pipeline.cache.manifest import CacheError
 from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -100,18 +100,21 @@ def autocast_context(precision: str, device: str):
 
 
 class MetricsLog:
-    """JSONL metrics (one object per line), plus TensorBoard scalars when it is installed."""
+    """JSONL metrics (one object per line), plus TensorBoard scalars when asked and installed."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = True):
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         _drop_redone(path, resume_step)
         self.fh = path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                pass
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
@@ -140,9 +143,7 @@ def _drop_redone(path: Path, resume_step: int | None) -> None:
 
         # A torn last line (killed mid-write) is redone work too.
         kept = [line for line in path.read_text().splitlines() if _parses(line) and done(json.loads(line))]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)  # a kill here keeps the old file, never a truncated one
+        write_text_atomic(path, "".join(line + "\n" for line in kept))  # a kill keeps the old file, never a truncated one
 
 
 def _parses(line: str) -> bool:
@@ -206,7 +207,9 @@ def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
     if state["before"] is None:
         state["before"] = distributed.domain_losses(model, reader, keys, env, device)
     metrics = MetricsLog(out / "metrics.jsonl", state["step"] if ckpt else None) if env.is_main else _NoLog()
-    ranks_log = _RankLog(out, env.rank, state["step"] if ckpt else None) if d.debug_rank_logs else _NoLog()
+    # distill.debug_rank_logs: what each rank computed and trained on (the distributed tests read it).
+    ranks_log = (MetricsLog(out / "ranks" / f"rank-{env.rank}.jsonl", state["step"] if ckpt else None, tensorboard=False)
+                 if d.debug_rank_logs else _NoLog())
     label = run_label(cfg)
     ranks = f", {env.world_size} ranks ({d.parallel})" if env.enabled else ""
     log(f"distill [{label}] {d.steps} steps x {d.batch_rows * d.grad_accum} rows of {reader.seq_len} tokens, "
@@ -297,7 +300,7 @@ def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
     }
     if not env.is_main:
         return results
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out / "results.json", results)  # `ddk compare` reuses a run by this file
     log(format_table({"teacher": teacher_loss, "student before": state["before"], "student after": after}, as_ppl=True))
     results["plots"] = [str(p) for p in write_plots(out, results)]
     log(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
@@ -314,23 +317,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-class _RankLog:
-    """distill.debug_rank_logs: what this rank computed and trained on, one JSON object a line."""
-
-    def __init__(self, out: Path, rank: int, resume_step: int | None):
-        path = out / "ranks" / f"rank-{rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_redone(path, resume_step)
-        self.fh = path.open("a")
-
-    def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 def _tokens_only(reader: TopKCacheReader, keys) -> CacheBatch:

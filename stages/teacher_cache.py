@@ -8,6 +8,7 @@ it stopped; a complete cache is left alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..pipeline.atomic import atomic_path, write_json_atomic
 from ..pipeline.cache.manifest import (
     MANIFEST_FILE,
     PLAN_FILE,
@@ -29,7 +31,6 @@ from ..pipeline.cache.manifest import (
     load_manifest,
     plan_shards,
     shard_done,
-    write_json_atomic,
 )
 from ..pipeline.cache.schema import FORMAT_VERSION
 from ..pipeline.config import Config, ConfigError
@@ -98,8 +99,6 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -
 
 
 def _rows_sha256(*arrays: np.ndarray) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a, dtype=np.int32).tobytes())
@@ -120,14 +119,12 @@ def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
     if (cache_dir / PLAN_FILE).exists():
         check_compatible(CachePlan.load(cache_dir), plan, cache_dir)
         if (cache_dir / MANIFEST_FILE).exists():
-            if not _manifest_shards_intact(cache_dir):
-                # Shards deleted (e.g. after `ddk cache verify` named them): the manifest no
-                # longer describes the directory; drop it and rewrite what is missing.
-                (cache_dir / MANIFEST_FILE).unlink()
-                state = "resume"
-            else:
+            if _manifest_shards_intact(cache_dir):
                 shutil.rmtree(cache_dir / TOKENS_DIR / "tokens", ignore_errors=True)
                 return "complete"
+            # Shards deleted (e.g. after `ddk cache verify` named them): the manifest no
+            # longer describes the directory; drop it and rewrite what is missing.
+            (cache_dir / MANIFEST_FILE).unlink()
         state = "resume"
     else:
         # A run killed before plan.json was renamed into place leaves only its temp file.
@@ -142,9 +139,8 @@ def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
             path = tokens_path(cache_dir, p.name, split)
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp.npy")
-                np.save(tmp, p.rows(split).astype(np.int32))
-                os.replace(tmp, path)
+                with atomic_path(path, ".tmp.npy") as tmp:  # np.save appends .npy to other names
+                    np.save(tmp, p.rows(split).astype(np.int32))
     return state
 
 

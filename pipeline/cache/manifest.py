@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..atomic import write_json_atomic
 from .schema import FORMAT_VERSION, shard_name
 from .writer import read_shard_info
 
@@ -192,10 +192,3 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

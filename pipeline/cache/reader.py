@@ -101,13 +101,20 @@ class TopKCacheReader:
         i = bisect.bisect_right(starts, row) - 1
         return files[i], row - starts[i]
 
-    def token_rows(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
-        """Only the token rows (CPT and evaluation need no teacher columns)."""
-        out = np.empty((len(keys), self.seq_len + 1), dtype=np.int64)
+    def _column_rows(self, keys: list[tuple[str, str, int]], column: str, width: int, dtype) -> torch.Tensor:
+        out = np.empty((len(keys), width), dtype=dtype)
         for b, (domain, split, row) in enumerate(keys):
             file, local = self._locate(domain, split, row)
-            out[b] = self._shard(file)["input_ids"][local]
+            out[b] = self._shard(file)[column][local]
         return torch.from_numpy(out)
+
+    def token_rows(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
+        """Only the token rows [B, L + 1] (CPT and evaluation need no teacher columns)."""
+        return self._column_rows(keys, "input_ids", self.seq_len + 1, np.int64)
+
+    def target_logprobs(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
+        """Only the teacher's logprob of each actual next token [B, L]: no top-k decoding."""
+        return self._column_rows(keys, "target_logprob", self.seq_len, np.float32)
 
     def batch(self, keys: list[tuple[str, str, int]]) -> CacheBatch:
         b, length, k = len(keys), self.seq_len, self.k

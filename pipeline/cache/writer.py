@@ -9,13 +9,13 @@ key-value metadata so the manifest can be rebuilt from the shards alone.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import atomic_path
 from ..teachers.base import TopK
 from .codec import TopKCodec, measure_fidelity
 from .schema import FORMAT_VERSION, SHARD_SCHEMA, sample_key
@@ -69,11 +69,8 @@ class TopKShardWriter:
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd", compression_level=self.zstd_level, use_dictionary=["key"])
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd", compression_level=self.zstd_level, use_dictionary=["key"])
         return info
 
 
