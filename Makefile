@@ -3,7 +3,7 @@
 #   make teacher-cache                 stage one on the embedded default (configs/default.toml)
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
-#   make compare                       cpt / kd / ddk / ablations from one cache, table + plots
+#   make compare SEEDS=3               cpt / kd / ddk / ablations from one cache, over seeds, table + plots
 #   make bench                         speed, memory and cache-size benchmarks
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 
@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -59,9 +59,11 @@ endif
 eval: setup
 	$(DDK) eval --config $(CONFIG) $(SET)
 
-# cpt, kd, ddk and the two DDK ablations from one cache (builds the cache if needed).
+# cpt, kd, ddk and the two DDK ablations from one cache (builds the cache if needed),
+# each trained with SEEDS seeds: mean ± std and paired differences to kd on the test split.
+SEEDS ?= 3
 compare: teacher-cache
-	$(DDK) compare --config $(CONFIG) $(SET)
+	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(SET)
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache
@@ -78,6 +80,13 @@ test-fast: setup
 
 bench-kernel: setup
 	$(PY) -m ddk.stages.bench_sparse_kl
+	$(PY) -m ddk.stages.bench_fused_linear_kl
+
+# One real-shaped student's whole training step: fused vs unfused LM head, CPT vs cached KD
+# (qwen2-0.5b on CUDA, a tiny one on CPU). ARGS="--preset qwen2-1.5b --json runs/bench/step.json"
+ARGS ?=
+bench-step: setup
+	$(PY) -m ddk.stages.bench_student_step $(ARGS)
 
 clean:
 	rm -rf runs

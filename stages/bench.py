@@ -14,7 +14,10 @@ P1  training-step throughput (tokens/s) for one student and the same batches: ca
     divided by CE-only continued pre-training (CPT). Every step is a whole training step:
     batch, forward, loss, backward, clipping, AdamW. Arms run interleaved step by step
     (A, B, C, A, B, C, ...); a ratio is the median over neighbouring steps, so the
-    machine's drift cancels in each pair.
+    machine's drift cancels in each pair. CPT and cached KD run with the fused LM head
+    (the default, distill.loss_impl = "fused") and with the unfused reference (full
+    logits), side by side, each with the peak memory of one whole training step (the
+    end-to-end figure beside P2's kernel-only one).
 P2  peak memory of one sparse-KL forward+backward divided by a dense KL's, V = 32000 and
     151936 (inputs from `bench_sparse_kl`). On CUDA: `torch.cuda.max_memory_allocated`
     (via `bench_sparse_kl.measure`). On CPU: the peak of live bytes in the CPU allocator,
@@ -25,11 +28,16 @@ P4  cache bytes per token at k = 16, 64, 128 on real teacher outputs (HF teacher
     sample of cached rows, one shard per domain written by TopKShardWriter), split by
     Parquet column chunk, next to raw int32 ids + fp32 logprobs (8k bytes), with the
     codec's round-trip fidelity (`measure_fidelity` against the uncompressed top-k).
-P5  stage-one tokens/s of each backend divided by the teacher's bare forward (HF forward
-    only). hf runs in-process on the sample and is split into its parts so that the
-    bottleneck shows; vllm runs `teacher_cache` on a temp directory over a capped corpus
-    in its child process and reports the manifest's tokens/s, which excludes engine
-    start-up (the start-up is shown separately).
+P5  stage one's real capture divided by the teacher's bare HF forward (logits only, same
+    dtype, device and batch_rows). P5b: `teacher_cache` (what `ddk teacher-cache` runs;
+    hf: `run_capture` in-process, vllm: in its child process) on a fresh temp directory
+    over a capped corpus, then the bare forward over exactly the rows it wrote (read back
+    from its shards, all splits), alternating pass by pass; the ratio is the median of the
+    per-pass ratios (min-max shown). Capture tokens/s is the manifest's: the worker's busy
+    time, model/engine start-up excluded (shown apart), next to the wall time of the whole
+    `teacher_cache` call. The goal (capture >= 0.8x the forward) is printed, not asserted.
+    P5a explains where the time goes: the hf backend's parts (top-k, encode, fidelity,
+    write) timed separately on the sample, not a throughput (the worker overlaps them).
 P6  shard decode throughput of `TopKCacheReader.batch` on random keys across the cache,
     cold (a fresh reader: every shard is read and unpacked on first touch; the OS page
     cache is not dropped) and warm (shards in the reader's LRU: row decode only), divided
@@ -64,7 +72,8 @@ from ..pipeline.cache.manifest import CacheError
 from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.config import Config, ConfigError, load_config
-from ..pipeline.objective import distill_loss
+from ..pipeline.objective import Objective
+from ..pipeline.student import StudentLM
 from ..pipeline.teachers.base import TopK
 from ..pipeline.teachers.hf import HFTeacher
 from ..pipeline.teachers.vllm import vllm_available
@@ -84,11 +93,15 @@ class Sizes:
         self.train_warmup = 2  # steps per arm before timing (allocations, shard loads)
         self.train_steps = 20 if quick else 18  # timed steps per arm, interleaved
         self.sample_rows = 16 if quick else 64  # P4/P5 rows per domain
-        self.stage_one_passes = 2 if quick else 3  # passes over the sample, one shard per domain
+        self.stage_one_passes = 2 if quick else 3  # P5a passes over the sample, one shard per domain
         self.kl_tokens = 128 if quick else 256  # P2 rows on CPU (the ratio does not depend on it)
         self.decode_rows = 256 if quick else 1024  # P6 random rows
-        # P5: tokens the vllm run captures; too few and per-call overheads dominate its rate.
-        self.vllm_tokens = 32_768 if quick else 131_072
+        # P5b: tokens each capture writes (hf and vllm: the same rows); too few and per-call
+        # overheads dominate its rate. Passes of capture + bare forward: an hf pass costs a
+        # model load (plus one untimed warm-up pass), a vllm pass an engine start (~45 s here).
+        self.capture_tokens = 32_768 if quick else 131_072
+        self.hf_capture_passes = 4 if quick else 6
+        self.vllm_capture_passes = 1 if quick else 3
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -215,6 +228,23 @@ def teacher_batch(teacher: HFTeacher, rows: torch.Tensor) -> CacheBatch:
     return CacheBatch(rows, *(torch.from_numpy(a) for a in (t.ids.astype(np.int64), t.logprobs, t.target_logprob, t.tail_logmass)))
 
 
+def step_peak_bytes(step: Callable[[int], float], device: str) -> int | None:
+    """Peak bytes allocated during one whole training step, above what was live before it.
+    CUDA: torch.cuda.max_memory_allocated; CPU: the allocator events (see cpu_peak_bytes)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(0)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(0)
+    return _replayed_peak(prof)
+
+
 def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, device: str, sizes: Sizes,
                    rng: np.random.Generator) -> dict:
     d = cfg.distill
@@ -223,16 +253,19 @@ def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, dev
     optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
     gamma = d.gamma or 0.2  # a cpt config still gets a KD comparison
     use_tail = d.use_tail and d.temperature == 1.0
+    # One HF model, four ways to compute its loss: the fused LM head (the default) and the
+    # full-logits reference, each with and without the KL.
+    students = {(g, impl): StudentLM(model, Objective(g, d.temperature, use_tail, impl, d.kl_impl))
+                for g in (0.0, gamma) for impl in ("fused", "unfused")}
     # A few fixed batches, cycled: every arm trains on exactly the same rows.
     batches = [random_keys(reader, d.batch_rows, rng) for _ in range(4)]
     tokens = d.batch_rows * reader.seq_len
 
-    def step(batch: CacheBatch, g: float) -> int:
-        # The body of distill()'s step, minus logging and checkpoints.
+    def step(batch: CacheBatch, g: float, impl: str = "fused") -> int:
+        # The body of Trainer.optimizer_step, minus logging and checkpoints.
         with autocast_context(d.precision, device):
-            logits = model(input_ids=batch.input_ids[:, :-1].to(device)).logits
-        distill_loss(logits, batch, g, d.temperature, use_tail, d.kl_impl).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+            students[g, impl](batch.input_ids[:, :-1].to(device), batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip if d.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return tokens
@@ -242,24 +275,36 @@ def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, dev
         "CPT (CE only)": lambda i: step(_tokens_only(reader, pick(i)), 0.0),
         "cached KD": lambda i: step(reader.batch(pick(i)), gamma),
         "online KD": lambda i: step(teacher_batch(teacher, reader.token_rows(pick(i))), gamma),
+        "CPT, unfused": lambda i: step(_tokens_only(reader, pick(i)), 0.0, "unfused"),
+        "cached KD, unfused": lambda i: step(reader.batch(pick(i)), gamma, "unfused"),
     }
     rates = interleaved(arms, sizes.train_warmup, sizes.train_steps, device)
+    peaks = {name: step_peak_bytes(arm, device) for name, arm in arms.items() if name != "online KD"}
     # Expected from FLOPs alone: student forward+backward ~ 3 x 2S per token, plus a
     # teacher forward 2T for online KD (the paper's Table 12 arithmetic: 3.7x for 14B -> 1.8B).
     s, t = matmul_params(model), matmul_params(teacher.model)
-    flops = {"CPT (CE only)": 1.0, "cached KD": 1.0, "online KD": 3 * s / (3 * s + t)}
+    flops = {name: 1.0 for name in arms} | {"online KD": 3 * s / (3 * s + t)}
     result = {
-        "tokens_per_step": tokens, "gamma": gamma, "k": reader.k, "student_matmul_params": s, "teacher_matmul_params": t,
+        "tokens_per_step": tokens, "gamma": gamma, "k": reader.k, "vocab": model.config.vocab_size,
+        "student_matmul_params": s, "teacher_matmul_params": t,
         "arms": {name: {"tokens_per_s": statistics.median(r), "per_step": r, "ratio_to_cpt": paired_ratio(rates, name, "CPT (CE only)"),
-                        "flops_model_ratio_to_cpt": flops[name]} for name, r in rates.items()},
+                        "flops_model_ratio_to_cpt": flops[name], "step_peak_bytes": peaks.get(name)} for name, r in rates.items()},
+        "kd_ratio_to_cpt_unfused": paired_ratio(rates, "cached KD, unfused", "CPT, unfused"),
+        "fused_over_unfused": {"cached KD": paired_ratio(rates, "cached KD", "cached KD, unfused"),
+                               "CPT": paired_ratio(rates, "CPT (CE only)", "CPT, unfused")},
     }
     print_table(
-        f"P1  training-step throughput: {d.batch_rows} rows x {reader.seq_len} tokens, k={reader.k}, gamma={gamma}, "
-        f"{sizes.train_steps} interleaved steps each, device {device}",
-        ["arm", "tokens/s (median)", "/ CPT (median)", "/ CPT (quartiles)", "/ CPT from FLOPs"],
+        f"P1  training-step throughput: {d.batch_rows} rows x {reader.seq_len} tokens, V={model.config.vocab_size}, k={reader.k}, "
+        f"gamma={gamma}, {sizes.train_steps} interleaved steps each, device {device}",
+        ["arm", "tokens/s (median)", "/ CPT (median)", "/ CPT (quartiles)", "/ CPT from FLOPs", "step peak MiB"],
         [[n, a["tokens_per_s"], a["ratio_to_cpt"]["median"], f"{a['ratio_to_cpt']['q1']:.2f}-{a['ratio_to_cpt']['q3']:.2f}",
-          a["flops_model_ratio_to_cpt"]] for n, a in result["arms"].items()],
+          a["flops_model_ratio_to_cpt"], a["step_peak_bytes"] / 2**20 if a["step_peak_bytes"] is not None else "n/a"]
+         for n, a in result["arms"].items()],
         f"/ CPT = over neighbouring steps (the machine's speed drifts; medians of separate arms do not divide). "
+        f"CPT and cached KD use the fused LM head (distill.loss_impl = fused, the default); ', unfused' = the model's full "
+        f"logits then CE (+ sparse KL). Unfused KD / unfused CPT = {result['kd_ratio_to_cpt_unfused']['median']:.2f}; "
+        f"fused / unfused speed: KD {result['fused_over_unfused']['cached KD']['median']:.2f}, CPT {result['fused_over_unfused']['CPT']['median']:.2f}. "
+        f"step peak = bytes allocated during one whole step above what was live before it. "
         f"online KD = teacher forward + log-softmax + top-{reader.k} + tail every step, then the cached-KD loss; "
         f"student {s:,} / teacher {t:,} matmul params",
     )
@@ -282,6 +327,11 @@ def cpu_peak_bytes(impl: str, n: int, v: int, k: int) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         (grad,) = torch.autograd.grad(fn(x, ids, lp, tail), x)
         del grad
+    return _replayed_peak(prof)
+
+
+def _replayed_peak(prof) -> int:
+    """The peak of live bytes, replaying the profiler's allocation/free events in time order."""
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:  # frees carry negative sizes
@@ -388,9 +438,15 @@ def bench_cache_bytes(reader: TopKCacheReader, teacher_path: Path, dtype: str, s
 
 
 # ---------------------------------------------------------------------------- P5
+P5_GOAL = 0.8  # the issue's goal: stage one captures at >= 0.8x the teacher's bare forward
+
+
 def bench_hf_stage_one(reader: TopKCacheReader, teacher: HFTeacher, batch_rows: int, samples: dict[str, np.ndarray],
                        passes: int, device: str, tmp: Path) -> dict:
-    """The hf backend's work on the sample, part by part; one call = one domain's shard."""
+    """P5a: the hf backend's work on the sample, part by part, each part timed on its own
+    (one call = one domain's shard). It explains where the time goes; it is no throughput:
+    the real worker overlaps a shard's encode + write with the next shard's forward, which
+    a sum of separately timed parts cannot show (P5b times the real worker)."""
     writer = TopKShardWriter(reader.codec, reader.manifest["codec"].get("parquet_zstd_level", 3))
     domains = list(samples)
     tokens = sum(len(r) for r in samples.values()) * reader.seq_len
@@ -408,7 +464,7 @@ def bench_hf_stage_one(reader: TopKCacheReader, teacher: HFTeacher, batch_rows: 
     def forward(i: int) -> int:
         d, batches = shard(i)
         for b in batches:
-            teacher.model(input_ids=torch.as_tensor(b[:, :-1], dtype=torch.long, device=teacher.device)).logits.float()
+            teacher.model(input_ids=torch.as_tensor(b[:, :-1], dtype=torch.long, device=teacher.device)).logits
         return samples[d].size - len(samples[d])  # predicted positions = tokens
 
     def topk_arm(i: int) -> int:
@@ -439,74 +495,157 @@ def bench_hf_stage_one(reader: TopKCacheReader, teacher: HFTeacher, batch_rows: 
     arms = {"forward": forward, "topk": topk_arm, "encode": encode, "fidelity": fidelity, "write": write}
     rates = interleaved(arms, 0, passes * len(domains), device)  # the topk above was the warm-up
     us = {name: [1e6 / x for x in r] for name, r in rates.items()}  # microseconds per token, per call
-    # hf stage one per shard = topk (forward inside) + write (encode + fidelity inside).
-    # Parts are reported as measured, nested, never as differences (a difference of two
-    # noisy timings can come out negative); shares are taken call by call, like P1's ratios.
-    us["total"] = [a + b for a, b in zip(us["topk"], us["write"])]
-    share = {name: statistics.median(x / t for x, t in zip(v, us["total"])) for name, v in us.items()}
-    return {"tokens": tokens, "us_per_token": {n: statistics.median(v) for n, v in us.items()}, "share": share,
-            "tokens_per_s": 1e6 / statistics.median(us["total"]), "forward_tokens_per_s": 1e6 / statistics.median(us["forward"]),
-            "ratio_to_forward": share["forward"]}  # (tokens/s of hf) / (tokens/s of the bare forward), paired
+    # Serial sum per shard = topk (forward inside) + write (encode + fidelity inside): what
+    # one thread doing everything would take. Parts are reported as measured, nested, never
+    # as differences (a difference of two noisy timings can come out negative); shares are
+    # taken call by call, like P1's ratios.
+    us["serial_sum"] = [a + b for a, b in zip(us["topk"], us["write"])]
+    share = {name: statistics.median(x / t for x, t in zip(v, us["serial_sum"])) for name, v in us.items()}
+    return {"tokens": tokens, "calls_per_part": passes * len(domains), "us_per_token": {n: statistics.median(v) for n, v in us.items()},
+            "us_per_token_per_call": us, "share_of_serial_sum": share}
 
 
 def capture_with_teacher_cache(config_path: str, overrides: list[str], cfg: Config, domains: int, backend: str,
                                tokens: int, tmp: Path) -> dict:
-    """Stage one exactly as `ddk teacher-cache` runs it, on a temp directory and a corpus
-    capped at about `tokens` (train rows per domain capped; validation rows stay)."""
+    """Stage one exactly as `ddk teacher-cache` runs it (hf: `run_capture` in-process; vllm:
+    in its child process), into the fresh directory `tmp`, over a corpus capped at about
+    `tokens` (train rows per domain capped; the validation and test rows stay)."""
     from .teacher_cache import teacher_cache
 
     c = cfg.corpus
-    train_rows = max(1, math.ceil(tokens / c.seq_len / domains) - c.val_rows)
+    train_rows = max(1, math.ceil(tokens / c.seq_len / domains) - c.val_rows - c.test_rows)
     teacher_path = cfg.teacher_path()
     extra = [f"cache.out_dir={json.dumps(str(tmp))}", f"teacher.backend={backend}", f"teacher.path={json.dumps(str(teacher_path))}",
              f"corpus.max_train_rows={train_rows}", "cache.workers=1"]
     run_cfg = load_config(config_path, list(overrides) + extra)
     t0 = time.perf_counter()
     manifest = teacher_cache(run_cfg, log=lambda msg: print(f"  [{backend}] {msg}", file=sys.stderr))
+    call_s = time.perf_counter() - t0
     cap = manifest["capture"]
+    # The worker's busy time: from its first shard to its last write, engine/model start-up
+    # excluded. wall_seconds spans the workers' run (start-up included); call_s the whole
+    # teacher_cache call (corpus load, packing, plan, workers, manifest).
     busy = cap["tokens"] / cap["tokens_per_s"] if cap["tokens_per_s"] else None
-    return {"backend": backend, "tokens": cap["tokens"], "tokens_per_s": cap["tokens_per_s"], "capture_wall_s": cap["wall_seconds"],
-            "startup_s": cap["wall_seconds"] - busy if busy else None, "call_s": time.perf_counter() - t0}
+    return {"backend": backend, "dir": str(tmp), "tokens": cap["tokens"], "tokens_per_s": cap["tokens_per_s"], "busy_s": busy,
+            "workers_wall_s": cap["wall_seconds"], "startup_s": cap["wall_seconds"] - busy if busy else None,
+            "call_s": call_s, "call_tokens_per_s": cap["tokens"] / call_s}
+
+
+def captured_token_shards(cache_dir: Path) -> list[np.ndarray]:
+    """The token rows [n, L + 1] of every shard a capture wrote, all splits, shard by shard."""
+    from ..pipeline.cache.manifest import load_manifest
+
+    out = []
+    for d in load_manifest(cache_dir)["domains"].values():
+        for s in d["shards"]:
+            col = pq.read_table(cache_dir / s["file"], columns=["input_ids"]).column("input_ids").combine_chunks()
+            out.append(col.values.to_numpy().reshape(s["rows"], -1))
+    return out
+
+
+def bare_forward(teacher: HFTeacher, shards: list[np.ndarray], batch_rows: int, device: str) -> dict:
+    """The teacher's bare HF forward (logits only: no log-softmax, top-k, encode or write)
+    over the given rows, batch_rows at a time within each shard as the hf worker batches."""
+    batches = [torch.as_tensor(rows[i:i + batch_rows, :-1], dtype=torch.long, device=teacher.device)
+               for rows in shards for i in range(0, len(rows), batch_rows)]
+    tokens = sum(b.numel() for b in batches)
+    with torch.no_grad():
+        bench_sparse_kl._sync(device)
+        t0 = time.perf_counter()
+        for b in batches:
+            teacher.model(input_ids=b).logits
+        bench_sparse_kl._sync(device)
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def _spread(xs: list[float]) -> dict:
+    q1, median, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": min(xs), "max": max(xs)}
+
+
+def paired_capture(config_path: str, overrides: list[str], cfg: Config, teacher: HFTeacher, domains: int, backend: str,
+                   tokens: int, passes: int, warmup: int, device: str, tmp: Path) -> dict:
+    """Capture, bare forward, capture, bare forward, ...: each capture on a new directory,
+    each forward over exactly the rows that capture wrote (read back from its shards), so
+    pass i's ratio compares neighbours in time and equal token counts."""
+    import shutil
+
+    runs = []
+    for p in range(warmup + passes):
+        cap = capture_with_teacher_cache(config_path, overrides, cfg, domains, backend, tokens, tmp / f"{backend}-{p}")
+        fwd = bare_forward(teacher, captured_token_shards(Path(cap["dir"])), cfg.teacher.batch_rows, device)
+        shutil.rmtree(cap["dir"], ignore_errors=True)
+        if fwd["tokens"] != cap["tokens"]:
+            raise RuntimeError(f"P5: the {backend} capture counted {cap['tokens']} tokens, its shards hold {fwd['tokens']}")
+        if p < warmup:
+            continue
+        runs.append({**cap, "forward_tokens_per_s": fwd["tokens_per_s"], "forward_s": fwd["seconds"],
+                     "ratio": cap["tokens_per_s"] / fwd["tokens_per_s"], "call_ratio": cap["call_tokens_per_s"] / fwd["tokens_per_s"]})
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {"backend": backend, "tokens": runs[0]["tokens"], "passes": passes, "warmup_passes": warmup,
+            "tokens_per_s": med("tokens_per_s"), "forward_tokens_per_s": med("forward_tokens_per_s"),
+            "startup_s": med("startup_s"), "call_s": med("call_s"), "call_tokens_per_s": med("call_tokens_per_s"),
+            "ratio_to_forward": _spread([r["ratio"] for r in runs]),
+            "call_ratio_to_forward": _spread([r["call_ratio"] for r in runs]), "per_pass": runs}
 
 
 def bench_stage_one(config_path: str, overrides: list[str], cfg: Config, reader: TopKCacheReader, teacher: HFTeacher,
                     samples: dict[str, np.ndarray], sizes: Sizes, device: str, tmp: Path, with_vllm: bool) -> dict:
-    hf = bench_hf_stage_one(reader, teacher, cfg.teacher.batch_rows, samples, sizes.stage_one_passes, device, tmp / "hf")
-    fwd = hf["forward_tokens_per_s"]
+    hf = bench_hf_stage_one(reader, teacher, cfg.teacher.batch_rows, samples, sizes.stage_one_passes, device, tmp / "hf-parts")
     parts = [("forward + top-k (HFTeacher.topk)", "topk"), ("  of which bare HF forward", "forward"),
              ("encode + write (TopKShardWriter.write)", "write"), ("  of which codec encode", "encode"),
-             ("  of which fidelity check", "fidelity"), ("hf stage one (top-k + write)", "total")]
+             ("  of which fidelity check", "fidelity"), ("serial sum: top-k + write", "serial_sum")]
     print_table(
-        f"P5a hf stage one by part, {hf['tokens']:,} tokens, k={reader.k}, batch {cfg.teacher.batch_rows} rows, "
-        f"{sizes.stage_one_passes} interleaved passes, one call per domain shard",
-        ["part", "us / token (median)", "share (median)"],
-        [[n, hf["us_per_token"][key], f"{100 * hf['share'][key]:.0f} %"] for n, key in parts],
-        "each part is timed on its own, so the parts of a part need not add up exactly. The writer decodes "
-        "every stored row to measure the fidelity it records in the manifest.",
+        f"P5a where stage one's time goes (hf): separately timed parts, {hf['tokens']:,} sample tokens, k={reader.k}, "
+        f"batch {cfg.teacher.batch_rows} rows, {hf['calls_per_part']} calls per part, one call = one domain shard",
+        ["part", "us / token (median)", "share of serial sum"],
+        [[n, hf["us_per_token"][key], f"{100 * hf['share_of_serial_sum'][key]:.0f} %"] for n, key in parts],
+        "Each part is timed on its own, so nested parts need not add up exactly, and the serial sum is no "
+        "throughput: the real worker overlaps encode + write with the next shard's forward (P5b measures it). "
+        "The writer decodes every stored row to measure the fidelity it records in the manifest.",
     )
-    backends = [{"backend": "hf (in-process)", "tokens_per_s": hf["tokens_per_s"], "startup_s": None, "paired": hf["ratio_to_forward"]}]
-    vllm = None
+    # The real capture, interleaved pass by pass with the bare forward over the same rows.
+    # hf passes are cheap (a model load, no engine): one untimed warm-up pass takes the
+    # process's first-call costs, and there are more of them; a vllm pass starts an engine.
+    doms = len(reader.domains)
+    captures = [paired_capture(config_path, overrides, cfg, teacher, doms, "hf", sizes.capture_tokens,
+                               sizes.hf_capture_passes, 1, device, tmp)]
     if with_vllm:
-        vllm = capture_with_teacher_cache(config_path, overrides, cfg, len(reader.domains), "vllm", sizes.vllm_tokens, tmp / "vllm")
-        backends.append({"backend": "vllm (teacher_cache child)", **vllm})
+        captures.append(paired_capture(config_path, overrides, cfg, teacher, doms, "vllm", sizes.capture_tokens,
+                                       sizes.vllm_capture_passes, 0, device, tmp))
+    rows = []
+    for c in captures:
+        r, w = c["ratio_to_forward"], c["call_ratio_to_forward"]
+        n = c["passes"]
+        rows.append([f"{c['backend']} capture ({n} pass{'es' if n != 1 else ''})", c["tokens"], c["tokens_per_s"], c["forward_tokens_per_s"], r["median"],
+                     f"{r['min']:.2f}-{r['max']:.2f}", c["startup_s"], c["call_s"], w["median"]])
+    vllm_note = ("vllm: `teacher_cache` with its worker in a child process, a new engine every pass"
+                 if with_vllm else f"vllm skipped ({'--no-vllm' if vllm_available() else 'not importable'})")
+    print_table(
+        f"P5b stage one (`ddk teacher-cache` on a temp directory, capped corpus, all splits, "
+        f"k={reader.k}) / bare HF forward (same rows, batch {cfg.teacher.batch_rows}, {cfg.teacher.dtype}, {device}, "
+        f"{torch.get_num_threads()} torch threads), "
+        "alternating pass by pass",
+        ["capture", "tokens", "capture tok/s", "forward tok/s", "ratio (median)", "ratio min-max", "start-up s", "call s", "call ratio"],
+        rows,
+        f"capture tok/s = the manifest's capture.tokens_per_s: the worker's busy time (forward + top-k + encode + write, "
+        f"overlapped as in production), model/engine start-up excluded (shown: workers' wall - busy). The forward pass "
+        f"right after each capture runs over the rows read back from that capture's shards; ratio = the median of "
+        f"per-pass ratios. call s / call ratio: the whole teacher_cache call (corpus load and packing, plan, start-up, "
+        f"capture, manifest) instead of busy time. {vllm_note}. hf: 1 untimed warm-up pass.",
+    )
+    goal = ", ".join(f"{c['backend']} {c['ratio_to_forward']['median']:.2f}x" for c in captures)
+    print(f"goal (issue): capture >= {P5_GOAL}x the bare forward; measured (median of paired passes): {goal}")
     own = reader.manifest.get("capture") or {}
     if own.get("tokens_per_s"):
         # Made whenever and wherever the cache was built: context, not a side-by-side number.
-        backends.append({"backend": f"{own['backend']}, this cache's manifest", "tokens_per_s": own["tokens_per_s"], "startup_s": None})
-    for b in backends:
-        # hf's ratio is paired call by call with the forward; the others are not interleaved with it.
-        b["ratio_to_forward"] = b.pop("paired", None) or b["tokens_per_s"] / fwd
-    vllm_note = (f"vllm: `teacher_cache` in its child process on ~{sizes.vllm_tokens:,} tokens of the corpus, tokens/s from "
-                 "its manifest (engine start-up excluded, shown apart), not interleaved with the forward"
-                 if with_vllm else f"vllm skipped ({'--no-vllm' if vllm_available() else 'not importable'})")
-    print_table(
-        "P5b stage-one throughput / the teacher's bare HF forward",
-        ["backend", "tokens/s", "/ bare forward", "engine start-up s"],
-        [["bare HF forward", fwd, 1.0, None]] + [[b["backend"], b["tokens_per_s"], b["ratio_to_forward"], b.get("startup_s")] for b in backends],
-        f"tokens/s = forward + top-k + encode + write. {vllm_note}. The manifest row was measured when and where "
-        "the cache was built.",
-    )
-    return {"hf_parts": hf, "bare_forward_tokens_per_s": fwd, "backends": backends}
+        print(f"context: {reader.dir}'s own manifest says {own['backend']} captured {own['tokens_per_s']:,.0f} tokens/s "
+              "(measured when and where it was built; not paired with anything here)")
+    sys.stdout.flush()
+    return {"hf_parts": hf, "goal_ratio": P5_GOAL, "captures": {c["backend"]: c for c in captures},
+            "vllm_skipped": None if with_vllm else ("--no-vllm" if vllm_available() else "not importable"),
+            "this_cache_manifest": own or None}
 
 
 # ---------------------------------------------------------------------------- P6

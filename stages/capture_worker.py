@@ -17,7 +17,7 @@ import numpy as np
 
 from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import TopKCodec
-from ..pipeline.cache.manifest import CachePlan, shard_done
+from ..pipeline.cache.manifest import CacheError, CachePlan, shard_done
 from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.progress import progress
 from ..pipeline.teachers.base import TopK
@@ -31,13 +31,25 @@ def tokens_path(cache_dir: Path, domain: str, split: str) -> Path:
 
 
 def make_backend(plan: CachePlan, capture: dict):
+    """The plan's teacher under the configured engine, refused if the engine does not
+    compute in the dtype the plan (and so the manifest) records."""
+    backend = _start_engine(plan, capture)
+    if backend.dtype != plan.teacher["dtype"]:
+        backend.close()
+        raise CacheError(f"the {backend.name} engine runs the teacher in {backend.dtype}, but the cache's plan records "
+                         f"teacher.dtype = {plan.teacher['dtype']}; the manifest would misstate the capture: "
+                         f"use a dtype the engine supports on this machine (teacher.dtype) and a new cache.out_dir")
+    return backend
+
+
+def _start_engine(plan: CachePlan, capture: dict):
     t = capture["teacher"]
     if capture["backend"] == "vllm":
         from ..pipeline.teachers.vllm import VLLMTeacher
 
         return VLLMTeacher(
-            plan.teacher["path"], plan.k, plan.seq_len + 2,  # prompt of L + 1 tokens + 1 generated dtype=plan.teacher["dtype"],
-            tensor_parallel_size=t["tensor_parallel_size"], gpu_memory_utilization=t["gpu_memory_utilization"],
+            plan.teacher["path"], plan.k, plan.seq_len + 2,  # prompt of L + 1 tokens + 1 generated
+            dtype=plan.teacher["dtype"], tensor_parallel_size=t["tensor_parallel_size"], gpu_memory_utilization=t["gpu_memory_utilization"],
             cpu_kvcache_gib=t["cpu_kvcache_gib"], enforce_eager=t["enforce_eager"], seed=capture["seed"],
         )
     from ..pipeline.teachers.hf import HFTeacher
@@ -91,7 +103,7 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
         backend.close()
         stats = cache_dir / TOKENS_DIR / "stats" / f"worker-{worker}.json"
         stats.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stats, {"tokens": tokens, "seconds": busy})
+        write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype})
 
 
 def _concat(parts: list[TopK]) -> TopK:

@@ -107,12 +107,12 @@ def corpus_cmd(config_path, overrides):
         from ..pipeline.packing import pack_domains
 
         packed = {p.name: p for p in pack_domains(domains, AutoTokenizer.from_pretrained(tok_dir), cfg.corpus)}
-    click.echo(f"{'domain':<12}{'documents':>10}{'chars':>12}" + (f"{'train rows':>12}{'val rows':>10}{'tokens':>12}" if packed else ""))
+    click.echo(f"{'domain':<12}{'documents':>10}{'chars':>12}" + (f"{'train rows':>12}{'val rows':>10}{'test rows':>11}{'tokens':>12}" if packed else ""))
     for d in domains:
         line = f"{d.name:<12}{len(d.documents):>10}{d.chars:>12,}"
         if packed:
             p = packed[d.name]
-            line += f"{len(p.train):>12}{len(p.val):>10}{(len(p.train) + len(p.val)) * cfg.corpus.seq_len:>12,}"
+            line += f"{len(p.train):>12}{len(p.val):>10}{len(p.test):>11}{(len(p.train) + len(p.val) + len(p.test)) * cfg.corpus.seq_len:>12,}"
         click.echo(line)
     if not packed:
         click.echo(f"(no tokenizer at {tok_dir} yet: run `ddk tiny-models` or set teacher.path for row and token counts)")
@@ -177,14 +177,19 @@ def distill_cmd(config_path, overrides, mode, no_smoothing, equal_sampling, resu
 @config_options
 @click.option("--student", type=click.Path(file_okay=False), default=None, help="Student model directory or checkpoint (default: distill.out_dir's latest checkpoint, else distill.student).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Teacher cache (default: distill.cache_dir or cache.out_dir).")
-@click.option("--rows", type=int, default=0, help="Validation rows per domain (0 = all cached).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Held-out split: test (never seen by training or the scheduler; what results report) or val (what DDK steers by).")
+@click.option("--rows", type=int, default=0, help="Rows per domain of that split (0 = all cached).")
 @friendly_errors
-def eval_cmd(config_path, overrides, student, cache_dir, rows):
-    """Per-domain validation loss and PPL of a student next to the teacher's cached numbers."""
+def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
+    """Per-domain loss and PPL of a student on a held-out split next to the teacher's cached numbers."""
     import torch
     from ..pipeline.cache.reader import TopKCacheReader
     from ..pipeline.checkpoint import latest_checkpoint
-    from ..pipeline.evaluate import cache_student_losses, cache_teacher_losses, perplexity, val_keys
+    from ..pipeline.distributed import DistEnv, domain_losses
+    from ..pipeline.evaluate import cache_teacher_losses, perplexity, split_keys
+    from ..pipeline.objective import Objective
+    from ..pipeline.student import StudentLM
     from .distill import load_student
 
     cfg = _load(config_path, overrides)
@@ -197,10 +202,13 @@ def eval_cmd(config_path, overrides, student, cache_dir, rows):
         p = p / "model"  # a checkpoint directory
     cfg.distill.student = str(p)
     model, _ = load_student(cfg, reader, "cuda" if torch.cuda.is_available() else "cpu")
-    keys = val_keys(reader, rows)
-    s = cache_student_losses(model, reader, keys, device=str(model.device))
+    if rows < 0:
+        raise click.BadParameter(f"--rows {rows}: must be >= 0 (0 = all cached rows)")
+    keys = split_keys(reader, split, rows)
+    # The evaluation path of training (chunked over tokens: no [tokens, V] logits).
+    s = domain_losses(StudentLM(model, Objective(gamma=0.0, loss_impl="unfused")), reader, keys, DistEnv(), str(model.device))
     t = cache_teacher_losses(reader, keys)
-    click.echo(f"student {p}  vs  teacher cache {reader.dir}")
+    click.echo(f"student {p}  vs  teacher cache {reader.dir}, {split} split")
     click.echo(f"{'domain':<12}{'teacher loss':>13}{'teacher ppl':>12}{'student loss':>13}{'student ppl':>12}{'ppl ratio':>10}")
     for d in reader.domains:
         click.echo(f"{d:<12}{t[d]:>13.4f}{perplexity(t[d]):>12.2f}{s[d]:>13.4f}{perplexity(s[d]):>12.2f}{perplexity(s[d]) / perplexity(t[d]):>10.3f}")
@@ -209,22 +217,26 @@ def eval_cmd(config_path, overrides, student, cache_dir, rows):
 @main.command("compare")
 @config_options
 @click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: all five).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
 @friendly_errors
-def compare_cmd(config_path, overrides, modes, out_dir):
-    """Train the same student in every mode from one cache and compare them per domain.
+def compare_cmd(config_path, overrides, modes, seeds, out_dir):
+    """Train the same student in every mode and seed from one cache and compare them per domain.
 
-    Same seed, token budget and hyper-parameters (the config's [distill] section) for
-    all modes. Writes compare.md, compare.json, compare_ppl.png (modes per domain, like
-    the paper's Fig. 1) and compare_ratio.png (lS/lT over training, DDK vs w/o FS).
-    Finished modes are reused and interrupted ones resumed when it is run again.
+    Same token budget and hyper-parameters (the config's [distill] section) for all
+    modes; each mode runs once per seed, in <out>/<mode>/seed-<s>/. Reported on the
+    cache's held-out test split: mean ± std over seeds per mode, and each mode's paired
+    difference to kd with a 95 % bootstrap interval. Writes compare.md, compare.json,
+    compare_ppl.png (modes per domain, like the paper's Fig. 1) and compare_ratio.png
+    (lS/lT over training, DDK vs w/o FS). Finished runs are reused only when their
+    config, cache and initial student match; interrupted ones are resumed.
     """
     from .compare import compare
 
     cfg = _load(config_path, overrides)
     out = Path(out_dir) if out_dir else Path(cfg.distill.out_dir).parent / "compare"
     path = config_path if config_path is not None or not Path(DEFAULT_CONFIG).exists() else DEFAULT_CONFIG
-    compare(path, list(overrides), out, modes.split(",") if modes else None, log=click.echo)
+    compare(path, list(overrides), out, modes.split(",") if modes else None, seeds=seeds, log=click.echo)
 
 
 @main.group("cache")
@@ -261,6 +273,8 @@ def verify_cmd(cache_dir, no_decode):
 
 
 def summarize(m: dict, cache_dir) -> str:
+    from ..pipeline.cache.reader import codec_from_manifest
+
     t = m["teacher"]
     lines = [
         f"cache {cache_dir}",
@@ -270,15 +284,18 @@ def summarize(m: dict, cache_dir) -> str:
         f"  size       {m['bytes']:,} bytes for {m['tokens']:,} tokens = {m['bytes_per_token']:.1f} bytes/token "
         f"(raw int32 ids + fp32 logprobs: {8 * m['k']} bytes/token)",
         f"  fidelity   max abs logprob error {m['fidelity']['max_abs_logprob_error']:.2e} nats, "
-        f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the floor {m['codec']['logprob_floor']}",
+        f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
+        f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})",
     ]
     cap = m.get("capture")
     if cap and cap.get("tokens_per_s"):
         lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")
-    lines.append(f"  {'domain':<12}{'train rows':>11}{'val rows':>9}{'shards':>7}{'bytes':>13}{'teacher val loss':>18}{'ppl':>9}")
+    lines.append(f"  {'domain':<12}{'train rows':>11}{'val rows':>9}{'test rows':>10}{'shards':>7}{'bytes':>13}"
+                 f"{'teacher val loss':>18}{'ppl':>9}{'test loss':>11}{'ppl':>9}")
     for name, d in m["domains"].items():
         size = sum(s["bytes"] for s in d["shards"])
-        lines.append(f"  {name:<12}{d['train_rows']:>11}{d['val_rows']:>9}{len(d['shards']):>7}{size:>13,}{d['teacher_val_loss']:>18.4f}{d['teacher_val_ppl']:>9.2f}")
+        lines.append(f"  {name:<12}{d['train_rows']:>11}{d['val_rows']:>9}{d['test_rows']:>10}{len(d['shards']):>7}{size:>13,}"
+                     f"{d['teacher_val_loss']:>18.4f}{d['teacher_val_ppl']:>9.2f}{d['teacher_test_loss']:>11.4f}{d['teacher_test_ppl']:>9.2f}")
     return "\n".join(lines)
 
 

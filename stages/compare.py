@@ -1,25 +1,40 @@
-"""The paper's comparison from one cache: cpt, kd, ddk and DDK's two ablations.
+"""The paper's comparison from one cache: cpt, kd, ddk and DDK's two ablations, over seeds.
 
-Every mode trains the same student with the same seed, token budget and hyper-parameters
-(the config's [distill] section); only the mode switches differ. Runs live in
-`<out>/<mode>/` and are reused (or resumed) when `make compare` is re-run. The results
-table (Markdown + JSON) lists per-domain validation PPL, the mean, the worst domain's
-PPL ratio to the teacher and training tokens/s per mode; two PNGs show the modes per
-domain (the paper's Fig. 1) and lS/lT over training for DDK vs w/o FS (its Fig. 3).
+Every mode trains the same student with the same token budget and hyper-parameters (the
+config's [distill] section) once per seed 0..n-1 (`distill.seed`: data order and
+sampler); only the mode switches differ. Run (mode, seed) lives in
+`<out>/<mode>/seed-<s>/`. A re-run resumes an unfinished run from its checkpoint and
+reuses a finished one only when it is the run that would be made now: the same
+[distill] config, the same cache (manifest sha256) and the same initial student
+(weights sha256); any other finished run is refused, naming what differs.
+
+Everything reported comes from the cache's held-out TEST split, which neither training
+nor the scheduler sees (DESIGN.md section 8): per mode, the mean and sample standard
+deviation over seeds of per-domain PPL, mean CE, mean and worst student/teacher PPL
+ratio and training tokens/s; and each mode's paired difference to KD with a bootstrap
+interval (pipeline/stats.py). compare.json holds every number (per seed too),
+compare.md the tables, compare_ppl.png the modes per domain with error bars (the
+paper's Fig. 1) and compare_ratio.png lS/lT over training for DDK beside w/o FS (its
+Fig. 3; seed 0, on the validation rows the scheduler steers by).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..pipeline.atomic import write_json_atomic, write_text_atomic
 from ..pipeline.checkpoint import latest_checkpoint
-from ..pipeline.config import ConfigError, load_config
-from ..pipeline.evaluate import perplexity
-from .distill import distill, read_metrics, run_label
+from ..pipeline.config import Config, ConfigError, load_config
+from ..pipeline.run_identity import cache_identity, student_identity
+from ..pipeline.stats import metrics_vs_teacher, paired_bootstrap, seed_spread
+from .distill import RESUMABLE_WITH_CHANGED, distill, read_metrics, run_label
 
 # (label, config overrides): one tool, five switches.
 MODES: list[tuple[str, list[str]]] = [
@@ -29,30 +44,38 @@ MODES: list[tuple[str, list[str]]] = [
     ("ddk-no-smoothing", ["distill.mode=ddk", "distill.no_smoothing=true"]),
     ("ddk-equal-sampling", ["distill.mode=ddk", "distill.equal_sampling=true"]),
 ]
+# The paper's baseline: every other mode's paired difference is measured against it.
+REFERENCE = "kd"
+BOOTSTRAP = {"replicates": 2000, "confidence": 0.95, "rng_seed": 0}
+# A run's speed is the median tokens/s of its train steps after these first ones, which
+# include start-up (allocation, first shard reads).
+WARMUP_STEPS = 5
 
 
-def _run_mode(config_path, overrides: list[str], label: str, extra: list[str], out: Path, log) -> dict:
-    run_dir = out / label
-    cfg = load_config(config_path, [*overrides, *extra, f"distill.out_dir={json.dumps(str(run_dir))}"])
-    assert run_label(cfg) == label
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        done = json.loads(results_path.read_text())
-        if done["config"] == json.loads(json.dumps(asdict(cfg.distill))):  # as results.json stores it
-            log(f"[{label}] finished earlier in {run_dir}; reusing its results")
-            return done
-        raise ConfigError(f"{run_dir} holds a finished run with another [distill] config; delete it or pass another --out")
-    return distill(cfg, resume=latest_checkpoint(run_dir) is not None, log=log)
+@dataclass
+class Run:
+    """One finished (mode, seed) run: where it lives and its results.json."""
+
+    label: str
+    seed: int
+    dir: Path
+    results: dict
 
 
-def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, log=print) -> dict:
-    wanted = [m for m in MODES if modes is None or m[0] in modes]
-    unknown = set(modes or []) - {m[0] for m in MODES}
+def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print) -> dict:
+    unknown = sorted(set(modes or []) - {label for label, _ in MODES})
     if unknown:
-        raise ConfigError(f"unknown modes {sorted(unknown)}; choose from {[m[0] for m in MODES]}")
+        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in MODES]}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
+    wanted = [m for m in MODES if modes is None or m[0] in modes]
     out.mkdir(parents=True, exist_ok=True)
-    runs = {label: _run_mode(config_path, list(overrides), label, extra, out, log) for label, extra in wanted}
-    summary = summarize(runs, out)
+    identities: dict[tuple[str, str], dict] = {}  # hashed once per compare, only if a run is to be reused
+    runs = {}
+    for label, extra in wanted:
+        _refuse_single_seed_layout(out / label)
+        runs[label] = [_run(config_path, list(overrides), label, extra, seed, out, identities, log) for seed in range(seeds)]
+    summary = summarize(runs)
     write_json_atomic(out / "compare.json", summary)
     write_text_atomic(out / "compare.md", markdown(summary))
     summary["plots"] = [str(p) for p in plot(summary, runs, out)]
@@ -61,61 +84,221 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     return summary
 
 
-def summarize(runs: dict[str, dict], out: Path) -> dict:
-    first = next(iter(runs.values()))
-    domains = first["domains"]
-    teacher = {d: perplexity(first["teacher_loss"][d]) for d in domains}
-    rows = {}
-    for label, r in runs.items():
-        ppl = {d: perplexity(r["student_after_loss"][d]) for d in domains}
-        ratio = {d: ppl[d] / teacher[d] for d in domains}
-        worst = max(ratio, key=ratio.get)
-        speeds = [m["tokens_per_s"] for m in read_metrics(out / label, "train")][5:]  # skip warm-up steps
-        rows[label] = {
-            "ppl": ppl,
-            "mean_ppl": statistics.fmean(ppl.values()),
-            "worst_domain": worst,
-            "worst_ppl_ratio": ratio[worst],
-            "tokens_per_s": statistics.median(speeds) if speeds else None,
-            "tokens": r["tokens"],
-        }
-    before = {d: perplexity(first["student_before_loss"][d]) for d in domains}
-    return {"domains": domains, "teacher_ppl": teacher, "student_before_ppl": before, "modes": rows,
-            "steps": first["steps"], "tokens": first["tokens"], "interval": first["interval"]}
+def _refuse_single_seed_layout(mode_dir: Path) -> None:
+    if (mode_dir / "results.json").exists():
+        raise ConfigError(f"{mode_dir / 'results.json'} is a single-seed run of an older ddk, made before per-seed runs and the held-out "
+                          f"test split; delete {mode_dir} or pass another --out")
+
+
+def _run(config_path, overrides: list[str], label: str, extra: list[str], seed: int, out: Path,
+         identities: dict, log) -> Run:
+    run_dir = out / label / f"seed-{seed}"
+    cfg = load_config(config_path, [*overrides, *extra, f"distill.seed={seed}", f"distill.out_dir={json.dumps(str(run_dir))}"])
+    assert run_label(cfg) == label
+    results_path = run_dir / "results.json"
+    if results_path.exists():
+        key = (str(cfg.cache_path()), str(cfg.student_path()))
+        if key not in identities:
+            identities[key] = {"cache_manifest_sha256": cache_identity(key[0]), "student_sha256": student_identity(key[1])}
+        done = json.loads(results_path.read_text())
+        refusal = reuse_refusal(done, cfg, identities[key], run_dir)
+        if refusal:
+            raise ConfigError(refusal)
+        log(f"[{label} seed {seed}] finished earlier in {run_dir}; reusing its results")
+        return Run(label, seed, run_dir, done)
+    return Run(label, seed, run_dir, distill(cfg, resume=latest_checkpoint(run_dir) is not None, log=log))
+
+
+def reuse_refusal(done: dict, cfg: Config, identity: dict, run_dir: Path) -> str | None:
+    """Why the finished run in `run_dir` (its results.json `done`) is not the run `cfg` would
+    make now, in one line with the fix; None when it is (same [distill] config, cache and
+    initial student). `identity` holds the current cache's and student's hashes."""
+    where = run_dir / "results.json"
+    fix = f"delete {run_dir} to train it again, or pass another --out"
+    if "test" not in done or "identity" not in done:
+        return f"{where} predates the held-out test split (it has no 'test' and 'identity' entries), so it cannot be reported; {fix}"
+    now = json.loads(json.dumps(asdict(cfg.distill)))  # as results.json stores it
+    # The rule of --resume: fields that say where a run lives or how it is computed (out_dir,
+    # kernels, precision, ...) do not make it another run; cache and student are compared by hash below.
+    changed = [k for k in sorted(now.keys() | done["config"].keys())
+               if k not in RESUMABLE_WITH_CHANGED and done["config"].get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"distill.{k} = {done['config'].get(k)!r} there, {now.get(k)!r} now" for k in changed)
+        return f"{where} was made with another [distill] config ({diffs}); {fix}"
+    for key, what, path in (("cache_manifest_sha256", "cache", cfg.cache_path()), ("student_sha256", "initial student", cfg.student_path())):
+        if done["identity"].get(key) != identity[key]:
+            return (f"{where} was trained from another {what} than {path} holds now ({key} {str(done['identity'].get(key))[:12]} there, "
+                    f"{identity[key][:12]} now); {fix}")
+    return None
+
+
+def summarize(runs: dict[str, list[Run]]) -> dict:
+    """Every number of the comparison (compare.json): per mode and seed, spread over seeds,
+    paired differences to KD. All on the test split."""
+    first = next(iter(runs.values()))[0].results
+    test = first["test"]
+    teacher = test["teacher_loss"]  # one cache: the same for every run
+    modes = {label: _mode_summary(rs, teacher) for label, rs in runs.items()}
+    vs_reference = {}
+    if REFERENCE in runs:
+        for label, rs in runs.items():
+            if label != REFERENCE:
+                vs_reference[label] = paired_bootstrap(_row_losses(rs), _row_losses(runs[REFERENCE]),
+                                                       {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}, **BOOTSTRAP)
+    return {
+        "split": "test",
+        "domains": first["domains"],
+        "seeds": [r.seed for r in next(iter(runs.values()))],
+        "steps": first["steps"],
+        "tokens": first["tokens"],
+        "interval": first["interval"],
+        "spread": "mean over seeds; std = sample standard deviation (n - 1), min/max = extreme seeds",
+        "teacher": {"loss": teacher, "ppl": {d: math.exp(v) for d, v in teacher.items()},
+                    "mean_ce": statistics.fmean(teacher.values())},
+        # The initial student is the same for every run (its identity is checked).
+        "student_before": metrics_vs_teacher(test["student_before_loss"], teacher),
+        "modes": modes,
+        "reference": REFERENCE,
+        "vs_reference": vs_reference,
+        "bootstrap": {**BOOTSTRAP, "interval": "percentile",
+                      "resamples": "seeds with replacement, paired across the two modes; within each domain, test rows "
+                                   "with replacement, the same rows for both modes and the teacher"},
+        "order_by_mean_ce": sorted(modes, key=lambda m: modes[m]["mean_ce"]["mean"]),
+    }
+
+
+def _mode_summary(runs: list[Run], teacher: dict[str, float]) -> dict:
+    per_seed = []
+    for r in runs:
+        per_seed.append({
+            "seed": r.seed,
+            "run_dir": str(r.dir),
+            **metrics_vs_teacher(r.results["test"]["student_after_loss"], teacher),
+            # On the rows the scheduler steered by: the gap to mean_ce shows what steering on them is worth.
+            "validation_mean_ce": statistics.fmean(r.results["student_after_loss"].values()),
+            "tokens": r.results["tokens"],
+            "tokens_per_s": _train_speed(r.dir),
+        })
+    worst = Counter(p["worst_domain"] for p in per_seed).most_common(1)[0]
+    speeds = [p["tokens_per_s"] for p in per_seed if p["tokens_per_s"] is not None]
+    return {
+        "ppl": {d: seed_spread([p["ppl"][d] for p in per_seed]) for d in teacher},
+        "mean_ce": seed_spread([p["mean_ce"] for p in per_seed]),
+        "mean_ratio": seed_spread([p["mean_ratio"] for p in per_seed]),
+        "worst_ratio": seed_spread([p["worst_ratio"] for p in per_seed]),
+        "worst_domain": worst[0],  # the domain that is worst in most seeds
+        "worst_domain_seeds": worst[1],
+        "tokens_per_s": seed_spread(speeds) if speeds else None,
+        "per_seed": per_seed,
+    }
+
+
+def _row_losses(runs: list[Run]) -> dict[str, np.ndarray]:
+    """[seeds, test rows] of per-row student CE per domain, seeds in the runs' order."""
+    domains = runs[0].results["domains"]
+    return {d: np.array([r.results["test"]["student_after_row_loss"][d] for r in runs]) for d in domains}
+
+
+def _train_speed(run_dir: Path) -> float | None:
+    speeds = [m["tokens_per_s"] for m in read_metrics(run_dir, "train")]
+    # A run too short to skip the warm-up steps (a smoke test) keeps them all.
+    return statistics.median(speeds[WARMUP_STEPS:] or speeds) if speeds else None
 
 
 def markdown(s: dict) -> str:
-    domains = s["domains"]
-    head = "| mode | " + " | ".join(domains) + " | mean PPL | worst PPL / teacher | train tokens/s |"
-    lines = [f"Validation perplexity per domain after {s['steps']} steps ({s['tokens']:,} tokens, K = {s['interval']}).", "",
-             head, "|" + "---|" * (len(domains) + 4)]
-
-    def row(name, ppl, extra):
-        return f"| {name} | " + " | ".join(f"{ppl[d]:.2f}" for d in domains) + f" | {statistics.fmean(ppl.values()):.2f} | {extra}"
-
-    lines.append(row("teacher", s["teacher_ppl"], "1.00 | |"))
-    lines.append(row("student before", s["student_before_ppl"], "| |"))
-    best = min(s["modes"], key=lambda m: s["modes"][m]["mean_ppl"])
-    for label, r in s["modes"].items():
-        tok = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
-        name = f"**{label}**" if label == best else label
-        lines.append(row(name, r["ppl"], f"{r['worst_ppl_ratio']:.3f} ({r['worst_domain']}) | {tok} |"))
-    lines.append("")
-    lines.append(f"Lowest mean PPL: {best}. Order by mean PPL: " + " < ".join(sorted(s["modes"], key=lambda m: s["modes"][m]["mean_ppl"])) + ".")
+    domains, n = s["domains"], len(s["seeds"])
+    lines = [
+        f"Test split, {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, s['seeds']))}) per mode, {s['steps']} steps "
+        f"({s['tokens']:,} tokens per run, K = {s['interval']}). Held-out test rows per domain, never seen by training or "
+        f"the scheduler. "
+        + ("Each cell: mean ± sample standard deviation over seeds; mean CE also gives the min..max over seeds. "
+           if n > 1 else "n = 1: one seed, no spread over seeds. ")
+        + "Lower is better everywhere.",
+        "",
+        "| mode | " + " | ".join(f"{d} PPL" for d in domains) + " | mean CE (nats) | mean PPL ratio | worst PPL ratio | train tokens/s |",
+        "|" + "---|" * (len(domains) + 5),
+    ]
+    t = s["teacher"]
+    lines.append("| teacher | " + " | ".join(f"{t['ppl'][d]:.2f}" for d in domains) + f" | {t['mean_ce']:.4f} | 1.000 | 1.000 | |")
+    b = s["student_before"]
+    lines.append("| student before | " + " | ".join(f"{b['ppl'][d]:.2f}" for d in domains)
+                 + f" | {b['mean_ce']:.4f} | {b['mean_ratio']:.3f} | {b['worst_ratio']:.3f} ({b['worst_domain']}) | |")
+    order = s["order_by_mean_ce"]
+    for label, m in s["modes"].items():
+        name = f"**{label}**" if label == order[0] else label
+        ce = m["mean_ce"]
+        ce_cell = _pm(ce, ".4f") + (f" ({ce['min']:.4f}..{ce['max']:.4f})" if n > 1 else "")
+        worst = f"{_pm(m['worst_ratio'], '.3f')} ({m['worst_domain']}, {m['worst_domain_seeds']}/{n} seeds)"
+        speed = _pm(m["tokens_per_s"], ",.0f") if m["tokens_per_s"] else "n/a"
+        lines.append(f"| {name} | " + " | ".join(_pm(m["ppl"][d], ".2f") for d in domains)
+                     + f" | {ce_cell} | {_pm(m['mean_ratio'], '.3f')} | {worst} | {speed} |")
+    lines += ["", *_difference_table(s), "", _in_words(s), ""]
     return "\n".join(lines)
 
 
-def plot(summary: dict, runs: dict, out: Path) -> list[Path]:
+def _pm(spread: dict, fmt: str) -> str:
+    """'mean ± std' of a seed_spread (just the mean for one seed)."""
+    return f"{spread['mean']:{fmt}}" + (f" ± {spread['std']:{fmt}}" if spread["std"] is not None else "")
+
+
+def _difference_table(s: dict) -> list[str]:
+    ref, bs = s["reference"], s["bootstrap"]
+    if not s["vs_reference"]:
+        return [f"No paired differences: {ref} is not among the compared modes (add it to --modes)."]
+    pct = f"{bs['confidence'] * 100:g} %"
+    n = len(s["seeds"])
+    lines = [
+        f"Paired difference to {ref} on the test split (mode − {ref}; negative = lower than {ref}, better). {pct} percentile "
+        f"intervals of a paired bootstrap ({bs['replicates']} replicates, RNG seed {bs['rng_seed']}): each replicate resamples "
+        f"the seeds with replacement (seed s of a mode paired with seed s of {ref}) and, within each domain, the test rows with "
+        f"replacement (the same rows for both modes). Significant = the interval excludes 0."
+        + (" n = 1 seed: the intervals cover test-row sampling only, not run-to-run noise." if n == 1 else
+           f" Resampling {n} seeds gives (n - 1)/n = {(n - 1) / n:.2f} of their sample variance: few seeds make the intervals "
+           f"somewhat narrow."),
+        "",
+        f"| mode | mean CE diff | {pct} CI | significant | mean ratio diff | {pct} CI | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, d in s["vs_reference"].items():
+        ce, ratio = d["mean_ce"], d["mean_ratio"]
+        lines.append(f"| {label} | {ce['diff']:+.4f} | [{ce['low']:+.4f}, {ce['high']:+.4f}] | {'yes' if ce['significant'] else 'no'} "
+                     f"| {ratio['diff']:+.3f} | [{ratio['low']:+.3f}, {ratio['high']:+.3f}] | {'yes' if ratio['significant'] else 'no'} |")
+    return lines
+
+
+def _in_words(s: dict) -> str:
+    modes, ref = s["modes"], s["reference"]
+    words = "Order by mean test CE (lower is better): " + " < ".join(
+        f"{m} ({modes[m]['mean_ce']['mean']:.4f})" for m in s["order_by_mean_ce"]) + "."
+    if s["vs_reference"]:
+        groups = {"significantly lower": [], "significantly higher": [], "no significant difference": []}
+        for label, d in s["vs_reference"].items():
+            ce = d["mean_ce"]
+            groups[("significantly lower" if ce["diff"] < 0 else "significantly higher") if ce["significant"] else "no significant difference"].append(label)
+        pct = f"{s['bootstrap']['confidence'] * 100:g} %"
+        words += (f" Mean test CE against {ref} ({pct} paired bootstrap interval): "
+                  + "; ".join(f"{key}: {', '.join(labels)}" for key, labels in groups.items() if labels) + ".")
+    if len(s["seeds"]) == 1:
+        words += " One seed: run-to-run noise is not measured; run with --seeds 3 or more before reading the order."
+    return words
+
+
+def plot(summary: dict, runs: dict[str, list[Run]], out: Path) -> list[Path]:
     from ..pipeline import plots
 
-    domains = summary["domains"]
-    columns = {"teacher": summary["teacher_ppl"], **{label: r["ppl"] for label, r in summary["modes"].items()}}
-    paths = [plots.plot_domain_ppl(columns, out / "compare_ppl.png", title="Validation perplexity per domain by mode")]
+    domains, n = summary["domains"], len(summary["seeds"])
+    columns = {"teacher": summary["teacher"]["ppl"], "student before": summary["student_before"]["ppl"],
+               **{label: {d: m["ppl"][d]["mean"] for d in domains} for label, m in summary["modes"].items()}}
+    errors = {label: {d: m["ppl"][d]["std"] for d in domains} for label, m in summary["modes"].items()}
+    spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    paths = [plots.plot_domain_ppl(columns, out / "compare_ppl.png", title=f"Test perplexity per domain by mode ({spread})",
+                                   errors=errors)]
     series = {}
     for label in ("ddk", "ddk-no-smoothing"):
-        evals = read_metrics(out / label, "eval") if label in runs else []
+        evals = read_metrics(runs[label][0].dir, "eval") if label in runs else []
         if evals:
             series[label] = ([e["tokens"] for e in evals], [[e["ratio"][d] for d in domains] for e in evals])
     if series:
-        paths.append(plots.plot_ppl_ratio(series, domains, out / "compare_ratio.png"))
+        paths.append(plots.plot_ppl_ratio(series, domains, out / "compare_ratio.png",
+                                          title=r"Student/teacher PPL ratio $\ell_S/\ell_T$ per domain on validation (seed 0)"))
     return paths

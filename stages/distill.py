@@ -1,11 +1,15 @@
 """Stage two: the student trains from the teacher cache, domains re-weighted by DDK.
 
-Read top to bottom: open the cache and the student (refusing mismatched tokenizers),
-build the domain scheduler and interval sampler for the mode, then train. At the start
-of every interval of K steps the student is evaluated per domain, the scheduler turns
-student/teacher perplexities into weights (Eq. 1-2) and the sampler draws the interval's
-rows (Algorithm 1). Each step minimises Eq. 3. Checkpoints make the run resumable; at
-the end a per-domain table and plots are written.
+Read `_distill` first: it composes the named steps of `Trainer`. Building the trainer
+opens the cache and the student (refusing mismatched tokenizers, and on --resume a
+checkpoint made with another config, cache or student), and builds the domain scheduler
+and interval sampler for the mode. At the start of every interval of K steps the student
+is evaluated per domain on the VALIDATION rows, the scheduler turns student/teacher
+perplexities into weights (Eq. 1-2) and the sampler draws the interval's rows
+(Algorithm 1). Each optimizer step minimises Eq. 3 (the LM head fused into the loss by
+default: pipeline/student.py). Checkpoints make the run resumable; at the end the
+student is scored on the held-out TEST rows too (never seen by training or the
+scheduler), and results.json, a per-domain table and plots are written.
 
 The same function runs as one rank of a torchrun launch (pipeline/distributed.py holds
 the plumbing): every rank evaluates a share of the validation rows and the sums are
@@ -32,10 +36,12 @@ from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.distributed import DistEnv
-from ..pipeline.evaluate import cache_teacher_losses, format_table, perplexity, val_keys
-from ..pipeline.objective import distill_loss
+from ..pipeline.evaluate import cache_teacher_losses, cache_teacher_row_losses, format_table, perplexity, split_keys
+from ..pipeline.objective import LossParts, Objective
 from ..pipeline.progress import progress
+from ..pipeline.run_identity import cache_identity, student_identity
 from ..pipeline.scheduler import DomainScheduler, IntervalSampler
+from ..pipeline.student import StudentLM
 from ..pipeline.teachers.identity import tokenizer_sha256
 
 
@@ -164,147 +170,247 @@ def distill(cfg: Config, resume: bool = False, log=print) -> dict:
 
 
 def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
-    d = cfg.distill
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if d.batch_rows % env.world_size:
-        raise ConfigError(f"distill.batch_rows = {d.batch_rows} is the global micro-batch, split evenly over {env.world_size} ranks; "
-                          f"set it to a multiple of {env.world_size} or launch another number of ranks")
-    torch.manual_seed(d.seed)
-    reader = TopKCacheReader(cfg.cache_path())
-    model, tokenizer = load_student(cfg, reader, device)
-    out = Path(d.out_dir)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
-    if not resume and latest_checkpoint(out) is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or set distill.out_dir to a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, resume, log, env)
+    while trainer.step < cfg.distill.steps:
+        if trainer.interval_due():
+            trainer.start_interval()
+        trainer.optimizer_step()
+        if trainer.checkpoint_due():
+            trainer.checkpoint()
+    return trainer.finish()
 
-    domains = reader.domains
-    rows = {dom: reader.num_rows(dom, "train") for dom in domains}
-    interval = DomainScheduler.interval_steps(d.steps, d.interval or None, None if d.interval else d.interval_fraction)
-    scheduler = DomainScheduler(domains, scheduler_mode(cfg), interval, d.alpha, rows)
-    sampler = IntervalSampler(rows, seed=d.seed)
-    gamma = 0.0 if d.mode == "cpt" else d.gamma
-    keys = val_keys(reader, d.eval_rows)
-    teacher_loss = cache_teacher_losses(reader, keys)
-    teacher_ppl = np.array([perplexity(teacher_loss[dom]) for dom in domains])
-    rows_per_interval = interval * d.batch_rows * d.grad_accum
 
-    if ckpt is not None:
-        from transformers import AutoModelForCausalLM
+# Fields of [distill] that choose how a run is computed, not what it computes: a run may
+# be resumed with them changed (another machine, another kernel, more ranks, a moved
+# cache or student: those two are checked by content hash instead). Every other field
+# changes the run and must match the checkpoint's.
+RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "debug_rank_logs", "precision",
+                          "kl_impl", "loss_impl", "parallel", "cache_dir", "student")
 
-        model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
-    # The optimizer must see the wrapped parameters (FSDP2 replaces them with shards).
-    model = distributed.wrap_model(model, d.parallel, env, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
-    state = {"step": 0, "interval_index": -1, "interval_keys": [], "interval_pos": 0, "before": None}
-    if ckpt is not None:
-        state = load_trainer_state(ckpt, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        log(f"resuming from {ckpt} at step {state['step']}")
-    if state["before"] is None:
-        state["before"] = distributed.domain_losses(model, reader, keys, env, device)
-    metrics = MetricsLog(out / "metrics.jsonl", state["step"] if ckpt else None) if env.is_main else _NoLog()
-    # distill.debug_rank_logs: what each rank computed and trained on (the distributed tests read it).
-    ranks_log = (MetricsLog(out / "ranks" / f"rank-{env.rank}.jsonl", state["step"] if ckpt else None, tensorboard=False)
-                 if d.debug_rank_logs else _NoLog())
-    label = run_label(cfg)
-    ranks = f", {env.world_size} ranks ({d.parallel})" if env.enabled else ""
-    log(f"distill [{label}] {d.steps} steps x {d.batch_rows * d.grad_accum} rows of {reader.seq_len} tokens, "
-        f"K={interval}, gamma={gamma}, T={d.temperature}, device {device}{ranks}, cache {reader.dir}")
 
-    tokens_per_step = d.batch_rows * d.grad_accum * reader.seq_len
-    bar = progress(total=d.steps, initial=state["step"], desc=f"distill {label}", unit="step", disable=not env.is_main)
-    t_last, last_ckpt = time.perf_counter(), ckpt
-    step = state["step"]
-    while step < d.steps:
-        if scheduler.needs_update(step) and state["interval_index"] < step // interval:
-            # Start of an interval: measure lS, update r_t (Eq. 1/2), draw its rows (Alg. 1).
-            # The losses are reduced over all ranks' validation shares, so every rank computes
-            # the same weights and draws the same global interval list.
-            student_loss = distributed.domain_losses(model, reader, keys, env, device)
-            student_ppl = np.array([perplexity(student_loss[dom]) for dom in domains])
-            weights = scheduler.update(step, student_ppl, teacher_ppl)
-            distributed.check_identical(weights, env, f"domain weights at step {step}")
-            state["interval_index"] = step // interval
-            # The whole interval is kept (checkpoints stay independent of the world size);
-            # each micro-batch below is split over the ranks.
-            state["interval_keys"] = [list(k) for k in sampler.draw(state["interval_index"], weights, rows_per_interval)]
-            state["interval_pos"] = 0
-            record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
-                      "student_loss": student_loss, "teacher_loss": teacher_loss,
-                      "ratio": dict(zip(domains, (student_ppl / teacher_ppl).tolist())),
-                      "weights": dict(zip(domains, weights.tolist()))}
-            metrics.write(record)
-            ranks_log.write(record)
+def run_identity(cfg: Config, reader: TopKCacheReader) -> dict:
+    """What the run is made of: its defining config, the cache and the initial student (hashes)."""
+    return {"config": {k: v for k, v in json.loads(json.dumps(asdict(cfg.distill))).items() if k not in RESUMABLE_WITH_CHANGED},
+            "cache_manifest_sha256": cache_identity(reader.dir),
+            "student_sha256": student_identity(cfg.student_path())}
+
+
+def check_resumable(saved: dict | None, now: dict, ckpt: Path) -> None:
+    """Refuse to continue a checkpoint with a config, cache or student other than its own."""
+    fix = f"resume with the config, cache and student it was started with, or set distill.out_dir to a new directory"
+    if saved is None:
+        raise ConfigError(f"--resume: {ckpt} predates run identities (it records no config, cache or student); {fix}")
+    for key in sorted(set(saved["config"]) | set(now["config"])):
+        if saved["config"].get(key) != now["config"].get(key):
+            raise ConfigError(f"--resume: {ckpt} was made with distill.{key} = {json.dumps(saved['config'].get(key))}, "
+                              f"this config has {json.dumps(now['config'].get(key))}; {fix}")
+    for key, what in (("cache_manifest_sha256", "another teacher cache (manifest sha256"), ("student_sha256", "another initial student (weights sha256")):
+        if saved[key] != now[key]:
+            raise ConfigError(f"--resume: {ckpt} was made from {what} {saved[key][:12]}, now {now[key][:12]}); {fix}")
+
+
+class Trainer:
+    """One stage-two run as named steps: build everything (here), start an interval, one
+    optimizer step, a checkpoint, the final evaluation. `_distill` composes them."""
+
+    def __init__(self, cfg: Config, resume: bool, log, env: DistEnv):
+        d = self.d = cfg.distill
+        self.cfg, self.log, self.env = cfg, log, env
+        self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
+        if d.batch_rows % env.world_size:
+            raise ConfigError(f"distill.batch_rows = {d.batch_rows} is the global micro-batch, split evenly over {env.world_size} ranks; "
+                              f"set it to a multiple of {env.world_size} or launch another number of ranks")
+        torch.manual_seed(d.seed)
+        self.reader = reader = TopKCacheReader(cfg.cache_path())
+        model, self.tokenizer = load_student(cfg, reader, device)
+        self.out = out = Path(d.out_dir)
+        ckpt = latest_checkpoint(out) if resume else None
+        if resume and ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
+        if not resume and latest_checkpoint(out) is not None:
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or set distill.out_dir to a new directory")
+        self.identity = run_identity(cfg, reader)
+        if ckpt is not None:
+            check_resumable(json.loads((ckpt / "state.json").read_text()).get("identity"), self.identity, ckpt)
+        out.mkdir(parents=True, exist_ok=True)
+
+        self.domains = domains = reader.domains
+        rows = {dom: reader.num_rows(dom, "train") for dom in domains}
+        self.interval = DomainScheduler.interval_steps(d.steps, d.interval or None, None if d.interval else d.interval_fraction)
+        self.scheduler = DomainScheduler(domains, scheduler_mode(cfg), self.interval, d.alpha, rows)
+        self.sampler = IntervalSampler(rows, seed=d.seed)
+        self.gamma = 0.0 if d.mode == "cpt" else d.gamma
+        self.objective = Objective(self.gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.loss_impl, d.kl_impl)
+        # The scheduler steers by validation; results are reported on the held-out test rows.
+        self.val_keys = split_keys(reader, "val", d.eval_rows)
+        self.test_keys = split_keys(reader, "test")
+        self.teacher_loss = cache_teacher_losses(reader, self.val_keys)
+        self.teacher_ppl = np.array([perplexity(self.teacher_loss[dom]) for dom in domains])
+        self.rows_per_interval = self.interval * d.batch_rows * d.grad_accum
+        self.tokens_per_step = d.batch_rows * d.grad_accum * reader.seq_len
+
+        if ckpt is not None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
+        # The optimizer must see the wrapped parameters (FSDP2 replaces them with shards).
+        self.model = distributed.wrap_model(StudentLM(model, self.objective), d.parallel, env, device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
+        self.state = {"step": 0, "interval_index": -1, "interval_keys": [], "interval_pos": 0, "before": None,
+                      "before_test": None, "identity": self.identity}
+        if ckpt is not None:
+            self.state = load_trainer_state(ckpt, self.model, self.optimizer)
+            self.scheduler.load_state_dict(self.state["scheduler"])
+            self.sampler.load_state_dict(self.state["sampler"])
+            log(f"resuming from {ckpt} at step {self.state['step']}")
+        if self.state["before"] is None:
+            self.state["before"] = distributed.domain_losses(self.model, reader, self.val_keys, env, device)
+            self.state["before_test"] = distributed.domain_losses(self.model, reader, self.test_keys, env, device)
+        resume_step = self.state["step"] if ckpt else None
+        self.metrics = MetricsLog(out / "metrics.jsonl", resume_step) if env.is_main else _NoLog()
+        # distill.debug_rank_logs: what each rank computed and trained on (the distributed tests read it).
+        self.ranks_log = (MetricsLog(out / "ranks" / f"rank-{env.rank}.jsonl", resume_step, tensorboard=False)
+                          if d.debug_rank_logs else _NoLog())
+        self.label = run_label(cfg)
+        ranks = f", {env.world_size} ranks ({d.parallel})" if env.enabled else ""
+        log(f"distill [{self.label}] {d.steps} steps x {d.batch_rows * d.grad_accum} rows of {reader.seq_len} tokens, "
+            f"K={self.interval}, gamma={self.gamma}, T={d.temperature}, loss {d.loss_impl}, device {device}{ranks}, cache {reader.dir}")
+        self.step = self.state["step"]
+        self.bar = progress(total=d.steps, initial=self.step, desc=f"distill {self.label}", unit="step", disable=not env.is_main)
+        self.t_last, self.last_ckpt = time.perf_counter(), ckpt
+
+    # ------------------------------------------------------------------ intervals
+    def interval_due(self) -> bool:
+        return self.scheduler.needs_update(self.step) and self.state["interval_index"] < self.step // self.interval
+
+    def start_interval(self) -> None:
+        """Measure lS, update r_t (Eq. 1/2), draw the interval's rows (Algorithm 1).
+
+        The losses are reduced over all ranks' validation shares, so every rank computes
+        the same weights and draws the same global interval list; the whole interval is
+        kept (checkpoints stay independent of the world size) and each micro-batch is
+        split over the ranks.
+        """
+        step, state = self.step, self.state
+        student_loss = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device)
+        student_ppl = np.array([perplexity(student_loss[dom]) for dom in self.domains])
+        weights = self.scheduler.update(step, student_ppl, self.teacher_ppl)
+        distributed.check_identical(weights, self.env, f"domain weights at step {step}")
+        state["interval_index"] = step // self.interval
+        state["interval_keys"] = [list(k) for k in self.sampler.draw(state["interval_index"], weights, self.rows_per_interval)]
+        state["interval_pos"] = 0
+        record = {"kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
+                  "student_loss": student_loss, "teacher_loss": self.teacher_loss,
+                  "ratio": dict(zip(self.domains, (student_ppl / self.teacher_ppl).tolist())),
+                  "weights": dict(zip(self.domains, weights.tolist()))}
+        self.metrics.write(record)
+        self.ranks_log.write(record)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def next_micro_batch(self) -> tuple[list, CacheBatch]:
+        """This rank's share of the next global micro-batch: the rows IntervalSampler.draw(...,
+        rank, world_size) would give it; the ranks' shares are disjoint and make up the batch."""
+        pos = self.state["interval_pos"]
+        my_keys = self.state["interval_keys"][pos : pos + self.d.batch_rows][self.env.rank :: self.env.world_size]
+        self.state["interval_pos"] = pos + self.d.batch_rows
+        batch_keys = [(dom, "train", row) for dom, row in my_keys]
+        return my_keys, (self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys))
+
+    def micro_step(self, batch: CacheBatch) -> LossParts:
+        """Forward (the loss, fused with the LM head by default) of one micro-batch."""
+        with autocast_context(self.d.precision, self.device):
+            return self.model(batch.input_ids[:, :-1].to(self.device), batch)
+
+    def optimizer_step(self) -> None:
+        d, env, step = self.d, self.env, self.step
         lr = lr_at(step, d)
-        for g in optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
-        model.train()
+        self.model.train()
         ce_sum = kl_sum = 0.0
         for micro in range(d.grad_accum):
-            pos = state["interval_pos"]
-            # This rank's share of the global micro-batch: the rows IntervalSampler.draw(...,
-            # rank, world_size) would give it; the ranks' shares are disjoint and make up the batch.
-            my_keys = state["interval_keys"][pos : pos + d.batch_rows][env.rank :: env.world_size]
-            batch_keys = [(dom, "train", row) for dom, row in my_keys]
-            state["interval_pos"] = pos + d.batch_rows
-            batch = reader.batch(batch_keys) if gamma > 0 else _tokens_only(reader, batch_keys)
-            with distributed.grad_sync(model, micro == d.grad_accum - 1):
-                with autocast_context(d.precision, device):
-                    logits = model(input_ids=batch.input_ids[:, :-1].to(device)).logits
-                parts = distill_loss(logits, batch, gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.kl_impl)
+            my_keys, batch = self.next_micro_batch()
+            with distributed.grad_sync(self.model, micro == d.grad_accum - 1):
+                parts = self.micro_step(batch)
                 # The global mean (ranks hold equal row counts), and a NaN on one rank stops all of them.
                 loss_all, ce_all, kl_all = distributed.all_reduce_mean([parts.loss.item(), parts.ce, parts.kl], env)
                 if not math.isfinite(loss_all):
-                    metrics.close()
-                    good = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    self.metrics.close()
+                    good = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
                     raise TrainingError(f"loss became {loss_all} at step {step} (ce {ce_all}, kl {kl_all}); training stopped, {good}; lower distill.lr or check the cache with `ddk cache verify`")
                 (parts.loss / d.grad_accum).backward()
             ce_sum += ce_all / d.grad_accum
             kl_sum += kl_all / d.grad_accum
-            ranks_log.write({"kind": "micro", "step": step, "micro": micro, "rows": my_keys, "loss": parts.loss.item(), "global_loss": loss_all})
-        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            self.ranks_log.write({"kind": "micro", "step": step, "micro": micro, "rows": my_keys, "loss": parts.loss.item(), "global_loss": loss_all})
+        # grad_clip = 0 turns clipping off (the norm is still measured and logged).
+        max_norm = d.grad_clip if d.grad_clip > 0 else math.inf
+        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step = step + 1
         now = time.perf_counter()
-        tok_s = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        loss = ce_sum + gamma * kl_sum
-        metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce_sum, "kl": kl_sum, "lr": lr,
-                       "grad_norm": grad_norm, "tokens_per_s": tok_s})
-        bar.update(1)
-        bar.set_postfix_str(f"loss {loss:.3f} ce {ce_sum:.3f} kl {kl_sum:.3f} {tok_s:,.0f} tok/s r=[{_short_weights(domains, scheduler.weights)}]", refresh=False)
-        if step % d.checkpoint_every == 0 or step == d.steps:
-            state.update(step=step, scheduler=scheduler.state_dict(), sampler=sampler.state_dict())
-            last_ckpt = save_checkpoint(out, step, model, tokenizer, optimizer, state, d.keep_checkpoints)
-    bar.close()
-    metrics.close()
-    ranks_log.close()
+        tok_s = self.tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        loss = ce_sum + self.gamma * kl_sum
+        self.metrics.write({"kind": "train", "step": step, "loss": loss, "ce": ce_sum, "kl": kl_sum, "lr": lr,
+                            "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens": self.tokens_per_step})
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {loss:.3f} ce {ce_sum:.3f} kl {kl_sum:.3f} {tok_s:,.0f} tok/s "
+                                 f"r=[{_short_weights(self.domains, self.scheduler.weights)}]", refresh=False)
 
-    after = distributed.domain_losses(model, reader, keys, env, device)
-    results = {
-        "mode": label,
-        "steps": d.steps,
-        "tokens": d.steps * tokens_per_step,
-        "interval": interval,
-        "domains": domains,
-        "teacher_loss": teacher_loss,
-        "student_before_loss": state["before"],
-        "student_after_loss": after,
-        "final_weights": dict(zip(domains, scheduler.weights.tolist())),
-        "config": asdict(d),
-    }
-    if not env.is_main:
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_due(self) -> bool:
+        return self.step % self.d.checkpoint_every == 0 or self.step == self.d.steps
+
+    def checkpoint(self) -> None:
+        self.state.update(step=self.step, scheduler=self.scheduler.state_dict(), sampler=self.sampler.state_dict())
+        self.last_ckpt = save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.optimizer, self.state,
+                                         self.d.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        """Validation and test evaluation, results.json, the per-domain table and plots."""
+        self.bar.close()
+        self.metrics.close()
+        self.ranks_log.close()
+        d, state, domains = self.d, self.state, self.domains
+        after = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device)
+        after_test_rows = distributed.domain_row_losses(self.model, self.reader, self.test_keys, self.env, self.device)
+        teacher_test_rows = cache_teacher_row_losses(self.reader, self.test_keys)
+        results = {
+            "mode": self.label,
+            "steps": d.steps,
+            "tokens": d.steps * self.tokens_per_step,
+            "interval": self.interval,
+            "domains": domains,
+            # validation: the rows the scheduler steers by
+            "teacher_loss": self.teacher_loss,
+            "student_before_loss": state["before"],
+            "student_after_loss": after,
+            # test: held out from training and the scheduler; what comparisons report
+            "test": {
+                "teacher_loss": {dom: float(r.mean()) for dom, r in teacher_test_rows.items()},
+                "student_before_loss": state["before_test"],
+                "student_after_loss": {dom: float(r.mean()) for dom, r in after_test_rows.items()},
+                "teacher_row_loss": {dom: r.tolist() for dom, r in teacher_test_rows.items()},
+                "student_after_row_loss": {dom: r.tolist() for dom, r in after_test_rows.items()},
+            },
+            "final_weights": dict(zip(domains, self.scheduler.weights.tolist())),
+            "config": asdict(d),
+            "identity": {k: v for k, v in self.identity.items() if k != "config"},
+        }
+        if not self.env.is_main:
+            return results
+        write_json_atomic(self.out / "results.json", results)  # `ddk compare` reuses a run by this file
+        test = results["test"]
+        self.log("validation (the split DDK steers by):")
+        self.log(format_table({"teacher": self.teacher_loss, "student before": state["before"], "student after": after}, as_ppl=True))
+        self.log("test (held out; what results report):")
+        self.log(format_table({"teacher": test["teacher_loss"], "student before": test["student_before_loss"],
+                               "student after": test["student_after_loss"]}, as_ppl=True))
+        results["plots"] = [str(p) for p in write_plots(self.out, results)]
+        self.log(f"results: {self.out / 'results.json'}; plots: {', '.join(results['plots'])}")
         return results
-    write_json_atomic(out / "results.json", results)  # `ddk compare` reuses a run by this file
-    log(format_table({"teacher": teacher_loss, "student before": state["before"], "student after": after}, as_ppl=True))
-    results["plots"] = [str(p) for p in write_plots(out, results)]
-    log(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
-    return results
 
 
 def _quiet(*_args, **_kwargs) -> None:

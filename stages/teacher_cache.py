@@ -32,7 +32,8 @@ from ..pipeline.cache.manifest import (
     plan_shards,
     shard_done,
 )
-from ..pipeline.cache.schema import FORMAT_VERSION
+from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR
+from ..pipeline.cache.schema import FORMAT_VERSION, SPLITS
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.corpus import load_domains
 from ..pipeline.evaluate import format_table
@@ -41,8 +42,6 @@ from ..pipeline.teachers.identity import model_vocab_size, tokenizer_sha256, wei
 from ..pipeline.teachers.vllm import vllm_available
 from .capture_worker import CAPTURE_FILE, TOKENS_DIR, run_capture, tokens_path
 
-# Inside the codec's uint16 range at the default step (65535 * 2**-10 = 63.999).
-DEFAULT_LOGPROB_FLOOR = -63.0
 
 
 def ensure_teacher(cfg: Config, domains, log=print) -> Path:
@@ -79,13 +78,12 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -
         raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
     domains = {
         p.name: {
-            "train_rows": int(len(p.train)),
-            "val_rows": int(len(p.val)),
-            "tokens_sha256": _rows_sha256(p.train, p.val),
+            **{f"{split}_rows": int(len(p.rows(split))) for split in SPLITS},
+            "tokens_sha256": _rows_sha256(*(p.rows(split) for split in SPLITS)),
         }
         for p in packed
     }
-    rows = {name: {"train": d["train_rows"], "val": d["val_rows"]} for name, d in domains.items()}
+    rows = {name: {split: d[f"{split}_rows"] for split in SPLITS} for name, d in domains.items()}
     return CachePlan(
         format_version=FORMAT_VERSION,
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
@@ -135,7 +133,7 @@ def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
         state = "new"
     # The token rows travel to the workers through the cache directory (memory-mapped).
     for p in packed:
-        for split in ("train", "val"):
+        for split in SPLITS:
             path = tokens_path(cache_dir, p.name, split)
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +202,11 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     packed = pack_domains(domains, tokenizer, cfg.corpus)
     backend = resolve_backend(cfg.teacher.backend)
+    gpus = _visible_gpus()
+    engines_need = cfg.cache.workers * cfg.teacher.tensor_parallel_size
+    if gpus and engines_need > len(gpus):
+        raise ConfigError(f"cache.workers = {cfg.cache.workers} x teacher.tensor_parallel_size = {cfg.teacher.tensor_parallel_size} "
+                          f"needs {engines_need} GPUs, {len(gpus)} are visible; lower cache.workers (one engine per GPU)")
     plan = make_plan(cfg, teacher_dir, tokenizer, packed, backend)
     cache_dir = Path(cfg.cache.out_dir)
 
@@ -233,10 +236,12 @@ def teacher_cache(cfg: Config, log=print) -> dict:
 def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
     """Throughput of this run's workers (teacher forward + encode, engine start-up excluded)."""
     stats_dir = cache_dir / TOKENS_DIR / "stats"
-    tokens, busy = 0, 0.0
+    tokens, busy, dtypes = 0, 0.0, set()
     for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
         s = json.loads(f.read_text())
         tokens += s["tokens"]
         busy = max(busy, s["seconds"])
+        dtypes.add(s["engine_dtype"])
         f.unlink()
-    return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None}
+    return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None,
+            "engine_dtype": ",".join(sorted(dtypes))}  # as each engine reported it (checked against teacher.dtype)

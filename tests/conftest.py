@@ -23,6 +23,7 @@ source = "builtin"
 builtin_chars_per_domain = 30_000
 seq_len = 32
 val_rows = 4
+test_rows = 4
 
 [models]
 out_dir = "{root}/models"

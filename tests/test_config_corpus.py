@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +40,7 @@ def test_default_config_file_loads():
 )
 def test_bad_config_is_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/default.toml", [override])
+        load_config(Path(__file__).parents[1] / "configs" / "default.toml", [override])
 
 
 def test_missing_config_file_names_it(tmp_path):
@@ -99,10 +101,40 @@ def test_packing_split_is_deterministic_by_document(tiny_models):
     b = pack_domain(type(dom)(dom.name, list(reversed(dom.documents))), tok, cfg.corpus)
     assert a.val.shape == (cfg.corpus.val_rows, cfg.corpus.seq_len + 1)
     assert a.train.shape[1] == cfg.corpus.seq_len + 1 and len(a.train) > 10
+    assert a.test.shape == (cfg.corpus.test_rows, cfg.corpus.seq_len + 1)
     np.testing.assert_array_equal(a.val, b.val)  # file order does not move the split
+    np.testing.assert_array_equal(a.test, b.test)
     train_tokens = {tuple(r[i : i + 8]) for r in a.train for i in range(0, len(r) - 8, 8)}
-    leaked = sum(tuple(r[i : i + 8]) in train_tokens for r in a.val for i in range(0, len(r) - 8, 8))
-    assert leaked < 0.2 * a.val.size / 8  # only common short n-grams may repeat, not whole documents
+    for held_out in (a.val, a.test):
+        leaked = sum(tuple(r[i : i + 8]) in train_tokens for r in held_out for i in range(0, len(r) - 8, 8))
+        assert leaked < 0.2 * held_out.size / 8  # only common short n-grams may repeat, not whole documents
+    val_grams = {tuple(r[i : i + 8]) for r in a.val for i in range(0, len(r) - 8, 8)}
+    assert sum(tuple(r[i : i + 8]) in val_grams for r in a.test for i in range(0, len(r) - 8, 8)) < 0.2 * a.test.size / 8
+
+
+def test_test_split_is_disjoint_by_document(tiny_models):
+    """Each document lands in exactly one split, and each split's rows are exactly its
+    documents' tokens (joined by EOS, in split order)."""
+    from transformers import AutoTokenizer
+
+    from ddk.pipeline.packing import split_documents, tokenize_documents
+
+    cfg, _ = tiny_models
+    tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
+    for dom in builtin_domains(30_000):
+        tokens = tokenize_documents(tok, [d.text for d in dom.documents])
+        docs = split_documents([d.doc_id for d in dom.documents], [len(t) for t in tokens], cfg.corpus)
+        assert sorted(docs["val"] + docs["test"] + docs["train"]) == list(range(len(tokens))), dom.name
+        assert docs["val"] and docs["test"] and docs["train"], dom.name
+        packed = pack_domain(dom, tok, cfg.corpus)
+        for split in ("val", "test", "train"):
+            stream = [t for i in docs[split] for t in (*tokens[i], tok.eos_token_id)]
+            flat = packed.rows(split).reshape(-1).tolist()
+            assert flat == stream[: len(flat)], (dom.name, split)
+        # the split follows the document ids, not their order in the corpus
+        shuffled = split_documents([d.doc_id for d in reversed(dom.documents)], [len(t) for t in reversed(tokens)], cfg.corpus)
+        n = len(tokens) - 1
+        assert {s: sorted(n - i for i in v) for s, v in shuffled.items()} == {s: sorted(v) for s, v in docs.items()}
 
 
 def test_packing_refuses_a_domain_too_small(tiny_models):
@@ -114,3 +146,20 @@ def test_packing_refuses_a_domain_too_small(tiny_models):
     tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
     with pytest.raises(ConfigError, match="domain 'small'.*too few"):
         pack_domain(Domain("small", [Document("d", "tiny text")]), tok, cfg.corpus)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.grad_clip=-1.0", "distill.grad_clip = -1.0: must be a finite number >= 0"),
+    ("distill.checkpoint_every=0", "distill.checkpoint_every = 0: must be >= 1"),
+    ("distill.gamma=-0.1", "distill.gamma = -0.1: must be a finite number >= 0"),
+    ("distill.min_lr=0.01", "need 0 <= min_lr <= lr"),
+    ("distill.eval_rows=-1", "distill.eval_rows = -1: must be >= 0"),
+    ("distill.loss_impl=dense", "distill.loss_impl: 'dense' is not one of fused, unfused"),
+    ("distill.interval_fraction=0.0", "interval_fraction"),
+    ("cache.logprob_step=0.0", "cache.logprob_step = 0.0: logprob_step must be finite and > 0"),
+    ("cache.logprob_step=200.0", "cache.logprob_step = 200.0: logprob_floor -63.0 is within half a step of 0"),
+    ("corpus.test_rows=0", "corpus.test_rows = 0: must be >= 1"),
+])
+def test_bad_values_fail_at_load_time_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(Path(__file__).parents[1] / "configs" / "default.toml", [override])

@@ -78,7 +78,7 @@ def test_ddk_favours_the_domains_where_the_student_lags(tiny_cache, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path, monkeypatch):
     full = distill(_cfg(tiny_cache, tmp_path / "a", "distill.steps=8", "distill.mode=kd"), log=QUIET)
-    real_loss, calls = distill_mod.distill_loss, {"n": 0}
+    real_loss, calls = distill_mod.Trainer.micro_step, {"n": 0}
 
     def killed_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -86,11 +86,11 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path, mo
             raise KeyboardInterrupt  # a kill between checkpoints (last one: step 3)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(distill_mod, "distill_loss", killed_at_step_5)
+    monkeypatch.setattr(distill_mod.Trainer, "micro_step", killed_at_step_5)
     cfg_b = _cfg(tiny_cache, tmp_path / "b", "distill.steps=8", "distill.mode=kd")
     with pytest.raises(KeyboardInterrupt):
         distill(cfg_b, log=QUIET)
-    monkeypatch.setattr(distill_mod, "distill_loss", real_loss)
+    monkeypatch.setattr(distill_mod.Trainer, "micro_step", real_loss)
     with pytest.raises(ConfigError, match="pass --resume"):
         distill(cfg_b, log=QUIET)
     resumed = distill(cfg_b, resume=True, log=QUIET)
@@ -101,7 +101,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_cache, tmp_path, mo
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
-    real_loss, calls = distill_mod.distill_loss, {"n": 0}
+    real_loss, calls = distill_mod.Trainer.micro_step, {"n": 0}
 
     def nan_at_step_5(*args, **kwargs):
         calls["n"] += 1
@@ -110,7 +110,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_cache, tmp_path,
             parts.loss = parts.loss * float("nan")
         return parts
 
-    monkeypatch.setattr(distill_mod, "distill_loss", nan_at_step_5)
+    monkeypatch.setattr(distill_mod.Trainer, "micro_step", nan_at_step_5)
     with pytest.raises(TrainingError, match=r"at step 4 .*last good checkpoint: .*ckpt-0000003"):
         distill(_cfg(tiny_cache, tmp_path / "n", "distill.mode=kd"), log=QUIET)
     assert (tmp_path / "n" / "ckpt-0000003" / "model" / "config.json").exists()
@@ -163,3 +163,100 @@ def test_cli_distill_then_eval(tiny_cache, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["student_after_loss"]) == {"code", "reference", "docstrings", "unicode"}
     torch.manual_seed(0)
+
+
+def test_resume_refuses_another_run_and_names_what_differs(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    out = tmp_path / "r"
+    short = ("distill.steps=3", "distill.checkpoint_every=3")
+    distill(_cfg(tiny_cache, out, *short), log=QUIET)
+    for override, field in [("distill.gamma=0.5", "distill.gamma"), ("distill.seed=1", "distill.seed"),
+                            ("distill.steps=6", "distill.steps"), ("distill.mode=kd", "distill.mode"),
+                            ("distill.interval=3", "distill.interval"), ("distill.min_lr=1e-5", "distill.min_lr"),
+                            ("distill.temperature=2.0", "distill.temperature"), ("distill.batch_rows=2", "distill.batch_rows")]:
+        with pytest.raises(ConfigError, match=rf"--resume: .*ckpt-0000003 was made with {field} = "):
+            distill(_cfg(tiny_cache, out, *short, override), resume=True, log=QUIET)
+    # How the run is computed may change: another loss implementation resumes the same run.
+    again = distill(_cfg(tiny_cache, out, *short, "distill.loss_impl=unfused"), resume=True, log=QUIET)
+    assert again["steps"] == 3
+    # Another cache or another initial student under the same paths is refused too.
+    other_cache = tmp_path / "cache-copy"
+    shutil.copytree(cfg.cache_path(), other_cache)
+    manifest = json.loads((other_cache / "manifest.json").read_text())
+    manifest["created"] = "another day"
+    (other_cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="another teacher cache"):
+        distill(_cfg(tiny_cache, out, *short, f"distill.cache_dir={json.dumps(str(other_cache))}"), resume=True, log=QUIET)
+    from transformers import AutoModelForCausalLM
+
+    student = tmp_path / "student-copy"
+    shutil.copytree(cfg.student_path(), student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(student)
+    with pytest.raises(ConfigError, match="another initial student"):
+        distill(_cfg(tiny_cache, out, *short, f"distill.student={json.dumps(str(student))}"), resume=True, log=QUIET)
+
+
+def test_grad_clip_zero_means_no_clipping_and_still_trains(tiny_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = tiny_cache
+    distill(_cfg(tiny_cache, tmp_path / "c", "distill.steps=2", "distill.grad_clip=0", "distill.mode=kd"), log=QUIET)
+    before = AutoModelForCausalLM.from_pretrained(cfg.student_path()).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "ckpt-0000002" / "model").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), f"unchanged with grad_clip = 0: {set(before) - set(changed)}"
+    train = read_metrics(tmp_path / "c", "train")
+    assert all(np.isfinite(t["grad_norm"]) and t["grad_norm"] > 0 for t in train)
+
+
+def test_results_report_the_held_out_test_split(tiny_cache, tmp_path):
+    cfg, m = tiny_cache
+    res = distill(_cfg(tiny_cache, tmp_path / "t", "distill.steps=2"), log=QUIET)
+    test = res["test"]
+    for d in res["domains"]:
+        assert len(test["student_after_row_loss"][d]) == len(test["teacher_row_loss"][d]) == m["domains"][d]["test_rows"]
+        assert test["student_after_loss"][d] == pytest.approx(np.mean(test["student_after_row_loss"][d]))
+        assert test["teacher_loss"][d] == pytest.approx(m["domains"][d]["teacher_test_loss"], rel=1e-6)
+        assert test["student_after_loss"][d] != res["student_after_loss"][d]  # another split than validation
+    assert len(res["identity"]["cache_manifest_sha256"]) == 64 and len(res["identity"]["student_sha256"]) == 64
+
+
+@pytest.mark.parametrize("mode", ["kd", "cpt"])
+def test_fused_and_unfused_loss_train_the_same_run(tiny_cache, tmp_path, mode):
+    """distill.loss_impl changes how the loss is computed, not what: the same loss curve
+    and the same final student (fp32 on CPU: summation order only)."""
+    runs = {impl: distill(_cfg(tiny_cache, tmp_path / impl, "distill.steps=4", f"distill.mode={mode}",
+                               f"distill.loss_impl={impl}"), log=QUIET) for impl in ("fused", "unfused")}
+    fused, unfused = read_metrics(tmp_path / "fused", "train"), read_metrics(tmp_path / "unfused", "train")
+    for key in ("loss", "ce", "kl", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in fused], [r[key] for r in unfused], rtol=1e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(list(runs["fused"]["test"]["student_after_loss"].values()),
+                               list(runs["unfused"]["test"]["student_after_loss"].values()), rtol=1e-5)
+
+
+def test_a_head_that_is_not_plain_linear_is_refused_for_the_fused_loss(tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    from ddk.pipeline.objective import Objective
+    from ddk.pipeline.student import StudentLM
+
+    cfg, _ = tiny_cache
+    model = AutoModelForCausalLM.from_pretrained(cfg.student_path())
+    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: named in the refusal
+    with pytest.raises(ConfigError, match="final_logit_softcapping.*distill.loss_impl = \"unfused\""):
+        StudentLM(model, Objective(0.2))
+    model.config.final_logit_softcapping = None
+    real_forward = model.forward
+
+    def scaled_logits(*args, **kwargs):  # an unnamed head transform: caught by the numeric check
+        out = real_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled_logits
+    with pytest.raises(ConfigError, match="logits differ from decoder"):
+        StudentLM(model, Objective(0.2))
+    StudentLM(model, Objective(0.2, loss_impl="unfused"))  # the unfused path uses the model's own logits

@@ -472,8 +472,8 @@ def _inproc_cfg(reference, out: Path, *extra: str):
 
 
 def _interrupt_at_call(monkeypatch, n: int) -> None:
-    """A kill between checkpoints: distill_loss raises on its n-th call (= during step n)."""
-    real, calls = distill_mod.distill_loss, {"n": 0}
+    """A kill between checkpoints: the micro-step raises on its n-th call (= during step n)."""
+    real, calls = distill_mod.Trainer.micro_step, {"n": 0}
 
     def killed(*args, **kwargs):
         calls["n"] += 1
@@ -481,7 +481,7 @@ def _interrupt_at_call(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill_mod, "distill_loss", killed)
+    monkeypatch.setattr(distill_mod.Trainer, "micro_step", killed)
 
 
 def test_resume_at_an_interval_boundary_logs_each_eval_once(reference, tmp_path, monkeypatch):

@@ -39,9 +39,33 @@ def test_manifest_records_what_design_asks(tiny_cache):
     assert set(m["domains"]) == {"code", "reference", "docstrings", "unicode"}
     assert 0 < m["fidelity"]["max_abs_logprob_error"] <= 2**-11 + 1e-9
     for d in m["domains"].values():
-        assert d["val_rows"] == 4 and d["train_rows"] > 0
+        assert d["val_rows"] == 4 and d["test_rows"] == 4 and d["train_rows"] > 0
+        assert {s["split"] for s in d["shards"]} == {"train", "val", "test"}
         assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in d["shards"])
         assert math.isclose(d["teacher_val_ppl"], math.exp(d["teacher_val_loss"]))
+        assert math.isclose(d["teacher_test_ppl"], math.exp(d["teacher_test_loss"]))
+        assert d["tokens"] == (d["train_rows"] + d["val_rows"] + d["test_rows"]) * m["seq_len"]
+
+
+def test_cached_teacher_loss_equals_an_independent_transformers_forward(tiny_cache):
+    """The teacher's per-domain loss (val and test) recomputed with a plain transformers
+    forward on the packed rows, nothing of ddk's teacher backends or reader involved."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.pipeline.corpus import load_domains
+    from ddk.pipeline.packing import pack_domains
+
+    cfg, m = tiny_cache
+    tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher_path(), dtype=torch.float32).eval()
+    for packed in pack_domains(load_domains(cfg.corpus), tok, cfg.corpus):
+        for split in ("val", "test"):
+            ids = torch.as_tensor(packed.rows(split), dtype=torch.long)
+            with torch.no_grad():
+                logits = model(input_ids=ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1)).item()
+            assert math.isclose(loss, m["domains"][packed.name][f"teacher_{split}_loss"], rel_tol=1e-5), (packed.name, split)
 
 
 def test_reader_returns_what_the_teacher_computed(tiny_cache):
@@ -96,8 +120,10 @@ def test_existing_cache_with_other_config_is_refused(tiny_cache, tmp_path):
     out = f"cache.out_dir={json.dumps(str(cache))}"
     with pytest.raises(CacheError, match=r"different config \(k: 8 vs 4\)"):
         teacher_cache(load_config(cfg.source_path, [out, "cache.k=4"]), log=QUIET)
+    # (the tiny models' identity includes seq_len too: point at the teacher itself)
+    teacher = f"teacher.path={json.dumps(str(cfg.teacher_path()))}"
     with pytest.raises(CacheError, match="seq_len: 32 vs 24"):
-        teacher_cache(load_config(cfg.source_path, [out, "corpus.seq_len=24"]), log=QUIET)
+        teacher_cache(load_config(cfg.source_path, [out, teacher, "corpus.seq_len=24"]), log=QUIET)
     assert _files(cache) == before  # nothing written, nothing lost
 
 
@@ -176,3 +202,36 @@ def test_two_workers_write_the_same_cache_and_redo_only_missing_shards(tiny_cach
     teacher_cache(load_config(cfg.source_path, overrides), log=logs.append)
     assert any("resuming, 3 of" in line and "2 worker(s)" in line for line in logs)
     assert _files(cache) == reference and verify_cache(cache) == []
+
+
+def test_the_engine_runs_in_the_dtype_the_manifest_records(tiny_cache, monkeypatch):
+    """teacher.dtype reaches the engine (the vLLM path once lost it inside a comment, so a
+    bf16 teacher ran in fp32 under a manifest saying bfloat16), and an engine that reports
+    another dtype than the plan is refused before any shard is written."""
+    import ddk.pipeline.teachers.vllm as vllm_mod
+    from ddk.pipeline.cache.manifest import CachePlan
+    from ddk.stages.capture_worker import make_backend
+
+    cfg, m = tiny_cache
+    assert m["capture"]["engine_dtype"] == m["teacher"]["dtype"] == "float32"  # the hf engine, as it reported itself
+    plan = CachePlan.load(cfg.cache_path())
+    capture = {"backend": "vllm", "seed": 0, "teacher": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.5,
+                                                          "cpu_kvcache_gib": 1, "enforce_eager": True}}
+
+    class FakeEngine:
+        """Stands in for VLLMTeacher: reports the dtype it was asked for, or a fixed one."""
+
+        name, forced = "vllm", None
+
+        def __init__(self, path, k, max_len, dtype="float32", **kwargs):
+            self.dtype = self.forced or dtype
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(vllm_mod, "VLLMTeacher", FakeEngine)
+    plan.teacher = {**plan.teacher, "dtype": "bfloat16"}
+    assert make_backend(plan, capture).dtype == "bfloat16"
+    FakeEngine.forced = "float32"
+    with pytest.raises(CacheError, match="runs the teacher in float32, but the cache's plan records teacher.dtype = bfloat16"):
+        make_backend(plan, capture)

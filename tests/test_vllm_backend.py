@@ -39,7 +39,7 @@ def test_vllm_and_hf_backends_write_the_same_cache(tiny_cache, tmp_path):
     hf, vl = TopKCacheReader(cfg.cache.out_dir), TopKCacheReader(out)
     agree, total = 0, 0
     for domain in hf.domains:
-        for split in ("val", "train"):
+        for split in ("val", "test", "train"):
             keys = [(domain, split, i) for i in range(min(hf.num_rows(domain, split), 16))]
             a, b = hf.batch(keys), vl.batch(keys)
             np.testing.assert_array_equal(a.input_ids, b.input_ids)
@@ -53,3 +53,6 @@ def test_vllm_and_hf_backends_write_the_same_cache(tiny_cache, tmp_path):
     assert agree / total >= MIN_ID_AGREEMENT, f"top-k ids agree at {agree}/{total} positions"
     for d, v in manifest["domains"].items():
         assert abs(v["teacher_val_loss"] - hf_manifest["domains"][d]["teacher_val_loss"]) < 1e-4
+        assert abs(v["teacher_test_loss"] - hf_manifest["domains"][d]["teacher_test_loss"]) < 1e-4
+    # The vLLM engine computed in the dtype the manifest states (it reports its own).
+    assert manifest["capture"]["engine_dtype"] == manifest["teacher"]["dtype"]

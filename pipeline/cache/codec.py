@@ -53,6 +53,9 @@ _IDS_HEADER = struct.Struct("<BBBBIIII")
 # version, tag, code planes, pad, P, k, step, floor, payload length
 _LP_HEADER = struct.Struct("<BBBBIIddI")
 _CODE_MAX = 0xFFFF  # logprob codes are at most uint16
+# The floor stage one writes with: inside the uint16 code range at the default step
+# (65535 * 2**-10 = 63.999).
+DEFAULT_LOGPROB_FLOOR = -63.0
 
 
 def _planes_needed(max_value: int) -> int:

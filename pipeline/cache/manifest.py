@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..atomic import write_json_atomic
-from .schema import FORMAT_VERSION, shard_name
+from .schema import FORMAT_VERSION, SPLITS, shard_name
 from .writer import read_shard_info
 
 PLAN_FILE = "plan.json"
@@ -54,7 +54,7 @@ class CachePlan:
     k: int
     seq_len: int
     codec: dict  # TopKCodec parameters
-    domains: dict  # name -> {"train_rows", "val_rows", "tokens_sha256"}
+    domains: dict  # name -> {"train_rows", "val_rows", "test_rows", "tokens_sha256"}
     shards: list[ShardSpec]
 
     def fingerprint(self) -> dict:
@@ -76,7 +76,7 @@ class CachePlan:
 def plan_shards(domain_rows: dict[str, dict[str, int]], rows_per_shard: int) -> list[ShardSpec]:
     shards = []
     for domain, splits in domain_rows.items():
-        for split in ("val", "train"):  # val first: the scheduler's teacher numbers come from it
+        for split in ("val", "test", "train"):  # held-out splits first: the teacher's numbers come from them
             n = splits[split]
             for index, start in enumerate(range(0, n, rows_per_shard)):
                 shards.append(ShardSpec(shard_name(domain, split, index), domain, split, index, start, min(n, start + rows_per_shard)))
@@ -126,12 +126,13 @@ def shard_done(cache_dir: Path, spec: ShardSpec) -> bool:
 
 
 def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) -> dict:
-    """Index the finished shards: sizes, checksums, teacher validation loss, fidelity."""
+    """Index the finished shards: sizes, checksums, teacher validation and test loss, fidelity."""
     domains: dict[str, dict] = {
-        name: {"train_rows": d["train_rows"], "val_rows": d["val_rows"], "shards": []} for name, d in plan.domains.items()
+        name: {**{f"{split}_rows": d[f"{split}_rows"] for split in SPLITS}, "shards": []} for name, d in plan.domains.items()
     }
     max_err, clamped, total_bytes = 0.0, 0, 0
-    val_nll: dict[str, list[float]] = {name: [0.0, 0] for name in plan.domains}
+    # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
+    nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
     for spec in plan.shards:
         path = cache_dir / spec.file
         info = read_shard_info(path)
@@ -142,17 +143,18 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         domains[spec.domain]["shards"].append(
             {"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, "sha256": sha256_file(path)}
         )
-        if spec.split == "val":
+        if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
             lp = col.values.to_numpy(zero_copy_only=False).astype(np.float64)
-            val_nll[spec.domain][0] += -lp.sum()
-            val_nll[spec.domain][1] += lp.size
+            nll[spec.domain, spec.split][0] += -lp.sum()
+            nll[spec.domain, spec.split][1] += lp.size
     tokens = 0
     for name, d in domains.items():
-        loss = val_nll[name][0] / max(val_nll[name][1], 1)
-        d["teacher_val_loss"] = loss
-        d["teacher_val_ppl"] = math.exp(loss)
-        d["tokens"] = (d["train_rows"] + d["val_rows"]) * plan.seq_len
+        for split in ("val", "test"):
+            loss = nll[name, split][0] / max(nll[name, split][1], 1)
+            d[f"teacher_{split}_loss"] = loss
+            d[f"teacher_{split}_ppl"] = math.exp(loss)
+        d["tokens"] = sum(d[f"{split}_rows"] for split in SPLITS) * plan.seq_len
         tokens += d["tokens"]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -181,7 +183,8 @@ def load_manifest(cache_dir: Path) -> dict:
         raise CacheError(f"{path} not found; {hint}")
     m = json.loads(path.read_text())
     if m.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format version {m.get('format_version')}, this ddk reads {FORMAT_VERSION}; rebuild the cache")
+        raise CacheError(f"{path}: cache format version {m.get('format_version')}, this ddk reads version {FORMAT_VERSION} "
+                         f"(version 2 added the held-out test split); rebuild the cache with `ddk teacher-cache` into a new cache.out_dir")
     return m
 
 

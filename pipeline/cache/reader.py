@@ -18,7 +18,7 @@ import torch
 
 from .codec import TopKCodec
 from .manifest import CacheError, load_manifest, sha256_file
-from .schema import SHARD_SCHEMA
+from .schema import SHARD_SCHEMA, SPLITS
 from .writer import read_shard_info
 
 
@@ -48,7 +48,7 @@ class TopKCacheReader:
         # (domain, split) -> (sorted row starts, shard files)
         self._index: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
         for name, d in self.manifest["domains"].items():
-            for split in ("train", "val"):
+            for split in SPLITS:
                 shards = [s for s in d["shards"] if s["split"] == split]
                 starts = np.cumsum([0] + [s["rows"] for s in shards[:-1]]).tolist()
                 self._index[(name, split)] = (starts, [s["file"] for s in shards])

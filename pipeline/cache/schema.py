@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+# 2: a held-out test split per domain beside train and val.
+FORMAT_VERSION = 2
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -23,7 +24,7 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 def sample_key(domain: str, split: str, row: int) -> str:

@@ -37,9 +37,14 @@ def log1mexp(x: np.ndarray) -> np.ndarray:
 
 
 class TeacherBackend:
-    """Interface: `topk(rows)` on [B, L + 1] int token rows; `close()` frees the engine."""
+    """Interface: `topk(rows)` on [B, L + 1] int token rows; `close()` frees the engine.
+
+    `dtype` is the dtype the engine actually computes in, as the engine itself reports it
+    (not as requested): the capture checks it against the plan before writing a shard.
+    """
 
     name = "base"
+    dtype = "unknown"
 
     def topk(self, rows: np.ndarray) -> TopK:  # pragma: no cover - interface
         raise NotImplementedError

@@ -22,12 +22,13 @@ class HFTeacher(TeacherBackend):
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.k = k
 
     @torch.no_grad()
     def topk(self, rows: np.ndarray) -> TopK:
         ids = torch.as_tensor(np.array(rows, dtype=np.int64), device=self.device)
-        logits = self.model(input_ids=ids[:, :-1]).logits.float()  # [B, L, V]
+        logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits.float()  # [B, L, V]
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         top_vals, top_ids = torch.topk(logits, self.k, dim=-1)
         target = torch.gather(logits, -1, ids[:, 1:, None]).squeeze(-1) - lse.squeeze(-1)

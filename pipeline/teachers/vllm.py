@@ -53,6 +53,7 @@ class VLLMTeacher(TeacherBackend):
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
         self.k = k
 

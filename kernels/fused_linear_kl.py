@@ -1,0 +1,587 @@
+"""Fused LM head + cross-entropy + sparse KL: the [N, V] logits are never materialised.
+
+The training objective of DESIGN.md (Eq. 3) on student hidden states h [N, H], LM-head
+weight W [V, H] (bias b optional), next-token targets t and the cached teacher support:
+
+    z = h W^T + b,    loss = mean_i CE(z_i, t_i) + gamma * mean_i T^2 KL_i(z_i / T)
+
+with KL_i the sparse KL of kernels/sparse_kl.py (teacher top-k plus one tail bucket, the
+tail only at T = 1) and both means over the unmasked positions (t_i != ignore_index).
+Per row, with p = softmax(z), p^T = softmax(z / T), n the number of unmasked rows:
+
+    dloss/dz_j = (p_j - [j = t] + gamma * T * dKL_j) / n
+
+    dKL_j = Q p^T_j - q_j                       for j in the support S
+    dKL_j = Q p^T_j - q_tail p^T_j / p_tail     for j not in S
+
+(Q = sum_S q_s + q_tail; the tail terms drop out without the tail). With g = dloss/dz:
+dh = g W, dW = g^T h, db = sum_i g_i.
+
+Memory. At V = 151936 and 8192 tokens the bf16 logits alone are 2.5 GB, the fp32 copy
+the CE takes 5 GB and their gradients as much again. Here tokens are processed in
+chunks of c rows: z_c = h_c W^T (a matmul), one pass computes the chunk's CE and KL and
+overwrites z_c with g_c in place (z_c is not needed afterwards), then dh_c = g_c W and
+dW += g_c^T h_c (fp32 accumulator). Beyond the gradients dh [N, H] and dW [V, H] and a
+few [N]-sized row vectors, the extra memory is O(c V), whatever N is; c defaults to
+~256 MiB of fp32 logits.
+
+Why the gradient is computed in the forward (as in Liger-Kernel's fused linear
+cross-entropy): the backward would need the chunk logits again, so it would redo the
+h_c W^T matmul for every chunk (a third more matmul FLOPs), or the forward would have to
+keep all logits (the [N, V] buffer this module exists to avoid). The loss is a scalar,
+so its gradient is known up to the scalar grad_output: the forward computes dh, dW, db
+for grad_output = 1 and the backward only scales them. Under no_grad, or when neither
+hidden, weight nor bias requires a gradient, only the losses are computed.
+
+Implementations: on CUDA the matmuls are cuBLAS (torch) and each chunk's loss and
+gradient come from one Triton kernel, one program per row, that streams the row twice
+(an online logsumexp with the support gathered; then the gradient written over the
+logits), with the numerics of kernels/sparse_kl.py: log-space combination, fp64 sums,
+the student tail as the difference of bit-identical exp terms and an exact re-sum when
+its share is tiny. The torch implementation (CPU, and the reference anywhere) runs the
+same chunk loop with the loss and gradient from torch ops.
+
+Autocast: under torch.autocast the matmuls run in the autocast dtype, as nn.Linear's
+would (h, W, b cast, logits in that dtype); the loss arithmetic is fp32 in every case,
+and the gradients come back in the inputs' own dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .sparse_kl import (
+    EXACT_TAIL_BELOW,
+    GPU_BWD_BLOCK_V,
+    GPU_FWD_BLOCK_V,
+    GPU_NUM_WARPS,
+    LOG_P_TAIL_MIN,
+    _backward_row_terms,
+    _block_v,
+    _teacher_log_probs,
+    _torch_forward,
+    triton,
+)
+
+if triton is not None:
+    import triton.language as tl
+
+# fp32 bytes of one chunk of logits when chunk_tokens is None: small next to the [N, V]
+# buffers it replaces, large enough that the three matmuls per chunk stay efficient.
+CHUNK_LOGITS_BYTES = 256 << 20
+# Chunk sizes are rounded down to a multiple of this (tensor-core friendly matmul shapes).
+CHUNK_MULTIPLE = 8
+
+
+def default_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take <= CHUNK_LOGITS_BYTES."""
+    rows = CHUNK_LOGITS_BYTES // (4 * vocab)
+    return max(CHUNK_MULTIPLE, rows // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+
+
+class _Teacher(NamedTuple):
+    """The teacher as the loss sees it: ids [N, k], log q [N, k] (tempered, masked rows at
+    -inf) and log q_tail [N] (None without the tail bucket)."""
+
+    ids: Tensor
+    log_q: Tensor
+    log_q_tail: Tensor | None
+
+    def rows(self, r: slice) -> "_Teacher":
+        return _Teacher(self.ids[r], self.log_q[r],
+                        None if self.log_q_tail is None else self.log_q_tail[r])
+
+
+@dataclass(frozen=True)
+class _Options:
+    gamma: float
+    temperature: float
+    chunk_tokens: int
+    use_triton: bool
+    ignore_index: int
+    compute_dtype: torch.dtype
+    needs_grad: tuple[bool, bool, bool]  # hidden, weight, bias
+
+
+def _torch_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_grad):
+    """Per-row CE and KL of one chunk; with write_grad, d(loss)/d(logits) over the logits."""
+    t = opts.temperature
+    inv_t = 1.0 / t
+    z = logits.float()  # the chunk itself when fp32, else an fp32 copy
+    valid = targets != opts.ignore_index
+    tgt = torch.where(valid, targets, 0)[:, None]
+    z_t = z.gather(1, tgt).squeeze(1)
+    if teacher is None:
+        lse = torch.logsumexp(z, 1)
+    else:
+        ids = teacher.ids.long()
+        kl_rows, row_max, log_sum, log_p_tail = _torch_forward(
+            z, ids, teacher.log_q, teacher.log_q_tail, inv_t)
+        lse = row_max + log_sum if inv_t == 1.0 else torch.logsumexp(z, 1)
+        kl_out.copy_(kl_rows.mul_(t * t))
+    ce_out.copy_(torch.where(valid, lse - z_t, 0.0))
+    if not write_grad:
+        return
+    # Per-row weights of the CE and KL gradients, the 1/n of the means folded in.
+    w_ce = valid.float() * inv_n
+    w_kl = opts.gamma * t * inv_n
+    if teacher is None:
+        z.sub_(lse[:, None]).exp_().mul_(w_ce[:, None])
+    else:
+        q_grad, coef, inv_sum = _backward_row_terms(teacher.log_q, teacher.log_q_tail,
+                                                    log_sum, log_p_tail)
+        q = teacher.log_q.exp()
+        z_s = z.gather(1, ids)
+        p_s = (z_s - lse[:, None]).exp()
+        p_t_s = (z_s * inv_t - row_max[:, None]).exp() * inv_sum[:, None]
+        support = w_ce[:, None] * p_s + w_kl * (q_grad[:, None] * p_t_s - q)
+        if inv_t != 1.0:
+            kl_part = (z * inv_t).sub_(row_max[:, None]).exp_().mul_((w_kl * coef)[:, None])
+            z.sub_(lse[:, None]).exp_().mul_(w_ce[:, None]).add_(kl_part)
+        elif teacher.log_q_tail is None:
+            # One softmax serves both terms: p_j = exp(z_j - m) / S for CE and KL alike.
+            z.sub_(row_max[:, None]).exp_().mul_((w_ce * inv_sum + w_kl * coef)[:, None])
+        else:
+            # dz_j = p_j (w_ce + w_kl Q) - w_kl q_tail p_j / p_tail, written as
+            # (p_j / p_tail) * factor: q_tail / p_tail reaches 1 / P_TAIL_MIN when the
+            # student tail nears the floor and, times gamma, could leave the fp32 range,
+            # while p_j / p_tail <= 1 off the support and the factor is bounded. (Support
+            # lanes may overflow here; the scatter below overwrites them.)
+            live_q_tail = q_grad - q.sum(1)
+            factor = log_p_tail.exp() * (w_ce + w_kl * q_grad) - w_kl * live_q_tail
+            z.sub_((lse + log_p_tail)[:, None]).exp_().mul_(factor[:, None])
+        z.scatter_(1, ids, support)
+    z.scatter_add_(1, tgt, -w_ce[:, None])
+    if z.data_ptr() != logits.data_ptr():
+        logits.copy_(z)
+
+
+if triton is not None:
+
+    # Called from the fused kernel for the rare rows that need it. sparse_kl.py keeps
+    # this pass in a kernel of its own (inside its common kernel it cost up to 1.6x on an
+    # H100); here it must sit in the one kernel per chunk, since the gradient pass of the
+    # same program needs its result.
+    @triton.jit
+    def _exact_log_p_tail(z_row, ids_row, V, K, m, log_sum, BLOCK_V: tl.constexpr):
+        """log p_tail from the tail alone (support masked out, its own running max), for
+        rows whose tail share is too small for the difference acc - sum_S (T = 1)."""
+        m_t = -float("inf")
+        acc_t = 0.0
+        p = 0
+        nxt = tl.load(ids_row)
+        for start in range(0, V, BLOCK_V):
+            off = start + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+            while nxt < start + BLOCK_V:
+                z = tl.where(off == nxt, -float("inf"), z)
+                p += 1
+                nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
+            m_new = tl.maximum(m_t, tl.max(z, 0))
+            # No tail lane seen yet: any finite reference keeps the sum at 0.
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            acc_t = acc_t * tl.exp(m_t - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+            m_t = m_new
+        # acc_t is 0 (empty tail, m_t = -inf) or >= 1 (its max lane adds 1).
+        return (m_t - m) + tl.log(tl.maximum(acc_t, 1.0)) - log_sum
+
+    @triton.jit
+    def _fused_ce_kl_kernel(
+        logits_ptr, stride_row, targets_ptr, ids_ptr, log_q_ptr, log_q_tail_ptr, inv_n_ptr,
+        ce_ptr, kl_ptr,
+        V, K, ignore_index, inv_t, gamma_t, kl_scale, exact_tail_below, log_p_tail_min,
+        HAS_KL: tl.constexpr, HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        BLOCK_STATS: tl.constexpr, BLOCK_GRAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One row: CE and KL (T^2-scaled) stored; with WRITE_GRAD, dloss/dz over z.
+
+        ids must be sorted ascending within the row (the gradient pass walks them
+        alongside the stream). log_q is tempered and masked on the host.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        z_row = logits_ptr + row * stride_row
+        out_ty = logits_ptr.dtype.element_ty
+        target = tl.load(targets_ptr + row)
+        ce = 0.0
+        kl = 0.0
+        if target != ignore_index:
+            z_t = tl.load(z_row + target).to(tl.float32)
+            m = z_t
+            if HAS_KL:
+                k_off = tl.arange(0, BLOCK_K)
+                k_mask = k_off < K
+                ids_row = ids_ptr + row * K
+                log_q_row = log_q_ptr + row * K
+                ids = tl.load(ids_row + k_off, mask=k_mask, other=0)
+                z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
+                z_s = tl.where(k_mask, z_s, -float("inf"))
+                # The running max starts at a row logit (the support's max, or the
+                # target's when that is larger, which forces p_tail > 1 / (k + 1)): it
+                # moves only if an off-support logit beats it, so in the small-tail case
+                # each exp term of the stream is bit-identical to the one recomputed
+                # from z_s below and only the fp64 sums round (see sparse_kl.py).
+                m = tl.maximum(m, tl.max(z_s, 0))
+            # Pass 1: sum of exp(z - m) (and of exp(z / T - m / T) when tempered).
+            acc = tl.zeros([], dtype=tl.float64)
+            acc_u = tl.zeros([], dtype=tl.float64)
+            for start in range(0, V, BLOCK_STATS):
+                off = start + tl.arange(0, BLOCK_STATS)
+                z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(z, 0))
+                acc = acc * tl.exp(m - m_new).to(tl.float64) + tl.sum(
+                    tl.exp(z - m_new).to(tl.float64), 0)
+                if TEMPERED:
+                    # Rounding is monotone: max(z / T) is m / T, so exp(...) <= 1 here too.
+                    acc_u = acc_u * tl.exp(m * inv_t - m_new * inv_t).to(tl.float64) + tl.sum(
+                        tl.exp(z * inv_t - m_new * inv_t).to(tl.float64), 0)
+                m = m_new
+            log_sum = tl.log(acc.to(tl.float32))
+            ce = (m - z_t) + log_sum
+            if HAS_KL:
+                if TEMPERED:
+                    m_u = m * inv_t
+                    log_sum_u = tl.log(acc_u.to(tl.float32))
+                    u_s = z_s * inv_t
+                else:
+                    m_u = m
+                    log_sum_u = log_sum
+                    u_s = z_s
+                logp_s = tl.where(k_mask, (u_s - m_u) - log_sum_u, 0.0)
+                log_q = tl.load(log_q_row + k_off, mask=k_mask, other=-float("inf"))
+                # q = 0 terms are 0; the where keeps 0 * inf (NaN) out of the sum.
+                q = tl.exp(log_q)
+                kl = tl.sum(q * (tl.where(q > 0, log_q, 0.0) - logp_s), 0)
+                q_grad = tl.sum(q, 0)
+                ratio = 0.0
+                if HAS_TAIL:
+                    tail = acc - tl.sum(tl.exp(z_s - m).to(tl.float64), 0)
+                    share = (tl.maximum(tail, 0.0) / acc).to(tl.float32)
+                    # Shares below the threshold are replaced by the exact re-sum.
+                    log_pt = tl.log(tl.maximum(share, exact_tail_below))
+                    if share < exact_tail_below:
+                        log_pt = _exact_log_p_tail(z_row, ids_row, V, K, m, log_sum,
+                                                   BLOCK_STATS)
+                    log_pt = tl.maximum(log_pt, log_p_tail_min)
+                    log_qt = tl.load(log_q_tail_ptr + row)
+                    q_t = tl.exp(log_qt)
+                    kl += tl.where(q_t > 0, q_t * (log_qt - log_pt), 0.0)
+                    # A log p_tail clamped at the floor is constant in z: no gradient.
+                    live = log_pt > log_p_tail_min
+                    ratio = tl.where(live, tl.exp(log_qt - log_pt), 0.0)
+                    q_grad += tl.where(live, q_t, 0.0)
+                inv_sum_u = tl.exp(-log_sum_u)
+                # Off the support dKL_j = exp(z_j / T - m_u) * coef; coef itself may be
+                # ~1 / P_TAIL_MIN, so it multiplies the exp term before any other factor.
+                coef = (q_grad - ratio) * inv_sum_u
+                q_inv_sum_u = q_grad * inv_sum_u
+                kl = kl * kl_scale
+            # Pass 2: the gradient, written over the logits it is computed from.
+            if WRITE_GRAD:
+                inv_n = tl.load(inv_n_ptr)
+                inv_sum = tl.exp(-log_sum)
+                if HAS_KL:
+                    p = 0
+                    nxt = tl.load(ids_row)
+                for start in range(0, V, BLOCK_GRAD):
+                    off = start + tl.arange(0, BLOCK_GRAD)
+                    z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+                    e = tl.exp(z - m)
+                    dz = e * inv_sum
+                    if HAS_KL:
+                        if TEMPERED:
+                            e_u = tl.exp(z * inv_t - m_u)
+                        else:
+                            e_u = e
+                        dz += (e_u * coef) * gamma_t
+                        while nxt < start + BLOCK_GRAD:
+                            q_s = tl.exp(tl.load(log_q_row + p))
+                            dz = tl.where(off == nxt,
+                                          e * inv_sum + gamma_t * (q_inv_sum_u * e_u - q_s), dz)
+                            p += 1
+                            nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_GRAD)
+                    dz = tl.where(off == target, dz - 1.0, dz)
+                    tl.store(z_row + off, (dz * inv_n).to(out_ty), mask=off < V)
+        else:
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_GRAD):
+                    off = start + tl.arange(0, BLOCK_GRAD)
+                    tl.store(z_row + off, tl.zeros([BLOCK_GRAD], dtype=out_ty), mask=off < V)
+        tl.store(ce_ptr + row, ce)
+        tl.store(kl_ptr + row, kl)
+
+
+def _triton_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_grad):
+    n, v = logits.shape
+    t = opts.temperature
+    has_kl = teacher is not None
+    has_tail = has_kl and teacher.log_q_tail is not None
+    # Without the KL (or the tail) the kernel never touches these pointers.
+    ids = teacher.ids if has_kl else targets
+    log_q = teacher.log_q if has_kl else ce_out
+    log_q_tail = teacher.log_q_tail if has_tail else ce_out
+    k = ids.shape[1] if has_kl else 1
+    _fused_ce_kl_kernel[(n,)](
+        logits, logits.stride(0), targets, ids, log_q, log_q_tail, inv_n,
+        ce_out, kl_out,
+        v, k, opts.ignore_index, 1.0 / t, opts.gamma * t, t * t,
+        EXACT_TAIL_BELOW, LOG_P_TAIL_MIN,
+        HAS_KL=has_kl, HAS_TAIL=has_tail, TEMPERED=t != 1.0, WRITE_GRAD=write_grad,
+        BLOCK_STATS=_block_v(logits, GPU_FWD_BLOCK_V), BLOCK_GRAD=_block_v(logits, GPU_BWD_BLOCK_V),
+        BLOCK_K=max(16, triton.next_power_of_2(k)),
+        num_warps=GPU_NUM_WARPS,
+    )
+
+
+def _add_matmul(acc, a, b):
+    """acc += a @ b into the fp32 accumulator; a bf16/fp16 product is rounded to its dtype
+    once per chunk, and the sum over chunks is kept in fp32."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _fused_pass(hidden, weight, bias, targets, teacher, opts):
+    """(ce_sum, kl_sum, 1 / n_valid, (dh, dW, db)), the gradients of the mean loss for
+    grad_output = 1 (None where not needed), chunk by chunk."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    dt = opts.compute_dtype
+    need_h, need_w, need_b = opts.needs_grad
+    write_grad = need_h or need_w or need_b
+    x = hidden.to(dt)
+    w = weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    inv_n = 1.0 / (targets != opts.ignore_index).sum().clamp(min=1).float()
+    ce_rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    kl_rows = torch.zeros_like(ce_rows)
+    dh = torch.empty_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    db = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    step = min(opts.chunk_tokens, max(n, 1))
+    logits_buf = torch.empty(step, v, dtype=dt, device=hidden.device)
+    chunk_fn = _triton_chunk if opts.use_triton else _torch_chunk
+    for r0 in range(0, n, step):
+        r = slice(r0, r0 + step)
+        xc = x[r]
+        logits = logits_buf[: xc.shape[0]]
+        if b is None:
+            torch.mm(xc, w.t(), out=logits)
+        else:
+            torch.addmm(b, xc, w.t(), out=logits)
+        chunk_fn(logits, targets[r], None if teacher is None else teacher.rows(r), inv_n,
+                 ce_rows[r], kl_rows[r], opts, write_grad)
+        grad = logits  # now holds dloss/dlogits
+        if need_h:
+            if dh.dtype == dt:
+                torch.mm(grad, w, out=dh[r])
+            else:
+                dh[r] = torch.mm(grad, w)
+        if need_w:
+            _add_matmul(dw, grad.t(), xc)
+        if need_b:
+            db.add_(grad.sum(0, dtype=torch.float32))
+    grads = (dh,
+             None if dw is None else dw.to(weight.dtype),
+             None if db is None else db.to(bias.dtype))
+    return ce_rows.sum(), kl_rows.sum(), inv_n, grads
+
+
+class FusedLinearDistillFunction(torch.autograd.Function):
+    """(loss, ce_mean, kl_mean) from hidden, weight, bias; see fused_linear_distill_loss.
+
+    The gradients are computed in the forward and handed to autograd in the backward,
+    scaled by grad_output; the backward can therefore run once per forward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher, opts):
+        with torch.autocast(hidden.device.type, enabled=False):
+            ce_sum, kl_sum, inv_n, grads = _fused_pass(hidden, weight, bias, targets, teacher,
+                                                       opts)
+        # Held as an attribute, not saved tensors, so that the backward can release them
+        # and autograd can adopt dW as .grad without copying it.
+        ctx.grads = grads
+        ce = ce_sum * inv_n
+        kl = kl_sum * inv_n
+        ctx.mark_non_differentiable(ce, kl)
+        return ce + opts.gamma * kl, ce, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_distill_loss: backward ran twice; its gradient "
+                               "is computed in the forward and handed over once")
+        grads, ctx.grads = ctx.grads, None
+        out = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
+        return out + (None, None, None)
+
+
+def _check_inputs(hidden, weight, targets, topk_ids, topk_logprobs, tail_logmass, gamma,
+                  temperature, bias, chunk_tokens, impl, autocast):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    n, v = hidden.shape[0], weight.shape[0]
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError("hidden and weight must be floating point")
+    dtypes = {hidden.dtype, weight.dtype} | (set() if bias is None else {bias.dtype})
+    if not autocast and len(dtypes) != 1:
+        raise ValueError(f"hidden, weight and bias must share one dtype outside autocast, got "
+                         f"{sorted(map(str, dtypes))}")
+    if bias is not None and bias.shape != (v,):
+        raise ValueError(f"bias must be [{v}], got {tuple(bias.shape)}")
+    if targets.shape != (n,) or targets.is_floating_point():
+        raise ValueError(f"targets must be [{n}] integer ids, got {tuple(targets.shape)} "
+                         f"{targets.dtype}")
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl must be 'triton', 'torch' or 'auto', got {impl!r}")
+    if impl == "triton" and triton is None:
+        raise RuntimeError("impl='triton' needs the triton package")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if gamma > 0:
+        if topk_ids is None or topk_logprobs is None:
+            raise ValueError("gamma > 0 needs topk_ids and topk_logprobs")
+        if (topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] < 1
+                or topk_logprobs.shape != topk_ids.shape or topk_ids.is_floating_point()):
+            raise ValueError(f"topk_ids and topk_logprobs must both be [{n}, k] (integer ids), "
+                             f"got {tuple(topk_ids.shape)} and {tuple(topk_logprobs.shape)}")
+        if tail_logmass is not None and tail_logmass.shape != (n,):
+            raise ValueError(f"tail_logmass must be [{n}], got {tuple(tail_logmass.shape)}")
+
+
+def _check_ids_in_vocab(targets, topk_ids, vocab, ignore_index):
+    """Out-of-range ids would be read out of bounds by the kernel: refuse them (one sync)."""
+    bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    bad = torch.stack([bad_target.any(),
+                       torch.zeros((), dtype=torch.bool, device=targets.device)
+                       if topk_ids is None else ((topk_ids < 0) | (topk_ids >= vocab)).any()])
+    bad_targets, bad_ids = bad.tolist()
+    if bad_targets:
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    if bad_ids:
+        raise ValueError(f"topk_ids must lie in [0, {vocab}) (the LM head's vocabulary)")
+
+
+def fused_linear_distill_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    topk_ids: Tensor | None,
+    topk_logprobs: Tensor | None,
+    tail_logmass: Tensor | None,
+    gamma: float = 0.0,
+    temperature: float = 1.0,
+    bias: Tensor | None = None,
+    chunk_tokens: int | None = None,
+    impl: str = "auto",
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE(hidden @ weight.T + bias, targets) + gamma * sparse KL, without [N, V] logits.
+
+    Args:
+        hidden: [N, H] final hidden states (after the final norm).
+        weight: [V, H] LM-head weight (may be the tied embedding); V may exceed the
+            teacher's vocabulary (padding).
+        targets: [N] next-token ids; ``ignore_index`` marks masked positions (no CE, no KL).
+        topk_ids: [N, k] int64/int32 teacher support ids, distinct within a row (unused
+            when gamma == 0).
+        topk_logprobs: [N, k] teacher log-probs at T = 1 over the full vocabulary (-inf for
+            zero mass).
+        tail_logmass: [N] log(1 - sum_k p_teacher); None disables the tail bucket, which is
+            also off when temperature != 1.
+        gamma: loss = CE_mean + gamma * KL_mean; 0 -> fused CE only.
+        temperature: T as in ``sparse_kl_loss``: student log_softmax(z / T), teacher support
+            renormalised at T, KL scaled by T^2. The CE always uses T = 1.
+        bias: [V] optional LM-head bias.
+        chunk_tokens: tokens per chunk (None: ``default_chunk_tokens(V)``).
+        impl: "triton", "torch", or "auto" (triton on CUDA, torch elsewhere).
+        ignore_index: the target id of masked positions.
+
+    Returns:
+        (loss, ce_mean, kl_mean): fp32 scalars; only ``loss`` carries a gradient (to
+        hidden, weight and bias, in their dtypes). Both means are over the unmasked
+        positions; with none, all three are 0 (where F.cross_entropy would give NaN).
+    """
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    _check_inputs(hidden, weight, targets, topk_ids, topk_logprobs, tail_logmass, gamma,
+                  temperature, bias, chunk_tokens, impl, autocast)
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda and triton is not None else "torch"
+    use_kl = gamma > 0
+    vocab = weight.shape[0]
+    _check_ids_in_vocab(targets, topk_ids if use_kl else None, vocab, ignore_index)
+
+    teacher = None
+    if use_kl:
+        valid = targets != ignore_index
+        log_q, log_q_tail = _teacher_log_probs(topk_logprobs, tail_logmass, valid,
+                                               float(temperature), torch.float32)
+        ids = topk_ids
+        if impl == "triton":
+            # The kernel walks each row's support in ascending id order.
+            ids, order = ids.sort(dim=1)
+            log_q = log_q.gather(1, order)
+        teacher = _Teacher(ids.contiguous(), log_q.contiguous(), log_q_tail)
+
+    grad_on = torch.is_grad_enabled()
+    needs_grad = tuple(grad_on and t is not None and t.requires_grad
+                       for t in (hidden, weight, bias))
+    opts = _Options(
+        gamma=float(gamma),
+        temperature=float(temperature),
+        chunk_tokens=chunk_tokens or default_chunk_tokens(vocab),
+        use_triton=impl == "triton",
+        ignore_index=ignore_index,
+        compute_dtype=torch.get_autocast_dtype(device_type) if autocast else hidden.dtype,
+        needs_grad=needs_grad,
+    )
+    hidden = hidden.contiguous()
+    targets = targets.long().contiguous()
+    if any(needs_grad):
+        return FusedLinearDistillFunction.apply(hidden, weight, bias, targets, teacher, opts)
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        ce_sum, kl_sum, inv_n, _ = _fused_pass(hidden, weight, bias, targets, teacher, opts)
+    ce = ce_sum * inv_n
+    kl = kl_sum * inv_n
+    return ce + opts.gamma * kl, ce, kl
+
+
+class FusedLinearDistillLoss(nn.Module):
+    """``fused_linear_distill_loss`` with gamma, temperature, chunking and impl fixed."""
+
+    def __init__(self, gamma: float = 0.0, temperature: float = 1.0,
+                 chunk_tokens: int | None = None, impl: str = "auto", ignore_index: int = -100):
+        super().__init__()
+        self.gamma = gamma
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+        self.impl = impl
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor,
+                topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None,
+                tail_logmass: Tensor | None = None,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        return fused_linear_distill_loss(
+            hidden, weight, targets, topk_ids, topk_logprobs, tail_logmass,
+            gamma=self.gamma, temperature=self.temperature, bias=bias,
+            chunk_tokens=self.chunk_tokens, impl=self.impl, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, temperature={self.temperature}, "
+                f"chunk_tokens={self.chunk_tokens}, impl={self.impl!r}")

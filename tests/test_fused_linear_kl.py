@@ -1,0 +1,383 @@
+"""Fused LM head + CE + sparse KL (kernels/fused_linear_kl.py) against the unfused path.
+
+The reference is what the training loop computed before: logits = F.linear(h, W, b),
+F.cross_entropy(logits.float()) + gamma * sparse_kl_loss(logits, impl="torch"), under
+plain autograd. fp32 inputs are checked against that reference in fp64 (the same fp32
+inputs, upcast); bf16 inputs and autocast against the same reference in the same
+precision. Runs on CUDA when available, else on CPU with the Triton kernel under the
+interpreter (small shapes).
+"""
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from ddk.kernels import fused_linear_kl as fk  # noqa: E402
+from ddk.kernels.sparse_kl import sparse_kl_loss, triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+
+# fp32 against fp64 on the same inputs: fp32 matmuls and loss arithmetic only.
+# Gradient entries that are ~0 by cancellation get an absolute tolerance relative to the
+# tensor's largest entry.
+FP32_TOL = dict(rtol=1e-5, rel_atol=1e-6)
+# bf16 (and autocast) against the same computation unfused: both round the logits and
+# their gradient to bf16 (2^-8 relative), but at different points (the fused path folds
+# the 1/n mean into its fp32 gradient before rounding; the chunked matmuls and the
+# chunk-by-chunk fp32 sum of dW round differently from one [N, V] matmul).
+BF16_TOL = dict(rtol=2e-2, rel_atol=2e-2)
+# The losses see the same bf16 logits on both sides, up to the rare element a chunked
+# bf16 matmul rounds differently: fp32-level agreement, with margin.
+BF16_LOSS_TOL = dict(rtol=1e-3, atol=1e-4)
+
+
+def _triton_skip_reason():
+    if triton is None:
+        return "triton is not importable"
+    if DEVICE == "cpu" and os.environ["TRITON_INTERPRET"] != "1":
+        return "no CUDA and TRITON_INTERPRET is not 1"
+    if DEVICE == "cpu" and _TRITON_IMPORTED_EARLY:
+        return "triton was imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+TRITON_SKIP = _triton_skip_reason()
+IMPLS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None,
+                                                    reason=str(TRITON_SKIP))),
+]
+
+# N = 37 tokens, H = 16, V = 300 with a teacher vocabulary of 280 (the LM head is padded),
+# k = 8. Rows 8..15 are masked: with chunk_tokens = 8 that chunk is all padding.
+N, H, V, TEACHER_V, K = 37, 16, 300, 280, 8
+MASKED = [3, *range(8, 16)]
+CONFIDENT_ROW = 5  # its support holds all but ~1e-18 of the student's mass
+
+
+def make_problem(seed=0, n=N, h=H, v=V, teacher_v=TEACHER_V, k=K):
+    """fp32 CPU tensors: hidden, weight, bias, targets, and a teacher top-k with its tail.
+
+    The last hidden dimension is zero except on CONFIDENT_ROW, where it lifts that row's
+    support logits by ~45 through the matching weight entries: the student tail share
+    (~1e-18) is below the kernel's exact-tail threshold, and below what the difference
+    1 - sum_S p resolves even in fp64.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    t_logits = torch.randn(n, teacher_v, generator=gen, dtype=torch.float64) * 2
+    lp, ids = torch.log_softmax(t_logits, dim=1).topk(k, dim=1)
+    perm = torch.argsort(torch.rand(n, k, generator=gen), dim=1)  # unsorted support
+    lp, ids = lp.gather(1, perm), ids.gather(1, perm)
+    tail = torch.log1p(-lp.exp().sum(1))
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.5
+    bias = torch.randn(v, generator=gen) * 0.1
+    hidden[:, -1] = 0.0
+    weight[:, -1] = 0.0
+    hidden[CONFIDENT_ROW, -1] = 1.0
+    weight[ids[CONFIDENT_ROW], -1] = 45.0
+    targets = torch.randint(0, teacher_v, (n,), generator=gen)
+    targets[MASKED] = IGNORE
+    return hidden, weight, bias, targets, ids, lp.float(), tail.float()
+
+
+def reference(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale):
+    """Unfused loss parts and the gradients of scale * loss, plain autograd."""
+    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias) if x is not None]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bias is not None else None
+    logits = F.linear(h, w, b)
+    ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
+                         ignore_index=IGNORE)
+    kl = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    if gamma > 0:
+        kl = sparse_kl_loss(logits, ids, lp, tail, mask=targets != IGNORE,
+                            temperature=temperature, impl="torch")
+    loss = ce + gamma * kl
+    grads = torch.autograd.grad(loss * scale, leaves)
+    return loss.detach(), ce.detach(), kl.detach(), grads
+
+
+def fused(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)
+              if x is not None]
+    b = leaves[2] if bias is not None else None
+    loss, ce, kl = fk.fused_linear_distill_loss(
+        leaves[0], leaves[1], targets, ids, lp, tail, gamma=gamma, temperature=temperature,
+        bias=b, **kw)
+    (loss * scale).backward()
+    return loss.detach(), ce, kl, [x.grad for x in leaves]
+
+
+def assert_close_scaled(actual, expected, rtol, rel_atol):
+    atol = rel_atol * expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+# name: (gamma, temperature, use_tail, chunk_tokens, use_bias)
+CASES = {
+    # 37 = 4 x 8 + 5: a ragged last chunk, and chunk 8..15 entirely masked.
+    "kd_tail_chunk8": (0.5, 1.0, True, 8, True),
+    # chunk_tokens=None: the default, far above N, so one chunk.
+    "kd_no_tail_one_chunk": (0.5, 1.0, False, None, False),
+    # T = 2: tempered student and teacher, T^2 scaling; the tail is given but unused.
+    "kd_T2_chunk16": (0.3, 2.0, True, 16, True),
+    # gamma = 0: fused CE only, no teacher inputs at all.
+    "ce_only_chunk5": (0.0, 1.0, False, 5, True),
+}
+DTYPES = ["fp32", "bf16", "autocast_bf16"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_unfused(impl, dtype, case):
+    gamma, temperature, use_tail, chunk, use_bias = CASES[case]
+    hidden, weight, bias, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    bias = bias if use_bias else None
+    tail = tail if use_tail else None
+    if gamma == 0:
+        ids = lp = tail = None
+    scale = 1.5  # grad_output != 1
+    args = (targets, ids, lp, tail, gamma, temperature, scale)
+    if dtype == "fp32":
+        ref_inputs = [None if x is None else x.double() for x in (hidden, weight, bias)]
+        ref = reference(*ref_inputs, *args)
+        out = fused(hidden, weight, bias, *args, chunk_tokens=chunk, impl=impl)
+        loss_tol = dict(rtol=FP32_TOL["rtol"], atol=FP32_TOL["rel_atol"])
+        grad_tol = FP32_TOL
+    else:
+        if dtype == "bf16":
+            hidden, weight = hidden.bfloat16(), weight.bfloat16()
+            bias = None if bias is None else bias.bfloat16()
+        enabled = dtype == "autocast_bf16"
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            ref = reference(hidden, weight, bias, *args)
+            out = fused(hidden, weight, bias, *args, chunk_tokens=chunk, impl=impl)
+        loss_tol, grad_tol = BF16_LOSS_TOL, BF16_TOL
+    loss, ce, kl, grads = out
+    ref_loss, ref_ce, ref_kl, ref_grads = ref
+    for value in (loss, ce, kl):
+        assert value.dtype == torch.float32 and value.shape == ()
+    assert not ce.requires_grad and not kl.requires_grad
+    torch.testing.assert_close(loss.double(), ref_loss.double(), **loss_tol)
+    torch.testing.assert_close(ce.double(), ref_ce.double(), **loss_tol)
+    torch.testing.assert_close(kl.double(), ref_kl.double(), **loss_tol)
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    for g, ref_g, x in zip(grads, ref_grads, inputs):
+        assert g.dtype == x.dtype and torch.isfinite(g).all()
+        assert_close_scaled(g, ref_g, **grad_tol)
+    # Masked positions take no part: their rows of d hidden are exactly 0.
+    assert (grads[0][MASKED] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tied_embedding_gets_summed_gradient(impl):
+    """The LM head is the embedding's own Parameter: its grad sums both uses."""
+    _, _, _, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem(seed=1))
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
+    mix = (torch.randn(H, H, generator=gen) * 0.3).to(DEVICE)
+
+    def grads(lm_loss, dtype):
+        emb = torch.nn.Embedding(V, H).to(DEVICE, dtype)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(V, H, generator=torch.Generator().manual_seed(3)))
+        a = mix.to(dtype).clone().requires_grad_()
+        hidden = torch.tanh(emb(input_ids) @ a)
+        loss = lm_loss(hidden, emb.weight)
+        loss.backward()
+        return emb.weight.grad, a.grad
+
+    def unfused(hidden, weight):
+        logits = hidden @ weight.t()
+        return (F.cross_entropy(logits, targets, ignore_index=IGNORE)
+                + 0.5 * sparse_kl_loss(logits, ids, lp, tail, mask=targets != IGNORE,
+                                       impl="torch"))
+
+    def fused_loss(hidden, weight):
+        return fk.fused_linear_distill_loss(hidden, weight, targets, ids, lp, tail, gamma=0.5,
+                                            chunk_tokens=8, impl=impl)[0]
+
+    for g, ref_g in zip(grads(fused_loss, torch.float32), grads(unfused, torch.float64)):
+        assert_close_scaled(g, ref_g, **FP32_TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_and_frozen_inputs(impl):
+    hidden, weight, bias, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    kw = dict(gamma=0.5, bias=bias, chunk_tokens=8, impl=impl)
+    h = hidden.clone().requires_grad_()
+    with_grad = fk.fused_linear_distill_loss(h, weight, targets, ids, lp, tail, **kw)
+    with torch.no_grad():
+        without = fk.fused_linear_distill_loss(h, weight, targets, ids, lp, tail, **kw)
+    assert with_grad[0].requires_grad and not without[0].requires_grad
+    for a, b in zip(with_grad, without):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    # Only hidden requires a gradient (frozen head): it matches the unfused one.
+    with_grad[0].backward()
+    ref = reference(hidden.double(), weight.double(), bias.double(), targets, ids, lp, tail,
+                    0.5, 1.0, 1.0)[3]
+    assert_close_scaled(h.grad, ref[0], **FP32_TOL)
+    assert weight.grad is None and bias.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_ids_and_targets(impl):
+    hidden, weight, bias, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    kw = dict(gamma=0.5, bias=bias, chunk_tokens=16, impl=impl)
+    wide = fk.fused_linear_distill_loss(hidden, weight, targets, ids, lp, tail, **kw)
+    narrow = fk.fused_linear_distill_loss(hidden, weight, targets.int(), ids.int(), lp, tail, **kw)
+    for a, b in zip(wide, narrow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backward_twice_is_refused():
+    hidden, weight, _, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    w = weight.clone().requires_grad_()
+    loss = fk.fused_linear_distill_loss(hidden, w, targets, ids, lp, tail, gamma=0.5,
+                                        impl="torch")[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_all_masked_gives_zero_loss_and_gradient():
+    hidden, weight, _, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    w = weight.clone().requires_grad_()
+    masked = torch.full_like(targets, IGNORE)
+    loss, ce, kl = fk.fused_linear_distill_loss(hidden, w, masked, ids, lp, tail, gamma=0.5,
+                                                impl="torch")
+    loss.backward()
+    assert loss.item() == ce.item() == kl.item() == 0.0
+    assert (w.grad == 0).all()
+
+
+# The kernel's dense formula overflows on support lanes, which it then overwrites; the
+# interpreter (numpy) warns about it.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_student_tail_near_floor_with_large_gamma(impl):
+    """p_tail ~ e^-86, just above the clamp: gamma * q_tail / p_tail ~ 5e38 exceeds fp32
+    although every gradient entry is finite, so no path may form that product.
+
+    With W = I the hidden states are the logits and d hidden is d logits, exactly.
+    """
+    n, v, k = 2, 64, 4
+    gen = torch.Generator().manual_seed(10)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)])
+    logits = torch.full((n, v), -1e4)
+    logits.scatter_(1, ids, torch.tensor([0.0, -1.0, -2.0, -3.0]).expand(n, k))
+    off_support = torch.ones(n, v, dtype=torch.bool).scatter_(1, ids, False)
+    logits[0, off_support[0].nonzero()[0]] = -86.0
+    logits[1, off_support[1].nonzero()[0]] = -80.0
+    lp = torch.log_softmax(torch.randn(n, k, generator=gen), dim=1) + math.log(0.5)
+    tail = torch.full((n,), math.log(0.5))
+    targets = ids[:, 0].clone()
+    hidden, weight, targets, ids, lp, tail = (
+        x.to(DEVICE) for x in (logits, torch.eye(v), targets, ids, lp, tail))
+    args = (targets, ids, lp, tail, 100.0, 1.0, 1.0)
+    ref = reference(hidden.double(), weight.double(), None, *args)
+    loss, _, _, grads = fused(hidden, weight, None, *args, impl=impl)
+    torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=1e-6)
+    # exp and log of arguments near 86 carry an absolute error ~86 eps into q_tail / p_tail.
+    assert torch.isfinite(grads[0]).all()
+    assert_close_scaled(grads[0], ref[3][0], rtol=2e-5, rel_atol=1e-6)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor, in bytes, that any aten op produces (bytes, because the
+    Triton interpreter moves kernel arguments as raw byte storages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_bytes = max(self.max_bytes, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_never_materialises_full_logits(impl):
+    """Forward and backward never produce a tensor larger than one chunk of logits, while
+    the unfused path, watched the same way, does (N x V = 8 chunks)."""
+    n, h, v, chunk = 64, 4, 512, 8
+    hidden, weight, bias, targets, ids, lp, tail = (
+        x.to(DEVICE) for x in make_problem(n=n, h=h, v=v, teacher_v=v))
+    args = (targets, ids, lp, tail, 0.5, 1.0, 1.0)
+    with LargestTensor() as unfused_mode:
+        reference(hidden, weight, bias, *args)
+    with LargestTensor() as fused_mode:
+        fused(hidden, weight, bias, *args, chunk_tokens=chunk, impl=impl)
+    # One fp32 chunk of logits; V x H and N x H are smaller here, so the gradients fit too.
+    bound = chunk * v * 4
+    assert unfused_mode.max_bytes >= n * v * 4
+    assert fused_mode.max_bytes <= bound
+
+
+def _bad(**changes):
+    hidden, weight, bias, targets, ids, lp, tail = make_problem()
+    kw = dict(hidden=hidden, weight=weight, targets=targets, topk_ids=ids, topk_logprobs=lp,
+              tail_logmass=tail, gamma=0.5, bias=bias)
+    for key, change in changes.items():
+        kw[key] = change(kw[key]) if callable(change) else change
+    return kw
+
+
+BAD_INPUTS = {
+    "hidden_1d": (_bad(hidden=lambda x: x[0]), "hidden must be"),
+    "hidden_size_mismatch": (_bad(weight=lambda w: w[:, :-1]), "hidden must be"),
+    "dtype_mismatch": (_bad(weight=lambda w: w.double()), "share one dtype"),
+    "targets_shape": (_bad(targets=lambda t: t[:-1]), "targets must be"),
+    "targets_float": (_bad(targets=lambda t: t.float()), "targets must be"),
+    "bias_shape": (_bad(bias=lambda b: b[:-1]), "bias must be"),
+    "impl": (_bad(impl="cuda"), "impl must be"),
+    "temperature_zero": (_bad(temperature=0.0), "temperature must be"),
+    "gamma_negative": (_bad(gamma=-0.1), "gamma must be"),
+    "chunk_zero": (_bad(chunk_tokens=0), "chunk_tokens"),
+    "no_teacher": (_bad(topk_ids=None), "needs topk_ids"),
+    "topk_shape": (_bad(topk_logprobs=lambda x: x[:, :-1]), "topk_ids and topk_logprobs"),
+    "tail_shape": (_bad(tail_logmass=lambda x: x[:-1]), "tail_logmass must be"),
+    "ids_beyond_vocab": (_bad(topk_ids=lambda x: x.clone().fill_(V)), "topk_ids must lie"),
+    "target_beyond_vocab": (_bad(targets=lambda t: t.clone().fill_(V)), "targets must lie"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_rejects_bad_inputs(case):
+    kw, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        fk.fused_linear_distill_loss(**kw)
+
+
+def test_module_matches_function():
+    hidden, weight, bias, targets, ids, lp, tail = (x.to(DEVICE) for x in make_problem())
+    module = fk.FusedLinearDistillLoss(gamma=0.3, temperature=2.0, chunk_tokens=8, impl="torch")
+    expected = fk.fused_linear_distill_loss(hidden, weight, targets, ids, lp, tail, gamma=0.3,
+                                            temperature=2.0, bias=bias, chunk_tokens=8,
+                                            impl="torch")
+    for a, b in zip(module(hidden, weight, targets, ids, lp, tail, bias=bias), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab", [300, 128256, 151936, 1 << 26])
+def test_default_chunk_tokens(vocab):
+    chunk = fk.default_chunk_tokens(vocab)
+    assert chunk % fk.CHUNK_MULTIPLE == 0 and chunk >= fk.CHUNK_MULTIPLE
+    assert chunk * vocab * 4 <= max(fk.CHUNK_LOGITS_BYTES, fk.CHUNK_MULTIPLE * vocab * 4)
+    assert (chunk + fk.CHUNK_MULTIPLE) * vocab * 4 > fk.CHUNK_LOGITS_BYTES
