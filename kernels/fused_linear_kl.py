@@ -69,8 +69,6 @@ from .sparse_kl import (
     triton,
 )
 
-if triton is not None:
-    import triton.language as tl
 
 # fp32 bytes of one chunk of logits when chunk_tokens is None: small next to the [N, V]
 # buffers it replaces, large enough that the three matmuls per chunk stay efficient.
@@ -163,33 +161,13 @@ def _torch_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_gr
 
 
 if triton is not None:
+    import triton.language as tl
 
-    # Called from the fused kernel for the rare rows that need it. sparse_kl.py keeps
-    # this pass in a kernel of its own (inside its common kernel it cost up to 1.6x on an
-    # H100); here it must sit in the one kernel per chunk, since the gradient pass of the
-    # same program needs its result.
-    @triton.jit
-    def _exact_log_p_tail(z_row, ids_row, V, K, m, log_sum, BLOCK_V: tl.constexpr):
-        """log p_tail from the tail alone (support masked out, its own running max), for
-        rows whose tail share is too small for the difference acc - sum_S (T = 1)."""
-        m_t = -float("inf")
-        acc_t = 0.0
-        p = 0
-        nxt = tl.load(ids_row)
-        for start in range(0, V, BLOCK_V):
-            off = start + tl.arange(0, BLOCK_V)
-            z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
-            while nxt < start + BLOCK_V:
-                z = tl.where(off == nxt, -float("inf"), z)
-                p += 1
-                nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
-            m_new = tl.maximum(m_t, tl.max(z, 0))
-            # No tail lane seen yet: any finite reference keeps the sum at 0.
-            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-            acc_t = acc_t * tl.exp(m_t - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
-            m_t = m_new
-        # acc_t is 0 (empty tail, m_t = -inf) or >= 1 (its max lane adds 1).
-        return (m_t - m) + tl.log(tl.maximum(acc_t, 1.0)) - log_sum
+    # The rare rows whose student tail share is tiny re-sum the tail exactly. sparse_kl.py
+    # keeps that pass in a kernel of its own (inside its common kernel it cost up to 1.6x
+    # on an H100); here it must sit in the one kernel per chunk, since the gradient pass
+    # of the same program needs its result.
+    from .sparse_kl import _exact_log_p_tail
 
     @triton.jit
     def _fused_ce_kl_kernel(

@@ -242,6 +242,30 @@ if triton is not None:
             tl.store(tail_share_ptr + row, share)
 
     @triton.jit
+    def _exact_log_p_tail(z_row, ids_row, V, K, m, log_sum, BLOCK_V: tl.constexpr):
+        """log p_tail of one row from the tail alone (support masked out, its own running
+        max), for rows whose tail share is too small for the difference acc - sum_S.
+        ids_row ascending; m, log_sum: the row's max and log-sum-exp relative to it. T = 1."""
+        m_t = -float("inf")
+        acc_t = 0.0
+        p = 0
+        nxt = tl.load(ids_row)
+        for start in range(0, V, BLOCK_V):
+            off = start + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
+            while nxt < start + BLOCK_V:
+                z = tl.where(off == nxt, -float("inf"), z)
+                p += 1
+                nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
+            m_new = tl.maximum(m_t, tl.max(z, 0))
+            # No tail lane seen yet: any finite reference keeps the sum at 0.
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            acc_t = acc_t * tl.exp(m_t - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
+            m_t = m_new
+        # acc_t is 0 (empty tail, m_t = -inf) or >= 1 (its max lane adds 1).
+        return (m_t - m) + tl.log(tl.maximum(acc_t, 1.0)) - log_sum
+
+    @triton.jit
     def _sparse_kl_tail_kernel(
         logits_ptr, stride_row, ids_ptr, row_max_ptr, log_sum_ptr, tail_share_ptr,
         log_p_tail_ptr, V, K, exact_tail_below, BLOCK_V: tl.constexpr,
@@ -252,28 +276,8 @@ if triton is not None:
         if share >= exact_tail_below:
             log_pt = tl.log(share)
         else:
-            z_row = logits_ptr + row * stride_row
-            ids_row = ids_ptr + row * K
-            m_t = -float("inf")
-            acc_t = 0.0
-            p = 0
-            nxt = tl.load(ids_row)
-            for start in range(0, V, BLOCK_V):
-                off = start + tl.arange(0, BLOCK_V)
-                z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
-                while nxt < start + BLOCK_V:
-                    z = tl.where(off == nxt, -float("inf"), z)
-                    p += 1
-                    nxt = tl.load(ids_row + p, mask=p < K, other=V + BLOCK_V)
-                m_new = tl.maximum(m_t, tl.max(z, 0))
-                # No tail lane seen yet: any finite reference keeps the sum at 0.
-                m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-                acc_t = acc_t * tl.exp(m_t - m_ref) + tl.sum(tl.exp(z - m_ref), 0)
-                m_t = m_new
-            m = tl.load(row_max_ptr + row)
-            log_sum = tl.load(log_sum_ptr + row)
-            # acc_t is 0 (empty tail, m_t = -inf) or >= 1 (its max lane adds 1).
-            log_pt = (m_t - m) + tl.log(tl.maximum(acc_t, 1.0)) - log_sum
+            log_pt = _exact_log_p_tail(logits_ptr + row * stride_row, ids_ptr + row * K, V, K,
+                                       tl.load(row_max_ptr + row), tl.load(log_sum_ptr + row), BLOCK_V)
         tl.store(log_p_tail_ptr + row, log_pt)
 
     @triton.jit

@@ -28,6 +28,9 @@ P4  cache bytes per token at k = 16, 64, 128 on real teacher outputs (HF teacher
     sample of cached rows, one shard per domain written by TopKShardWriter), split by
     Parquet column chunk, next to raw int32 ids + fp32 logprobs (8k bytes), with the
     codec's round-trip fidelity (`measure_fidelity` against the uncompressed top-k).
+    P4b: the writer's encode throughput at a real teacher's scale (V = 151936, k = 64,
+    seq_len 2048, synthetic teacher-like top-k: stages/bench_codec.py), on 1 thread and
+    on cache.encode_threads, interleaved, in tokens/s in total and per core.
 P5  stage one's real capture divided by the teacher's bare HF forward (logits only, same
     dtype, device and batch_rows). P5b: `teacher_cache` (what `ddk teacher-cache` runs;
     hf: `run_capture` in-process, vllm: in its child process) on a fresh temp directory
@@ -39,9 +42,14 @@ P5  stage one's real capture divided by the teacher's bare HF forward (logits on
     P5a explains where the time goes: the hf backend's parts (top-k, encode, fidelity,
     write) timed separately on the sample, not a throughput (the worker overlaps them).
 P6  shard decode throughput of `TopKCacheReader.batch` on random keys across the cache,
-    cold (a fresh reader: every shard is read and unpacked on first touch; the OS page
-    cache is not dropped) and warm (shards in the reader's LRU: row decode only), divided
-    by the cached-KD step's consumption from P1.
+    cold (a fresh reader: each row's row group is read, checksummed and unpacked on first
+    touch; the OS page cache is not dropped) and warm (row groups in the reader's LRU: row
+    decode only), divided by the cached-KD step's consumption from P1.
+    P6b: the same at a real teacher's scale, on a synthetic cache written by
+    TopKShardWriter (seq_len 2048, V = 151936, k = 64, a few hundred rows, row groups of
+    cache.rows_per_row_group): random rows, each once per pass, cold and warm, without
+    prefetch and with BatchPrefetcher (distill.prefetch_batches), and with a byte budget
+    a quarter of the set (the steady state of a cache larger than the reader's memory).
 GPU the Triton kernel's forward+backward time and bandwidth against the torch paths
     (`bench_sparse_kl`), on CUDA only.
 
@@ -67,8 +75,10 @@ import pyarrow.parquet as pq
 import torch
 
 from ..kernels.sparse_kl import TORCH_CHUNK_BYTES
+from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import TopKCodec, measure_fidelity
 from ..pipeline.cache.manifest import CacheError
+from ..pipeline.cache.prefetch import BatchPrefetcher
 from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.config import Config, ConfigError, load_config
@@ -77,7 +87,7 @@ from ..pipeline.student import StudentLM
 from ..pipeline.teachers.base import TopK
 from ..pipeline.teachers.hf import HFTeacher
 from ..pipeline.teachers.vllm import vllm_available
-from . import bench_sparse_kl
+from . import bench_codec, bench_sparse_kl
 from .distill import _tokens_only, autocast_context, load_student
 
 KL_VOCABS = (32000, 151936)  # P2: a LLaMA-2 and a Qwen vocabulary
@@ -96,6 +106,8 @@ class Sizes:
         self.stage_one_passes = 2 if quick else 3  # P5a passes over the sample, one shard per domain
         self.kl_tokens = 128 if quick else 256  # P2 rows on CPU (the ratio does not depend on it)
         self.decode_rows = 256 if quick else 1024  # P6 random rows
+        self.codec_rows = 16 if quick else 32  # P4b rows of 2048 positions per timed call (fewer: thread start-up noise)
+        self.scale_decode_rows = 128 if quick else 256  # P6b rows of 2048 positions in the synthetic cache
         # P5b: tokens each capture writes (hf and vllm: the same rows); too few and per-call
         # overheads dominate its rate. Passes of capture + bare forward: an hf pass costs a
         # model load (plus one untimed warm-up pass), a vllm pass an engine start (~45 s here).
@@ -404,7 +416,8 @@ def bench_cache_bytes(reader: TopKCacheReader, teacher_path: Path, dtype: str, s
     rows = []
     for k in ks:
         codec = TopKCodec(vocab, k, reader.codec.logprob_step, reader.codec.logprob_floor)
-        writer = TopKShardWriter(codec, reader.manifest["codec"].get("parquet_zstd_level", 3))
+        # The cache's own layout (a cache from before row groups has one per shard: None).
+        writer = TopKShardWriter(codec, reader.manifest["codec"].get("parquet_zstd_level", 3), reader.manifest["codec"].get("rows_per_row_group"))
         cols: dict[str, int] = {}
         max_err, ids_exact = 0.0, True
         for d, rows_d in samples.items():
@@ -435,6 +448,17 @@ def bench_cache_bytes(reader: TopKCacheReader, teacher_path: Path, dtype: str, s
         f"(k={m['k']}): {m['bytes_per_token']:.1f} B/token, max |err| {m['fidelity']['max_abs_logprob_error']:.1e}.",
     )
     return {"tokens": tokens, "vocab": vocab, "rows": rows, "cache_bytes_per_token": m["bytes_per_token"]}
+
+
+SCALE_SEQ = 2048  # P4b, P6b: a real teacher's sequence length and vocabulary
+
+
+def bench_encode_at_scale(cfg: Config, sizes: Sizes, tmp: Path) -> dict:
+    threads = sorted({1, cfg.cache.encode_threads})
+    r = bench_codec.encode_throughput(threads, sizes.codec_rows, SCALE_SEQ, bench_codec.QWEN_VOCAB, KL_K, 3, tmp)
+    bench_codec.print_encode_table(r, f"P4b stage-one encode throughput at V={r['vocab']}, k={r['k']}, seq_len {SCALE_SEQ} "
+                                      f"(synthetic teacher-like top-k), 1 vs {threads[-1]} thread(s) = cache.encode_threads")
+    return r
 
 
 # ---------------------------------------------------------------------------- P5
@@ -650,7 +674,7 @@ def bench_stage_one(config_path: str, overrides: list[str], cfg: Config, reader:
 
 # ---------------------------------------------------------------------------- P6
 def bench_decode(cfg: Config, n_rows: int, kd_tokens_per_s: float, rng: np.random.Generator) -> dict:
-    reader = TopKCacheReader(cfg.cache_path())  # fresh: no shard read yet
+    reader = TopKCacheReader(cfg.cache_path(), cfg.distill.reader_cache_mb << 20)  # fresh: no row group read yet
     keys = random_keys(reader, n_rows, rng)
     b = cfg.distill.batch_rows
     batches = [keys[i:i + b] for i in range(0, len(keys), b)]
@@ -661,11 +685,11 @@ def bench_decode(cfg: Config, n_rows: int, kd_tokens_per_s: float, rng: np.rando
             reader.batch(batch)
         return time.perf_counter() - t0
 
-    cold = one_pass()  # every shard is read, unpacked and its blobs listed on first touch
+    cold = one_pass()  # every row's row group is read, checksummed and unpacked on first touch
     warm = statistics.median(one_pass() for _ in range(3))  # rows decode only
     shards = sum(len(d["shards"]) for d in reader.manifest["domains"].values())
     rows = []
-    for name, seconds in (("cold (fresh reader)", cold), ("warm (shards in LRU)", warm)):
+    for name, seconds in (("cold (fresh reader)", cold), ("warm (row groups in LRU)", warm)):
         tps = len(keys) * reader.seq_len / seconds
         rows.append({"pass": name, "rows_per_s": len(keys) / seconds, "tokens_per_s": tps, "ratio_to_kd_step": tps / kd_tokens_per_s})
     print_table(
@@ -676,6 +700,56 @@ def bench_decode(cfg: Config, n_rows: int, kd_tokens_per_s: float, rng: np.rando
         "(the P1 step includes its own decoding). The OS page cache was not dropped.",
     )
     return {"rows": len(keys), "batch_rows": b, "passes": rows}
+
+
+def bench_decode_at_scale(cfg: Config, sizes: Sizes, tmp: Path) -> dict:
+    """P6b: random-row decode of a synthetic seq_len 2048, V = 151936 cache by the bounded reader,
+    laid out and read with the config's cache.rows_per_row_group and distill.prefetch_batches."""
+    n, c, depth = sizes.scale_decode_rows, cfg.cache, cfg.distill.prefetch_batches
+    t0 = time.perf_counter()
+    m = bench_codec.write_synthetic_cache(tmp, {"a": n // 2, "b": n - n // 2}, SCALE_SEQ, bench_codec.QWEN_VOCAB, KL_K,
+                                          rows_per_shard=64, rows_per_row_group=c.rows_per_row_group, encode_threads=c.encode_threads)
+    write_s = time.perf_counter() - t0
+    keys = [(d, "train", r) for d, dd in m["domains"].items() for r in range(dd["train_rows"])]
+    keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]  # every row once per pass, in random order
+    b = 8  # 16k tokens per micro-batch
+    batches = [keys[i:i + b] for i in range(0, len(keys), b)]
+
+    def one_pass(reader: TopKCacheReader, prefetch: int) -> float:
+        t = time.perf_counter()
+        loader = BatchPrefetcher(reader.batch, batches, prefetch)
+        for _ in batches:
+            loader.next()
+        return time.perf_counter() - t
+
+    passes = []
+    for prefetch in sorted({0, depth}):
+        reader = TopKCacheReader(tmp)  # the default budget: the whole set fits
+        for name in ("cold (fresh reader)", "warm (row groups in LRU)"):
+            passes.append({"pass": name, "prefetch_batches": prefetch, "seconds": one_pass(reader, prefetch), "cached_mib": reader.cached_bytes / 2**20})
+    bounded = TopKCacheReader(tmp, max_cache_bytes=reader.cached_bytes // 4)
+    one_pass(bounded, depth)  # fill the budget
+    passes.append({"pass": "bounded, budget 1/4 of the set", "prefetch_batches": depth, "seconds": one_pass(bounded, depth),
+                   "cached_mib": bounded.cached_bytes / 2**20})
+    tokens = len(keys) * SCALE_SEQ
+    for p in passes:
+        p["tokens_per_s"] = tokens / p["seconds"]
+        p["rows_per_s"] = len(keys) / p["seconds"]
+    print_table(
+        f"P6b shard decode at real scale: synthetic cache of {len(keys)} rows x {SCALE_SEQ} tokens, V={bench_codec.QWEN_VOCAB}, k={KL_K}, "
+        f"{m['bytes'] / 2**20:.0f} MiB ({m['bytes_per_token']:.0f} B/token), row groups of {c.rows_per_row_group} rows; "
+        f"random rows in batches of {b}, each row once per pass",
+        ["pass", "prefetch", "rows/s", "tokens/s", "reader cache MiB"],
+        [[p["pass"], p["prefetch_batches"], p["rows_per_s"], p["tokens_per_s"], p["cached_mib"]] for p in passes],
+        f"prefetch = BatchPrefetcher depth (threads); 0 = decoded in the consumer's thread. cold: each row group read, its "
+        f"chunks CRC-checked and unpacked on first touch (the OS page cache holds the just-written files); bounded: the "
+        f"reader keeps 1/4 of the set's row groups, so most rows read their row group of {c.rows_per_row_group} again. "
+        f"Writing the set took {write_s:.1f} s ({c.encode_threads} encode threads). {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}.",
+    )
+    return {"rows": len(keys), "seq_len": SCALE_SEQ, "vocab": bench_codec.QWEN_VOCAB, "k": KL_K, "batch_rows": b,
+            "rows_per_row_group": c.rows_per_row_group, "bytes": m["bytes"], "bytes_per_token": m["bytes_per_token"],
+            "write_seconds": write_s, "passes": passes}
 
 
 # ---------------------------------------------------------------------------- GPU kernel
@@ -726,13 +800,23 @@ def run(args) -> dict:
         result["P2_kl_memory"] = bench_kl_memory(device, sizes, kernel)
         samples = sample_rows(reader, sizes.sample_rows, rng)
         result["P4_cache_bytes"] = bench_cache_bytes(reader, cfg.teacher_path(), cfg.teacher.dtype, samples, tmp / "p4")
+        (tmp / "p4b").mkdir()
+        result["P4b_encode_at_scale"] = bench_encode_at_scale(cfg, sizes, tmp / "p4b")
         with_vllm = vllm_available() and not args.no_vllm
         result["P5_stage_one"] = bench_stage_one(args.config, args.overrides, cfg, reader, teacher, samples, sizes, device, tmp / "p5", with_vllm)
         kd = result["P1_training"]["arms"]["cached KD"]["tokens_per_s"]
         result["P6_decode"] = bench_decode(cfg, sizes.decode_rows, kd, rng)
+        result["P6b_decode_at_scale"] = bench_decode_at_scale(cfg, sizes, tmp / "p6b")
     result["seconds"] = time.perf_counter() - t_start
     print(f"\nbench done in {result['seconds']:.0f} s")
     return result
+
+
+def write_report(path: Path, result: dict) -> None:
+    """A benchmark's numbers as JSON (atomically: a killed run leaves no torn report)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    print(f"results: {path}")
 
 
 def main(argv=None) -> None:
@@ -743,10 +827,7 @@ def main(argv=None) -> None:
         print(f"bench: {e}", file=sys.stderr)
         sys.exit(2)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"results: {path}")
+        write_report(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ import json
 import math
 import multiprocessing as mp
 import platform
-import resource
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ddk.kernels.fused_linear_kl import default_chunk_tokens, fused_linear_distill_loss
 from ddk.kernels.sparse_kl import sparse_kl_loss
+from ddk.stages.bench_sparse_kl import time_and_peak
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # H x V: Liger-Kernel's published distillation shape (Llama-3 vocabulary), then the
@@ -81,17 +79,6 @@ def fused_loss(hidden, weight, targets, ids, lp, tail, gamma, chunk_tokens):
 LOSSES = {"unfused": unfused_loss, "fused": fused_loss}
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _current_rss() -> int:
-    # The current resident set, not ru_maxrss: import and set-up peaks are over by now.
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def measure(variant, chunk, n, h, v, k, dtype, device, gamma, warmup, repeats) -> dict:
     """Median fwd+bwd seconds and peak extra bytes of one variant at one shape."""
     hidden, weight, targets, ids, lp, tail = make_inputs(n, h, v, k, dtype, device)
@@ -104,32 +91,12 @@ def measure(variant, chunk, n, h, v, k, dtype, device, gamma, warmup, repeats) -
         grads = torch.autograd.grad(loss, [hidden, weight])
         return loss.item(), grads
 
-    # The baseline is taken before the warm-up: on CPU the peak RSS never comes down.
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _current_rss()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss, grads = step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        del grads
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    seconds, peak, (loss, _) = time_and_peak(step, device, warmup, repeats)
     # The chunk as run: the default for V, capped at N.
     chunk_run = min(chunk or default_chunk_tokens(v), n) if variant == "fused" else None
     return dict(variant=variant, chunk_tokens=chunk_run, hidden=h, vocab=v, tokens=n, k=k,
                 dtype=str(dtype).removeprefix("torch."), device=device, loss=loss,
-                time_ms=statistics.median(times) * 1e3, peak_bytes=peak)
+                time_ms=seconds * 1e3, peak_bytes=peak)
 
 
 def measure_isolated(*args) -> dict:

@@ -81,6 +81,34 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def time_and_peak(step, device: str, warmup: int, repeats: int):
+    """(median seconds of step(), peak bytes allocated above what was live before the
+    warm-up, the last step's result). On CPU the peak is the growth of the peak resident
+    set, so run it in a fresh process (see measure_isolated) for a number of its own."""
+    # The baseline is taken before the warm-up: on CPU the peak RSS never comes down.
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _current_rss()
+    for _ in range(warmup):
+        step()
+    times, result = [], None
+    for _ in range(repeats):
+        del result  # the previous step's gradients are not held while the next one runs
+        _sync(device)
+        t0 = time.perf_counter()
+        result = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return statistics.median(times), peak, result
+
+
 def measure(impl, n, v, k, dtype, device, warmup, repeats) -> dict:
     """Median fwd+bwd seconds and peak extra bytes of one implementation at one size."""
     logits, ids, lp, tail = make_inputs(n, v, k, dtype, device)
@@ -92,28 +120,7 @@ def measure(impl, n, v, k, dtype, device, warmup, repeats) -> dict:
         (grad,) = torch.autograd.grad(loss, x)
         return loss.item(), grad
 
-    # The baseline is taken before the warm-up: on CPU the peak RSS never comes down.
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _current_rss()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss, grad = step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        del grad
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    seconds = statistics.median(times)
+    seconds, peak, (loss, _) = time_and_peak(step, device, warmup, repeats)
     traffic = 2 * n * v * logits.element_size()
     return dict(impl=impl, tokens=n, vocab=v, k=k, dtype=str(dtype).removeprefix("torch."),
                 device=device, loss=loss, time_ms=seconds * 1e3, peak_bytes=peak,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import sys
@@ -57,7 +56,7 @@ from ..pipeline.cache.reader import CacheBatch
 from ..pipeline.config import DistillConfig
 from ..pipeline.objective import Objective
 from ..pipeline.student import StudentLM
-from .bench import describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes
+from .bench import describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes, write_report
 from .distill import autocast_context
 
 QWEN_VOCAB = 151936  # Qwen2's padded embedding rows
@@ -263,10 +262,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"results: {path}")
+        write_report(Path(args.json), result)
 
 
 if __name__ == "__main__":

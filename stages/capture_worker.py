@@ -65,14 +65,16 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
     if not todo:
         return
     c = plan.codec
-    writer = TopKShardWriter(TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"]), c["parquet_zstd_level"])
+    writer = TopKShardWriter(TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"]), c["parquet_zstd_level"],
+                             c["rows_per_row_group"], capture["encode_threads"])
     # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
     batch_rows = capture["teacher"]["batch_rows"] if capture["backend"] == "hf" else max(s.rows for s in todo)
     backend = make_backend(plan, capture)
     tokens, t_start = 0, time.perf_counter()
     # The next shard's teacher forward overlaps this shard's encode + write (a second
-    # thread: zstd and most numpy work release the GIL). On a GPU the CPU-side codec is
-    # otherwise the bottleneck; on CPU the two share the cores. Output bytes are the same.
+    # thread, which encodes rows on cache.encode_threads threads of its own: zstd and most
+    # numpy work release the GIL). On a GPU the CPU-side codec is otherwise the
+    # bottleneck; on CPU the two share the cores. Output bytes are the same.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     pending: tuple[Future, object] | None = None
     try:

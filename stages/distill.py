@@ -32,6 +32,7 @@ import torch
 from ..pipeline import distributed
 from ..pipeline.atomic import write_json_atomic, write_text_atomic
 from ..pipeline.cache.manifest import CacheError
+from ..pipeline.cache.prefetch import BatchPrefetcher
 from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ..pipeline.config import Config, ConfigError
@@ -171,13 +172,16 @@ def distill(cfg: Config, resume: bool = False, log=print) -> dict:
 
 def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
     trainer = Trainer(cfg, resume, log, env)
-    while trainer.step < cfg.distill.steps:
-        if trainer.interval_due():
-            trainer.start_interval()
-        trainer.optimizer_step()
-        if trainer.checkpoint_due():
-            trainer.checkpoint()
-    return trainer.finish()
+    try:
+        while trainer.step < cfg.distill.steps:
+            if trainer.interval_due():
+                trainer.start_interval()
+            trainer.optimizer_step()
+            if trainer.checkpoint_due():
+                trainer.checkpoint()
+        return trainer.finish()
+    finally:
+        trainer.close_prefetch()  # the decoding threads end with the run, also when it fails
 
 
 # Fields of [distill] that choose how a run is computed, not what it computes: a run may
@@ -185,7 +189,7 @@ def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
 # cache or student: those two are checked by content hash instead). Every other field
 # changes the run and must match the checkpoint's.
 RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "debug_rank_logs", "precision",
-                          "kl_impl", "loss_impl", "parallel", "cache_dir", "student")
+                          "kl_impl", "loss_impl", "parallel", "cache_dir", "student", "reader_cache_mb", "prefetch_batches")
 
 
 def run_identity(cfg: Config, reader: TopKCacheReader) -> dict:
@@ -221,7 +225,8 @@ class Trainer:
             raise ConfigError(f"distill.batch_rows = {d.batch_rows} is the global micro-batch, split evenly over {env.world_size} ranks; "
                               f"set it to a multiple of {env.world_size} or launch another number of ranks")
         torch.manual_seed(d.seed)
-        self.reader = reader = TopKCacheReader(cfg.cache_path())
+        self.reader = reader = TopKCacheReader(cfg.cache_path(), max_cache_bytes=d.reader_cache_mb << 20)
+        self.prefetch: BatchPrefetcher | None = None  # the current interval's micro-batches, decoded ahead
         model, self.tokenizer = load_student(cfg, reader, device)
         self.out = out = Path(d.out_dir)
         ckpt = latest_checkpoint(out) if resume else None
@@ -292,6 +297,7 @@ class Trainer:
         split over the ranks.
         """
         step, state = self.step, self.state
+        self.close_prefetch()  # the last interval's batches are all taken; its keys are replaced below
         student_loss = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device)
         student_ppl = np.array([perplexity(student_loss[dom]) for dom in self.domains])
         weights = self.scheduler.update(step, student_ppl, self.teacher_ppl)
@@ -309,12 +315,25 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def next_micro_batch(self) -> tuple[list, CacheBatch]:
         """This rank's share of the next global micro-batch: the rows IntervalSampler.draw(...,
-        rank, world_size) would give it; the ranks' shares are disjoint and make up the batch."""
+        rank, world_size) would give it; the ranks' shares are disjoint and make up the batch.
+        Decoded ahead on background threads (distill.prefetch_batches), in this same order."""
         pos = self.state["interval_pos"]
-        my_keys = self.state["interval_keys"][pos : pos + self.d.batch_rows][self.env.rank :: self.env.world_size]
+        if self.prefetch is None:  # the interval's first micro-batch, or the first after a resume
+            keys, b = self.state["interval_keys"], self.d.batch_rows
+            shares = [keys[p : p + b][self.env.rank :: self.env.world_size] for p in range(pos, len(keys), b)]
+            self.prefetch = BatchPrefetcher(self._load_batch, shares, self.d.prefetch_batches)
         self.state["interval_pos"] = pos + self.d.batch_rows
+        return self.prefetch.next()
+
+    def _load_batch(self, my_keys: list) -> CacheBatch:
         batch_keys = [(dom, "train", row) for dom, row in my_keys]
-        return my_keys, (self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys))
+        return self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys)
+
+    def close_prefetch(self) -> None:
+        """Stop decoding ahead: at an interval's end, the run's end, or when the run fails."""
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.prefetch = None
 
     def micro_step(self, batch: CacheBatch) -> LossParts:
         """Forward (the loss, fused with the LM head by default) of one micro-batch."""
@@ -370,6 +389,7 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
         """Validation and test evaluation, results.json, the per-domain table and plots."""
+        self.close_prefetch()
         self.bar.close()
         self.metrics.close()
         self.ranks_log.close()

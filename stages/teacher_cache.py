@@ -90,7 +90,8 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -
         tokenizer={"sha256": tokenizer_sha256(tokenizer), "vocab_size": vocab},
         k=cfg.cache.k,
         seq_len=cfg.corpus.seq_len,
-        codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level},
+        codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level,
+               "rows_per_row_group": cfg.cache.rows_per_row_group},
         domains=domains,
         shards=plan_shards(rows, cfg.cache.rows_per_shard),
     )
@@ -220,7 +221,8 @@ def teacher_cache(cfg: Config, log=print) -> dict:
         f"{cache_dir}: {'resuming, ' if state == 'resume' else ''}{len(todo)} of {len(plan.shards)} shards to write "
         f"({tokens:,} tokens), backend {backend}, k={plan.k}, {cfg.cache.workers} worker(s)"
     )
-    write_json_atomic(cache_dir / CAPTURE_FILE, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed})
+    write_json_atomic(cache_dir / CAPTURE_FILE, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed,
+                                                 "encode_threads": cfg.cache.encode_threads})
     t0 = time.time()
     if todo:
         run_workers(cache_dir, backend, cfg.cache.workers, todo, log, cfg.teacher.tensor_parallel_size)

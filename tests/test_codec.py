@@ -243,3 +243,23 @@ def test_zstd_checksum_flag_cannot_be_switched_off(blobs):
     bad[_IDS_HEADER.size + 4] ^= 0x04
     with pytest.raises(ValueError, match="checksum"):
         codec.decode(bytes(bad), lb, 3)
+
+
+def test_shard_bytes_do_not_depend_on_encode_threads(tmp_path):
+    """TopKShardWriter encodes rows on threads; the file is the same byte for byte, in row
+    groups of rows_per_row_group rows."""
+    import pyarrow.parquet as pq
+
+    from ddk.pipeline.cache.writer import TopKShardWriter
+    from ddk.stages.bench_codec import synthetic_capture
+
+    tokens, topk = synthetic_capture(np.random.default_rng(0), 10, 64, 151936, 16)
+    codec = TopKCodec(151936, 16)
+    files = {}
+    for threads in (1, 4):
+        path = tmp_path / f"threads-{threads}.parquet"
+        info = TopKShardWriter(codec, rows_per_row_group=4, encode_threads=threads).write(path, "d", "train", 0, tokens, topk)
+        files[threads] = path.read_bytes()
+        assert info["max_abs_logprob_error"] <= codec.max_abs_error_bound()
+    assert files[1] == files[4]
+    assert [pq.ParquetFile(tmp_path / "threads-1.parquet").metadata.row_group(g).num_rows for g in range(3)] == [4, 4, 2]

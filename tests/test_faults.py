@@ -570,7 +570,8 @@ def test_teacher_cache_on_a_damaged_complete_cache_names_the_damage(env, referen
     assert result.exit_code == 1 and "2 problem(s)" in result.output
     assert f"{cache / truncated}: " in result.output and "truncated" in result.output
     assert f"{cache / flipped}: sha256 mismatch" in result.output
-    with pytest.raises(CacheError, match=re.escape(f"{cache / flipped}: missing, truncated or corrupted")):
+    # The reader checks each column chunk it reads against its CRC-32 in the manifest.
+    with pytest.raises(CacheError, match=re.escape(f"{cache / flipped}: corrupted: row group 0, column topk_logprobs")):
         TopKCacheReader(cache).batch(_rows_of(cache, flipped))
 
     cfg = load_config(env["write_config"](tmp_path, cache))

@@ -9,23 +9,16 @@ interpreter (small shapes).
 """
 
 import math
-import os
-import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
+from triton_params import DEVICE, IMPLS
+from torch.utils._python_dispatch import TorchDispatchMode
 
-_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ddk.kernels import fused_linear_kl as fk
+from ddk.kernels.sparse_kl import sparse_kl_loss
 
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from ddk.kernels import fused_linear_kl as fk  # noqa: E402
-from ddk.kernels.sparse_kl import sparse_kl_loss, triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
 
 # fp32 against fp64 on the same inputs: fp32 matmuls and loss arithmetic only.
@@ -41,23 +34,6 @@ BF16_TOL = dict(rtol=2e-2, rel_atol=2e-2)
 # bf16 matmul rounds differently: fp32-level agreement, with margin.
 BF16_LOSS_TOL = dict(rtol=1e-3, atol=1e-4)
 
-
-def _triton_skip_reason():
-    if triton is None:
-        return "triton is not importable"
-    if DEVICE == "cpu" and os.environ["TRITON_INTERPRET"] != "1":
-        return "no CUDA and TRITON_INTERPRET is not 1"
-    if DEVICE == "cpu" and _TRITON_IMPORTED_EARLY:
-        return "triton was imported before TRITON_INTERPRET=1 was set"
-    return None
-
-
-TRITON_SKIP = _triton_skip_reason()
-IMPLS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None,
-                                                    reason=str(TRITON_SKIP))),
-]
 
 # N = 37 tokens, H = 16, V = 300 with a teacher vocabulary of 280 (the LM head is padded),
 # k = 8. Rows 8..15 are masked: with chunk_tokens = 8 that chunk is all padding.

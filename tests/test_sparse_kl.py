@@ -5,21 +5,12 @@ kernel under the interpreter.
 """
 
 import math
-import os
-import sys
 
+import pytest
 import torch
+from triton_params import DEVICE, IMPLS
 
-# Triton reads this when it is first imported (its own library functions are decorated
-# then); torch does not import triton, so this comes in time unless something imported
-# triton earlier in the session: export it (or set it in a conftest) in that case.
-_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from ddk.kernels import sparse_kl as sk  # noqa: E402
+from ddk.kernels import sparse_kl as sk
 
 # Loss and gradient tolerances against the fp64 reference. bf16 logits are exact inputs
 # to both sides and all arithmetic is fp32, so the bf16 loss is as tight as fp32; its
@@ -30,26 +21,6 @@ FP32_GRAD = dict(rtol=1e-5, atol=1e-7)
 BF16_LOSS = dict(rtol=1e-5, atol=1e-6)
 BF16_GRAD = dict(rtol=1e-2, atol=1e-7)
 TOL = {torch.float32: (FP32_LOSS, FP32_GRAD), torch.bfloat16: (BF16_LOSS, BF16_GRAD)}
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _triton_skip_reason():
-    if sk.triton is None:
-        return "triton is not importable"
-    if DEVICE == "cpu" and os.environ["TRITON_INTERPRET"] != "1":
-        return "no CUDA and TRITON_INTERPRET is not 1"
-    if DEVICE == "cpu" and _TRITON_IMPORTED_EARLY:
-        return "triton was imported before TRITON_INTERPRET=1 was set"
-    return None
-
-
-TRITON_SKIP = _triton_skip_reason()
-IMPLS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None,
-                                                    reason=str(TRITON_SKIP))),
-]
 
 
 def reference(logits, ids, logprobs, tail, mask, temperature):

@@ -4,13 +4,13 @@
 tokenizer, k, sequence length, the packed corpus, the codec). A later run on the same
 directory either matches it and resumes, or is refused with the field that differs.
 `manifest.json` appears only when every planned shard exists; it adds byte sizes,
-checksums, per-domain teacher validation loss and the codec's measured fidelity.
+checksums (a sha256 per shard file, a CRC-32 per Parquet column chunk and footer: see
+integrity.py), per-domain teacher validation loss and the codec's measured fidelity.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..atomic import write_json_atomic
+from .integrity import ALGORITHM, file_digests
 from .schema import FORMAT_VERSION, SPLITS, shard_name
 from .writer import read_shard_info
 
@@ -70,6 +71,8 @@ class CachePlan:
     def load(cls, cache_dir: Path) -> "CachePlan":
         d = json.loads((cache_dir / PLAN_FILE).read_text())
         d["shards"] = [ShardSpec(**s) for s in d["shards"]]
+        # Plans from before cache.rows_per_row_group wrote each shard as one row group.
+        d["codec"].setdefault("rows_per_row_group", None)
         return cls(**d)
 
 
@@ -91,6 +94,11 @@ def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path) -> No
             f"this teacher's is {new.tokenizer['sha256'][:12]}); use the same teacher or write to a new cache.out_dir"
         )
     a, b = existing.fingerprint(), new.fingerprint()
+    if a["codec"]["rows_per_row_group"] is None:
+        # Started before row groups were configurable: the workers write with the plan on
+        # disk, so a resumed cache keeps its one-row-group-per-shard layout (and its bytes),
+        # and the reader reads it; refusing would only force a rebuild.
+        b["codec"] = {**b["codec"], "rows_per_row_group": None}
     for key in a:
         if a[key] != b.get(key):
             detail = _first_difference(a[key], b.get(key), key)
@@ -140,9 +148,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         total_bytes += size
         max_err = max(max_err, info["max_abs_logprob_error"])
         clamped += info["clamped_logprobs"]
-        domains[spec.domain]["shards"].append(
-            {"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, "sha256": sha256_file(path)}
-        )
+        domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
             lp = col.values.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -165,6 +171,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         "seq_len": plan.seq_len,
         "codec": plan.codec,
         "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped},
+        "integrity": f"sha256 of each shard file; {ALGORITHM} of each Parquet column chunk and of the footer",
         "bytes": total_bytes,
         "tokens": tokens,
         "bytes_per_token": total_bytes / max(tokens, 1),
@@ -186,12 +193,3 @@ def load_manifest(cache_dir: Path) -> dict:
         raise CacheError(f"{path}: cache format version {m.get('format_version')}, this ddk reads version {FORMAT_VERSION} "
                          f"(version 2 added the held-out test split); rebuild the cache with `ddk teacher-cache` into a new cache.out_dir")
     return m
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-

@@ -1,25 +1,43 @@
-"""TopKCacheReader: (domain, split, row) keys in, dense-ready tensors out.
+"""TopKCacheReader: (domain, split, row) keys in, dense-ready tensors out, memory bounded by bytes.
 
-Shards are read whole on first touch (Parquet decompression is per column chunk) and
-kept as Arrow tables in a small LRU; the codec blobs are decoded per requested row, so
-random access across the cache costs one numpy unpack per row, not per shard.
+A row is read from its Parquet row group alone (memory-mapped, only the columns asked
+for), never from its whole shard. The first time this reader reads a column chunk it
+checks the chunk's CRC-32 against the manifest (integrity.py): float columns decode
+without any error check, so a flipped bit would otherwise reach training as a wrong
+teacher number. Read row groups stay in an LRU bounded by `max_cache_bytes` (the bytes of
+the Arrow buffers it keeps); the codec blobs are decoded per requested row.
+
+Thread-safe: the prefetcher (prefetch.py) decodes batches on background threads.
+
+Caches from before per-chunk checksums (their manifest has no `crc32` entries, their
+shards one row group each) are read the same way, each shard verified by its whole-file
+sha256 when first opened.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from .codec import TopKCodec
-from .manifest import CacheError, load_manifest, sha256_file
+from .integrity import crc32_hex, chunk_ranges, file_digests, footer_range
+from .manifest import CacheError, load_manifest
 from .schema import SHARD_SCHEMA, SPLITS
 from .writer import read_shard_info
+
+DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_OPEN_SHARDS = 128  # parsed footers and memory maps kept open (not counted in the byte budget)
+BATCH_COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "tail_logmass")
+_COLUMN_INDEX = {name: i for i, name in enumerate(SHARD_SCHEMA.names)}
 
 
 @dataclass
@@ -36,8 +54,38 @@ def codec_from_manifest(m: dict) -> TopKCodec:
     return TopKCodec(vocab_size=c["vocab_size"], k=c["k"], logprob_step=c["logprob_step"], logprob_floor=c["logprob_floor"])
 
 
+class _Blobs:
+    """A binary column of one row group: row i's blob as a zero-copy view."""
+
+    def __init__(self, array: pa.BinaryArray):
+        _, offsets, data = array.buffers()
+        self.offsets = np.frombuffer(offsets, np.int32)[array.offset : array.offset + len(array) + 1]
+        self.data = memoryview(data)
+
+    def __getitem__(self, i: int) -> memoryview:
+        return self.data[self.offsets[i] : self.offsets[i + 1]]
+
+
+class _OpenShard:
+    """A shard's verified memory map, its parsed footer and row-group boundaries."""
+
+    def __init__(self, data: pa.Buffer):
+        self.data = data
+        self.file = pq.ParquetFile(pa.BufferReader(data))  # reads exactly the mapped bytes checked
+        md = self.file.metadata
+        self.starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]).tolist()
+        self.ranges = chunk_ranges(md)
+        self.lock = threading.Lock()  # one Parquet reader: one row-group read at a time
+
+
+@dataclass
+class _Group:
+    columns: dict  # column name -> 2-D numpy array (list columns) or _Blobs
+    nbytes: int = 0
+
+
 class TopKCacheReader:
-    def __init__(self, cache_dir: str | Path, max_open_shards: int = 512):
+    def __init__(self, cache_dir: str | Path, max_cache_bytes: int = DEFAULT_CACHE_BYTES, max_open_shards: int = DEFAULT_OPEN_SHARDS):
         self.dir = Path(cache_dir)
         self.manifest = load_manifest(self.dir)
         self.codec = codec_from_manifest(self.manifest)
@@ -52,11 +100,15 @@ class TopKCacheReader:
                 shards = [s for s in d["shards"] if s["split"] == split]
                 starts = np.cumsum([0] + [s["rows"] for s in shards[:-1]]).tolist()
                 self._index[(name, split)] = (starts, [s["file"] for s in shards])
-        # Checked on a shard's first read: float columns decode without any error check,
-        # so a flipped bit would otherwise reach training as a wrong teacher number.
-        self._expected = {s["file"]: (s["bytes"], s["sha256"]) for d in self.manifest["domains"].values() for s in d["shards"]}
-        self._tables: OrderedDict[str, dict] = OrderedDict()
+        self._entries = {s["file"]: s for d in self.manifest["domains"].values() for s in d["shards"]}
+        self.max_cache_bytes = max_cache_bytes
+        self.cached_bytes = 0  # Arrow buffer bytes of the row groups in self._groups
+        self._groups: OrderedDict[tuple[str, int], _Group] = OrderedDict()
+        self._shards: OrderedDict[str, _OpenShard] = OrderedDict()
         self._max_open = max_open_shards
+        # file -> [row group, column] chunks checksummed by this reader; outlives _shards
+        self._verified: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # guards the dicts above, never held during I/O
 
     def num_rows(self, domain: str, split: str = "train") -> int:
         return self.manifest["domains"][domain][f"{split}_rows"]
@@ -64,32 +116,120 @@ class TopKCacheReader:
     def teacher_val_loss(self) -> dict[str, float]:
         return {n: d["teacher_val_loss"] for n, d in self.manifest["domains"].items()}
 
-    def _shard(self, file: str) -> dict:
-        if file in self._tables:
-            self._tables.move_to_end(file)
-            return self._tables[file]
-        path = self.dir / file
-        size, digest = self._expected[file]
-        if not path.exists() or path.stat().st_size != size or sha256_file(path) != digest:
-            raise CacheError(f"{path}: missing, truncated or corrupted (size/sha256 differ from the manifest); run `ddk cache verify {self.dir}`, delete the shards it names and re-run `ddk teacher-cache`")
+    # ------------------------------------------------------------------ shards
+    def _shard(self, file: str) -> _OpenShard:
+        with self._lock:
+            if file in self._shards:
+                self._shards.move_to_end(file)
+                return self._shards[file]
+        shard = self._open(file)
+        with self._lock:
+            shard = self._shards.setdefault(file, shard)  # another thread may have opened it meanwhile
+            self._shards.move_to_end(file)
+            if len(self._shards) > self._max_open:
+                self._shards.popitem(last=False)  # a thread still reading it keeps its reference
+            return shard
+
+    def _open(self, file: str) -> _OpenShard:
+        """Map the shard and check what the whole of it can be checked by cheaply: its size
+        and its footer's CRC-32 (legacy caches: the whole file's sha256)."""
+        path, entry = self.dir / file, self._entries[file]
+        damaged = CacheError(f"{path}: missing, truncated or corrupted (size/checksum differ from the manifest); "
+                             f"run `ddk cache verify {self.dir}`, delete the shards it names and re-run `ddk teacher-cache`")
+        if not path.exists() or path.stat().st_size != entry["bytes"]:
+            raise damaged
+        with pa.memory_map(str(path)) as mm:
+            data = mm.read_buffer()  # the buffer keeps the mapping alive after the file closes
+        if "crc32" in entry:
+            try:
+                start, length = footer_range(data)
+            except ValueError:
+                raise damaged from None
+            if crc32_hex(memoryview(data)[start : start + length]) != entry["crc32"]["footer"]:
+                raise damaged
+        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise damaged
         try:
-            table = pq.read_table(path, memory_map=True)
-            if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
+            shard = _OpenShard(data)
+            if not shard.file.schema_arrow.equals(SHARD_SCHEMA, check_metadata=False):
                 raise ValueError("schema differs from this ddk's shard schema")
-            n = table.num_rows
-            cols = {
-                "input_ids": table.column("input_ids").combine_chunks().values.to_numpy().reshape(n, -1),
-                "target_logprob": table.column("target_logprob").combine_chunks().values.to_numpy().reshape(n, -1),
-                "tail_logmass": table.column("tail_logmass").combine_chunks().values.to_numpy().reshape(n, -1),
-                "topk_ids": table.column("topk_ids").to_pylist(),
-                "topk_logprobs": table.column("topk_logprobs").to_pylist(),
-            }
+            if shard.starts[-1] != entry["rows"]:
+                raise ValueError(f"{shard.starts[-1]} rows, the manifest says {entry['rows']}")
+            if "crc32" in entry and len(entry["crc32"]["row_groups"]) != len(shard.ranges):
+                raise ValueError(f"{len(shard.ranges)} row groups, the manifest has checksums of {len(entry['crc32']['row_groups'])}")
         except Exception as e:  # noqa: BLE001 - name the shard whatever broke in it
             raise CacheError(f"{path}: cannot read shard ({type(e).__name__}: {e}); run `ddk cache verify {self.dir}` and re-create it") from None
-        self._tables[file] = cols
-        if len(self._tables) > self._max_open:
-            self._tables.popitem(last=False)
-        return cols
+        with self._lock:
+            # Legacy shards were verified whole just now; the others chunk by chunk on first read.
+            self._verified.setdefault(file, np.full((len(shard.ranges), len(_COLUMN_INDEX)), "crc32" not in entry))
+        return shard
+
+    # ------------------------------------------------------------------ row groups
+    def _read(self, file: str, shard: _OpenShard, g: int, columns: list[str]) -> dict[str, tuple[object, int]]:
+        """Columns of row group g: checksummed on this reader's first read of each chunk."""
+        path, n = self.dir / file, shard.starts[g + 1] - shard.starts[g]
+        with shard.lock:
+            verified = self._verified[file]
+            for c in columns:
+                j = _COLUMN_INDEX[c]
+                if verified[g, j]:
+                    continue
+                offset, length = shard.ranges[g][j]
+                if crc32_hex(memoryview(shard.data)[offset : offset + length]) != self._entries[file]["crc32"]["row_groups"][g][j]:
+                    raise CacheError(f"{path}: corrupted: row group {g}, column {c} differs from its checksum in the manifest; "
+                                     f"run `ddk cache verify {self.dir}`, delete the shards it names and re-run `ddk teacher-cache`")
+                verified[g, j] = True
+            try:
+                table = shard.file.read_row_group(g, columns=columns, use_threads=False)  # threads: the prefetcher's
+            except Exception as e:  # noqa: BLE001
+                raise CacheError(f"{path}: cannot read row group {g} ({type(e).__name__}: {e}); run `ddk cache verify {self.dir}`") from None
+        out = {}
+        for c in columns:
+            col = table.column(c)
+            array = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+            if isinstance(array, pa.BinaryArray):
+                out[c] = (_Blobs(array), array.get_total_buffer_size())
+            else:
+                width = self.seq_len + (c == "input_ids")  # L + 1 tokens, L positions
+                try:
+                    out[c] = (array.flatten().to_numpy().reshape(n, width), array.get_total_buffer_size())
+                except ValueError as e:
+                    raise CacheError(f"{path}: row group {g}, column {c} is ragged ({e}); run `ddk cache verify {self.dir}`") from None
+        return out
+
+    def _group(self, file: str, local: int, columns: tuple[str, ...]) -> tuple[dict, int]:
+        """The columns of the row group holding shard row `local`, and the row's index in it."""
+        shard = self._shard(file)
+        g = bisect.bisect_right(shard.starts, local) - 1
+        key = (file, g)
+        with self._lock:
+            entry = self._groups.get(key)
+            have = dict(entry.columns) if entry is not None else {}
+            if entry is not None:
+                self._groups.move_to_end(key)
+        missing = [c for c in columns if c not in have]
+        if missing:
+            new = self._read(file, shard, g, missing)
+            have.update((c, array) for c, (array, _) in new.items())
+            self._keep(key, new)
+        return have, local - shard.starts[g]
+
+    def _keep(self, key: tuple[str, int], new: dict[str, tuple[object, int]]) -> None:
+        """Add columns to a row group's cache entry, then evict least recently used groups
+        until the budget holds; a group larger than the whole budget is not kept at all."""
+        with self._lock:
+            entry = self._groups.pop(key, None) or _Group({})
+            self.cached_bytes -= entry.nbytes
+            for c, (array, nbytes) in new.items():
+                if c not in entry.columns:  # another thread may have added it meanwhile
+                    entry.columns[c] = array
+                    entry.nbytes += nbytes
+            if entry.nbytes <= self.max_cache_bytes:
+                self._groups[key] = entry
+                self.cached_bytes += entry.nbytes
+            while self.cached_bytes > self.max_cache_bytes:
+                _, evicted = self._groups.popitem(last=False)
+                self.cached_bytes -= evicted.nbytes
 
     def _locate(self, domain: str, split: str, row: int) -> tuple[str, int]:
         try:
@@ -101,11 +241,12 @@ class TopKCacheReader:
         i = bisect.bisect_right(starts, row) - 1
         return files[i], row - starts[i]
 
+    # ------------------------------------------------------------------ public
     def _column_rows(self, keys: list[tuple[str, str, int]], column: str, width: int, dtype) -> torch.Tensor:
         out = np.empty((len(keys), width), dtype=dtype)
         for b, (domain, split, row) in enumerate(keys):
-            file, local = self._locate(domain, split, row)
-            out[b] = self._shard(file)[column][local]
+            cols, i = self._group(*self._locate(domain, split, row), (column,))
+            out[b] = cols[column][i]
         return torch.from_numpy(out)
 
     def token_rows(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
@@ -125,19 +266,30 @@ class TopKCacheReader:
         tail = np.empty((b, length), dtype=np.float32)
         for j, (domain, split, row) in enumerate(keys):
             file, local = self._locate(domain, split, row)
-            s = self._shard(file)
-            input_ids[j] = s["input_ids"][local]
-            target[j] = s["target_logprob"][local]
-            tail[j] = s["tail_logmass"][local]
+            s, i = self._group(file, local, BATCH_COLUMNS)
+            input_ids[j] = s["input_ids"][i]
+            target[j] = s["target_logprob"][i]
+            tail[j] = s["tail_logmass"][i]
             try:
-                ids[j], lps[j] = self.codec.decode(s["topk_ids"][local], s["topk_logprobs"][local], length)
+                ids[j], lps[j] = self.codec.decode(s["topk_ids"][i], s["topk_logprobs"][i], length)
             except ValueError as e:
                 raise CacheError(f"{self.dir / file}: row {local} does not decode ({e}); run `ddk cache verify {self.dir}`") from None
         return CacheBatch(*(torch.from_numpy(a) for a in (input_ids, ids, lps, target, tail)))
 
 
+def _damaged_parts(expected: dict, actual: dict) -> list[str]:
+    """The parts of a shard whose CRC-32 differs from the manifest's, by name."""
+    parts = [] if expected["footer"] == actual["footer"] else ["footer"]
+    if len(expected["row_groups"]) != len(actual["row_groups"]):
+        return parts + [f"{len(actual['row_groups'])} row groups, the manifest has {len(expected['row_groups'])}"]
+    for g, (want, got) in enumerate(zip(expected["row_groups"], actual["row_groups"])):
+        parts += [f"row group {g} column {SHARD_SCHEMA.names[j]}" for j, (a, b) in enumerate(zip(want, got)) if a != b]
+    return parts
+
+
 def verify_cache(cache_dir: str | Path, decode: bool = True) -> list[str]:
-    """Check every shard against the manifest: presence, size, sha256, schema, rows, decodability."""
+    """Check every shard against the manifest: presence, size, sha256, column-chunk and
+    footer CRC-32s, schema, rows, decodability."""
     cache_dir = Path(cache_dir)
     m = load_manifest(cache_dir)
     codec = codec_from_manifest(m)
@@ -151,8 +303,18 @@ def verify_cache(cache_dir: str | Path, decode: bool = True) -> list[str]:
             if path.stat().st_size != s["bytes"]:
                 problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {s['bytes']} (truncated or replaced)")
                 continue
-            if sha256_file(path) != s["sha256"]:
-                problems.append(f"{path}: sha256 mismatch (corrupted on disk)")
+            try:
+                digests = file_digests(path)
+            except Exception as e:  # noqa: BLE001 - an unparsable footer: the sha256 decides below
+                digests = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "crc32": None, "error": e}
+            parts = _damaged_parts(s["crc32"], digests["crc32"]) if "crc32" in s and digests["crc32"] else []
+            if digests["sha256"] != s["sha256"]:
+                where = f": {', '.join(parts)}" if parts else (f": unreadable footer ({digests['error']})" if "error" in digests else "")
+                problems.append(f"{path}: sha256 mismatch (corrupted on disk{where})")
+                continue
+            if parts:  # the file is the one indexed, its checksums are not: the manifest is wrong
+                problems.append(f"{path}: CRC-32 of {', '.join(parts)} differ from the manifest although the file matches its sha256; "
+                                f"delete {cache_dir / 'manifest.json'} and re-run `ddk teacher-cache` to re-index the shards")
                 continue
             try:
                 info = read_shard_info(path)

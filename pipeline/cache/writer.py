@@ -4,11 +4,17 @@ A shard is immutable once it has its final name: it is written to `<name>.tmp`, 
 to disk and renamed, so a killed run leaves either a complete shard or a temp file that
 the next run overwrites. Per-shard facts (rows, codec fidelity) go into the Parquet
 key-value metadata so the manifest can be rebuilt from the shards alone.
+
+Rows go into Parquet row groups of `rows_per_row_group` rows: a reader fetching one row
+decompresses its row group, not the whole shard. Rows are encoded on `encode_threads`
+threads (zstd and numpy's sorts release the GIL); each row's blobs depend on that row
+alone and are stored in row order, so the file's bytes do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,25 +30,42 @@ META_KEY = b"ddk.shard"
 
 
 class TopKShardWriter:
-    def __init__(self, codec: TopKCodec, zstd_level: int = 3):
+    def __init__(self, codec: TopKCodec, zstd_level: int = 3, rows_per_row_group: int | None = 8, encode_threads: int = 1):
+        """rows_per_row_group None: the whole shard in one row group (caches written before
+        row groups were configurable; a resumed one keeps its layout)."""
         self.codec = codec
         self.zstd_level = zstd_level
+        self.rows_per_row_group = rows_per_row_group
+        self.encode_threads = encode_threads
+
+    def _encode_row(self, path: Path, row: int, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes, float, int]:
+        ib, lb = self.codec.encode(ids, logprobs)
+        # Decode what will be stored: the manifest's fidelity is measured, not assumed.
+        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb))
+        if not fid["ids_exact"]:
+            raise RuntimeError(f"{path}: row {row} top-k ids do not survive the codec round trip (codec bug)")
+        return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"])
+
+    def encode_rows(self, path: Path, row_start: int, topk: TopK) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int]:
+        """Every row's (ids blob, logprobs blob), in row order, with the max abs logprob error
+        and the count of clamped logprobs measured on what was encoded."""
+        n = topk.ids.shape[0]
+
+        def encode(i: int):
+            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i])
+
+        if self.encode_threads > 1 and n > 1:
+            with ThreadPoolExecutor(max_workers=min(self.encode_threads, n), thread_name_prefix="shard-encode") as pool:
+                encoded = list(pool.map(encode, range(n)))  # map keeps row order
+        else:
+            encoded = [encode(i) for i in range(n)]
+        ids_blobs, lp_blobs, errors, clamps = zip(*encoded)
+        return ids_blobs, lp_blobs, max(errors), sum(clamps)
 
     def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK) -> dict:
         n, width = rows.shape
         positions = width - 1
-        ids_blobs, lp_blobs = [], []
-        max_err, clamped = 0.0, 0
-        for i in range(n):
-            ib, lb = self.codec.encode(topk.ids[i], topk.logprobs[i])
-            ids_blobs.append(ib)
-            lp_blobs.append(lb)
-            # Decode what will be stored: the manifest's fidelity is measured, not assumed.
-            fid = measure_fidelity(self.codec, topk.ids[i], topk.logprobs[i], blobs=(ib, lb))
-            if not fid["ids_exact"]:
-                raise RuntimeError(f"{path}: row {row_start + i} top-k ids do not survive the codec round trip (codec bug)")
-            max_err = max(max_err, float(fid["max_abs_error"]))
-            clamped += int(fid.get("clamped", 0))
+        ids_blobs, lp_blobs, max_err, clamped = self.encode_rows(path, row_start, topk)
         flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731
         offsets = lambda m: pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))  # noqa: E731
         table = pa.Table.from_arrays(
@@ -70,7 +93,8 @@ class TopKShardWriter:
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd", compression_level=self.zstd_level, use_dictionary=["key"])
+            pq.write_table(table, tmp, row_group_size=self.rows_per_row_group, compression="zstd",
+                           compression_level=self.zstd_level, use_dictionary=["key"])
         return info
 
 
