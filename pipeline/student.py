@@ -76,7 +76,12 @@ class StudentLM(nn.Module):
 
     @torch.no_grad()
     def _row_losses(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token CE (nats) of each row of ids [B, L + 1], fp32, chunked over tokens."""
+        """Mean next-token CE (nats) of each row of ids [B, L + 1], fp32: chunked over tokens
+        with the fused objective (its head was checked to be plain linear), from the
+        model's own full logits with the unfused one."""
+        if self.objective.loss_impl == "unfused":
+            logits = self.lm(input_ids=ids[:, :-1], use_cache=False).logits.float()
+            return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
         hidden = self._decoder(input_ids=ids[:, :-1], use_cache=False).last_hidden_state.float()
         b, length, h = hidden.shape
         flat, targets = hidden.reshape(-1, h), ids[:, 1:].reshape(-1)

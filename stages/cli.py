@@ -208,8 +208,8 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
     if rows < 0:
         raise click.BadParameter(f"--rows {rows}: must be >= 0 (0 = all cached rows)")
     keys = split_keys(reader, split, rows)
-    # The evaluation path of training (chunked over tokens: no [tokens, V] logits).
-    s = domain_losses(StudentLM(model, Objective(gamma=0.0, loss_impl="unfused")), reader, keys, DistEnv(), str(model.device))
+    # The evaluation path of training (fused: chunked over tokens, no [tokens, V] logits).
+    s = domain_losses(StudentLM(model, Objective(gamma=0.0, loss_impl=cfg.distill.loss_impl)), reader, keys, DistEnv(), str(model.device))
     t = cache_teacher_losses(reader, keys)
     click.echo(f"student {p}  vs  teacher cache {reader.dir}, {split} split")
     click.echo(f"{'domain':<12}{'teacher loss':>13}{'teacher ppl':>12}{'student loss':>13}{'student ppl':>12}{'ppl ratio':>10}")

@@ -260,3 +260,21 @@ def test_a_head_that_is_not_plain_linear_is_refused_for_the_fused_loss(tiny_cach
     with pytest.raises(ConfigError, match="logits differ from decoder"):
         StudentLM(model, Objective(0.2))
     StudentLM(model, Objective(0.2, loss_impl="unfused"))  # the unfused path uses the model's own logits
+
+
+def test_evaluation_rows_agree_between_the_fused_and_the_unfused_student(tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    from ddk.pipeline.cache.reader import TopKCacheReader
+    from ddk.pipeline.evaluate import mean_token_loss
+    from ddk.pipeline.objective import Objective
+    from ddk.pipeline.student import StudentLM
+
+    cfg, _ = tiny_cache
+    model = AutoModelForCausalLM.from_pretrained(cfg.student_path()).eval()
+    rows = TopKCacheReader(cfg.cache_path()).token_rows([("code", "test", i) for i in range(4)])
+    fused = StudentLM(model, Objective(0.0, loss_impl="fused"))(rows)
+    unfused = StudentLM(model, Objective(0.0, loss_impl="unfused"))(rows)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    # and both equal the plain HF forward's mean CE over the same rows
+    assert float(fused.mean()) == pytest.approx(mean_token_loss(model, rows.numpy()), rel=1e-5)
