@@ -124,14 +124,23 @@ class CacheConfig:
     parquet_zstd_level: int = 3
     # Rows per Parquet row group: a reader fetching one row decompresses (and checksums)
     # its row group only. Smaller groups cut that read amplification at ~1.4 KB per group
-    # (footer, page headers): measured +0.9 % bytes at seq_len 128 (V 2048, k 64), +0.04 %
-    # at seq_len 2048, where a group of 8 rows is ~3 MB.
-    rows_per_row_group: int = 8
+    # (footer, page headers) and some compression: measured +0.04 % bytes at seq_len 2048
+    # with 8-row groups (~3 MB each), but +0.9 % at seq_len 128 and +30 % at seq_len 64
+    # (k 16). 0 = by tokens: ROW_GROUP_TOKENS per group (8 rows at seq_len 2048).
+    rows_per_row_group: int = 0
     # Threads encoding a shard's rows (zstd and numpy release the GIL); the bytes written
     # do not depend on it.
     encode_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     # Independent capture processes over disjoint shard ranges (one vLLM engine each).
     workers: int = 1
+
+    def row_group_rows(self, seq_len: int) -> int:
+        """Rows per row group as written: the configured number, or ROW_GROUP_TOKENS' worth."""
+        return self.rows_per_row_group or max(1, ROW_GROUP_TOKENS // seq_len)
+
+
+# Tokens per Parquet row group when cache.rows_per_row_group = 0.
+ROW_GROUP_TOKENS = 16384
 
 
 MODES = ("cpt", "kd", "ddk")
@@ -327,8 +336,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of float32, bfloat16, float16")
     if cfg.cache.workers < 1:
         raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
-    if cfg.cache.rows_per_row_group < 1:
-        raise ConfigError(f"cache.rows_per_row_group = {cfg.cache.rows_per_row_group}: must be >= 1 (rows per Parquet row group, e.g. 8)")
+    if cfg.cache.rows_per_row_group < 0:
+        raise ConfigError(f"cache.rows_per_row_group = {cfg.cache.rows_per_row_group}: must be >= 0 (rows per Parquet row group, e.g. 8; "
+                          f"0 = {ROW_GROUP_TOKENS} tokens' worth)")
     if cfg.cache.encode_threads < 1:
         raise ConfigError(f"cache.encode_threads = {cfg.cache.encode_threads}: must be >= 1 (threads encoding a shard's rows)")
     _check_logprob_step(cfg.cache)

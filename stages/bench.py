@@ -708,7 +708,7 @@ def bench_decode_at_scale(cfg: Config, sizes: Sizes, tmp: Path) -> dict:
     n, c, depth = sizes.scale_decode_rows, cfg.cache, cfg.distill.prefetch_batches
     t0 = time.perf_counter()
     m = bench_codec.write_synthetic_cache(tmp, {"a": n // 2, "b": n - n // 2}, SCALE_SEQ, bench_codec.QWEN_VOCAB, KL_K,
-                                          rows_per_shard=64, rows_per_row_group=c.rows_per_row_group, encode_threads=c.encode_threads)
+                                          rows_per_shard=64, rows_per_row_group=c.row_group_rows(SCALE_SEQ), encode_threads=c.encode_threads)
     write_s = time.perf_counter() - t0
     keys = [(d, "train", r) for d, dd in m["domains"].items() for r in range(dd["train_rows"])]
     keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]  # every row once per pass, in random order
@@ -737,18 +737,18 @@ def bench_decode_at_scale(cfg: Config, sizes: Sizes, tmp: Path) -> dict:
         p["rows_per_s"] = len(keys) / p["seconds"]
     print_table(
         f"P6b shard decode at real scale: synthetic cache of {len(keys)} rows x {SCALE_SEQ} tokens, V={bench_codec.QWEN_VOCAB}, k={KL_K}, "
-        f"{m['bytes'] / 2**20:.0f} MiB ({m['bytes_per_token']:.0f} B/token), row groups of {c.rows_per_row_group} rows; "
+        f"{m['bytes'] / 2**20:.0f} MiB ({m['bytes_per_token']:.0f} B/token), row groups of {c.row_group_rows(SCALE_SEQ)} rows; "
         f"random rows in batches of {b}, each row once per pass",
         ["pass", "prefetch", "rows/s", "tokens/s", "reader cache MiB"],
         [[p["pass"], p["prefetch_batches"], p["rows_per_s"], p["tokens_per_s"], p["cached_mib"]] for p in passes],
         f"prefetch = BatchPrefetcher depth (threads); 0 = decoded in the consumer's thread. cold: each row group read, its "
         f"chunks CRC-checked and unpacked on first touch (the OS page cache holds the just-written files); bounded: the "
-        f"reader keeps 1/4 of the set's row groups, so most rows read their row group of {c.rows_per_row_group} again. "
+        f"reader keeps 1/4 of the set's row groups, so most rows read their row group of {c.row_group_rows(SCALE_SEQ)} again. "
         f"Writing the set took {write_s:.1f} s ({c.encode_threads} encode threads). {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}.",
     )
     return {"rows": len(keys), "seq_len": SCALE_SEQ, "vocab": bench_codec.QWEN_VOCAB, "k": KL_K, "batch_rows": b,
-            "rows_per_row_group": c.rows_per_row_group, "bytes": m["bytes"], "bytes_per_token": m["bytes_per_token"],
+            "rows_per_row_group": c.row_group_rows(SCALE_SEQ), "bytes": m["bytes"], "bytes_per_token": m["bytes_per_token"],
             "write_seconds": write_s, "passes": passes}
 
 

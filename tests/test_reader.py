@@ -284,10 +284,19 @@ def test_training_batches_and_losses_do_not_depend_on_prefetch(tiny_cache, tmp_p
     assert not _prefetch_threads()
 
 
-@pytest.mark.parametrize("field,value", [("cache.rows_per_row_group", 0), ("cache.encode_threads", 0),
+@pytest.mark.parametrize("field,value", [("cache.rows_per_row_group", -1), ("cache.encode_threads", 0),
                                          ("distill.reader_cache_mb", -1), ("distill.prefetch_batches", -1)])
 def test_bad_reader_and_writer_settings_are_refused(field, value):
     from ddk.pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=re.escape(f"{field} = {value}: must be >= ")):
         load_config(None, [f"{field}={value}"])
+
+
+def test_row_groups_default_to_a_token_budget():
+    from ddk.pipeline.config import ROW_GROUP_TOKENS, CacheConfig
+
+    auto = CacheConfig()
+    assert auto.rows_per_row_group == 0 and ROW_GROUP_TOKENS == 16384
+    assert [auto.row_group_rows(s) for s in (2048, 128, 64, 100_000)] == [8, 128, 256, 1]
+    assert CacheConfig(rows_per_row_group=4).row_group_rows(2048) == 4
