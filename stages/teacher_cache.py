@@ -43,7 +43,6 @@ from ..pipeline.teachers.vllm import vllm_available
 from .capture_worker import CAPTURE_FILE, TOKENS_DIR, run_capture, tokens_path
 
 
-
 def ensure_teacher(cfg: Config, domains, log=print) -> Path:
     """The teacher directory; the tiny local models are built on demand for the default."""
     if cfg.teacher.path:
@@ -154,13 +153,13 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], log=print, tensor_parallel_size: int = 1) -> None:
+def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], gpus: list[str], log=print,
+                tensor_parallel_size: int = 1) -> None:
     """One process per worker over disjoint shard subsets. vLLM always runs in a child process."""
     if backend == "hf" and workers == 1:
         run_capture(cache_dir, todo, worker=0)
         return
     procs = []
-    gpus = _visible_gpus()
     for w in range(workers):
         mine = todo[w::workers]
         if not mine:
@@ -225,7 +224,7 @@ def teacher_cache(cfg: Config, log=print) -> dict:
                                                  "encode_threads": cfg.cache.encode_threads})
     t0 = time.time()
     if todo:
-        run_workers(cache_dir, backend, cfg.cache.workers, todo, log, cfg.teacher.tensor_parallel_size)
+        run_workers(cache_dir, backend, cfg.cache.workers, todo, gpus, log, cfg.teacher.tensor_parallel_size)
     missing = [s.file for s in plan.shards if not shard_done(cache_dir, s)]
     if missing:
         raise CacheError(f"{cache_dir}: {len(missing)} shards were not written (first: {missing[0]}); see the worker output above, then re-run to resume")
