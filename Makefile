@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-ingest clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -68,6 +68,11 @@ compare: teacher-cache
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache
 	$(PY) -m ddk.stages.bench --config $(CONFIG) --json runs/bench/bench.json $(SET)
+
+# Streaming ingest at size: 1 GB vs 4 GB of .jsonl text (generated from the built-in
+# corpus), tokens/s and peak RSS each, and a SIGKILL + resume. ~30 min on 2 cores, ~15 GB disk.
+bench-ingest: setup
+	$(PY) -m ddk.stages.bench_ingest --json runs/bench/ingest.json $(ARGS)
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")

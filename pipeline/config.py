@@ -53,6 +53,14 @@ class CorpusConfig:
     # Upper bound on train rows per domain (0 = no cap).
     max_train_rows: int = 0
     seed: int = 0
+    # A document that is not valid UTF-8: "error" stops with its file and line, "replace"
+    # decodes it with U+FFFD for the bad bytes, "skip" drops it.
+    invalid_utf8: str = "error"
+    # Stage one's streaming ingest: documents per tokenizer call are cut at this many MiB
+    # of text (the tokenizer encodes a batch on all cores), and the ingest state is made
+    # durable every checkpoint_mb of text read, so a killed run resumes from there.
+    ingest_batch_mb: int = 2
+    ingest_checkpoint_mb: int = 256
 
 
 @dataclass
@@ -177,6 +185,14 @@ class DistillConfig:
     temperature: float = 1.0
     use_tail: bool = True  # include the teacher's tail bucket in the KL (T = 1 only)
     alpha: float = 0.5  # Eq. 2 smoothing
+    # Beyond the paper (ddk mode; the defaults are the paper's rule, pipeline/scheduler.py):
+    # "ppl-ratio" scores domains by lS/lT (Eq. 1); "log-ratio" by the CE gap in nats over
+    # discrepancy_temperature, i.e. weights proportional to (lS/lT)^(1/temperature).
+    discrepancy: str = "ppl-ratio"
+    discrepancy_temperature: float = 1.0
+    smooth_initial: bool = False  # r_0 = alpha * Eq. 1 + (1 - alpha)/N instead of Eq. 1 alone
+    weight_floor: float = 0.0  # every domain's weight kept >= floor (<= 1/N) ...
+    weight_cap: float = 1.0  # ... and <= cap (>= 1/N)
     interval: int = 0  # K in steps; 0 = interval_fraction * steps
     interval_fraction: float = 1 / 30
     eval_rows: int = 0  # validation rows per domain for the scheduler; 0 = all cached
@@ -320,6 +336,10 @@ def validate(cfg: Config) -> None:
     names = [d.name for d in c.domains]
     if len(set(names)) != len(names):
         raise ConfigError(f"corpus.domains: duplicate domain names in {names}")
+    if c.invalid_utf8 not in ("error", "replace", "skip"):
+        raise ConfigError(f"corpus.invalid_utf8: '{c.invalid_utf8}' is not one of error, replace, skip")
+    if c.ingest_batch_mb < 1 or c.ingest_checkpoint_mb < 1:
+        raise ConfigError(f"corpus.ingest_batch_mb = {c.ingest_batch_mb}, corpus.ingest_checkpoint_mb = {c.ingest_checkpoint_mb}: both must be >= 1 (MiB of text)")
     if c.seq_len < 2:
         raise ConfigError(f"corpus.seq_len = {c.seq_len}: must be >= 2")
     if c.val_rows < 1:
@@ -380,6 +400,19 @@ def validate(cfg: Config) -> None:
                           f"(0 = use the fraction) and 0 < interval_fraction <= 1")
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha = {d.alpha}: must be in [0, 1]")
+    if d.discrepancy not in ("ppl-ratio", "log-ratio"):
+        raise ConfigError(f"distill.discrepancy: '{d.discrepancy}' is not one of ppl-ratio (the paper's Eq. 1), log-ratio")
+    if not (d.discrepancy_temperature > 0 and math.isfinite(d.discrepancy_temperature)):
+        raise ConfigError(f"distill.discrepancy_temperature = {d.discrepancy_temperature}: must be a finite number > 0")
+    n_domains = len(c.domains) if c.source == "files" else 4
+    if not (0.0 <= d.weight_floor <= 1.0 / n_domains and 1.0 / n_domains <= d.weight_cap <= 1.0):
+        raise ConfigError(f"distill.weight_floor = {d.weight_floor}, distill.weight_cap = {d.weight_cap}: need 0 <= floor <= 1/N <= cap <= 1 "
+                          f"for the N = {n_domains} domains (floor 0 and cap 1 turn them off)")
+    scheduler_options = (d.discrepancy != "ppl-ratio" or d.discrepancy_temperature != 1.0 or d.smooth_initial
+                         or d.weight_floor != 0.0 or d.weight_cap != 1.0)
+    if scheduler_options and (d.mode != "ddk" or d.equal_sampling):
+        raise ConfigError("distill.discrepancy / discrepancy_temperature / smooth_initial / weight_floor / weight_cap shape DDK's "
+                          f"domain weights; mode '{d.mode}'{' with equal_sampling' if d.equal_sampling else ''} has none: drop them or use mode ddk")
     if d.parallel not in ("ddp", "fsdp2"):
         raise ConfigError(f"distill.parallel: '{d.parallel}' is not one of ddp, fsdp2")
     if d.reader_cache_mb < 0:

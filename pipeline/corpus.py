@@ -42,15 +42,30 @@ class Domain:
 
 
 def load_domains(cfg: CorpusConfig, base_dir: str | Path = ".") -> list[Domain]:
+    """Every domain in memory (the tiny models, `ddk corpus`, tests). Stage one streams
+    through `pipeline/ingest.py` instead, which never holds the corpus."""
     if cfg.source == "builtin":
         return builtin_domains(cfg.builtin_chars_per_domain)
-    return [load_domain(src, Path(base_dir)) for src in cfg.domains]
+    return [load_domain(src, Path(base_dir), cfg.invalid_utf8) for src in cfg.domains]
 
 
 # ---------------------------------------------------------------- user files
 
 
-def load_domain(src: DomainSource, base_dir: Path) -> Domain:
+@dataclass
+class CorpusPosition:
+    """Where a document stream stands: the next file to read and where in it (a byte offset
+    for .jsonl, a row index for .parquet, 0 for .txt). Resuming from a position yields
+    exactly the documents that follow it."""
+
+    file: int = 0
+    offset: int = 0
+    line: int = 0  # .jsonl: lines consumed so far (document ids count lines)
+
+
+def source_files(src: DomainSource, base_dir: Path) -> list[Path]:
+    """The domain's files in reading order, each checked up front (exists, readable, not
+    empty), so a bad file deep in a large corpus stops the run before any work is done."""
     where = f"corpus.domains '{src.name}'"
     if not src.paths:
         raise ConfigError(f"{where}: no paths listed; add paths = [\"data/{src.name}/*.jsonl\"]")
@@ -61,45 +76,112 @@ def load_domain(src: DomainSource, base_dir: Path) -> Domain:
         if not matched:
             raise ConfigError(f"{where}: path '{pattern}' matches no file (looked for {full}); fix the path or the glob")
         files.extend(Path(m) for m in matched if Path(m).is_file())
-    docs: list[Document] = []
     for f in files:
-        docs.extend(_read_file(f, src.text_field))
-    docs = [d for d in docs if d.text.strip()]
+        if f.suffix.lower() not in READERS:
+            raise ConfigError(f"{f}: unsupported file type '{f.suffix}' in {where}; use .jsonl (with a text field), .parquet or .txt")
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot be read ({e.strerror}) in {where}; fix its permissions or remove it from the paths") from None
+        if size == 0:
+            raise ConfigError(f"{f}: empty file (0 bytes) in {where}; delete it or narrow the glob")
+    return files
+
+
+def iter_documents(src: DomainSource, base_dir: Path, invalid_utf8: str = "error", start: CorpusPosition | None = None):
+    """Stream (document, position after it) over the domain's files, one document in memory
+    at a time; whitespace-only documents are skipped. `start` resumes a stream."""
+    files = source_files(src, base_dir)
+    pos = start or CorpusPosition()
+    for fi in range(pos.file, len(files)):
+        reader = READERS[files[fi].suffix.lower()]
+        offset, line = (pos.offset, pos.line) if fi == pos.file else (0, 0)
+        for doc, offset, line in reader(files[fi], src.text_field, invalid_utf8, offset, line):
+            if doc.text.strip():
+                yield doc, CorpusPosition(fi, offset, line)
+        yield None, CorpusPosition(fi + 1, 0, 0)  # a file boundary: a clean resume point
+
+
+def load_domain(src: DomainSource, base_dir: Path, invalid_utf8: str = "error") -> Domain:
+    """A whole domain in memory: for the tiny models and tests; stage one streams instead."""
+    docs = [d for d, _ in iter_documents(src, base_dir, invalid_utf8) if d is not None]
     if not docs:
-        raise ConfigError(f"{where}: the files {[str(f) for f in files]} contain no non-empty text; add data or drop the domain")
+        raise ConfigError(f"corpus.domains '{src.name}': the files {[str(f) for f in source_files(src, base_dir)]} "
+                          f"contain no non-empty text; add data or drop the domain")
     return Domain(src.name, docs)
 
 
-def _read_file(path: Path, text_field: str) -> list[Document]:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        docs = []
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ConfigError(
-                        f"{path}:{i}: no field '{text_field}' (found {keys}); set text_field in the domain's config"
-                    )
-                docs.append(Document(f"{path}:{i}", str(obj[text_field])))
-        return docs
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _decode(raw: bytes, path: Path, where: str, invalid_utf8: str) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if invalid_utf8 == "replace":
+            return raw.decode("utf-8", errors="replace")
+        if invalid_utf8 == "skip":
+            return None
+        raise ConfigError(f"{path}:{where}: invalid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); fix the file, "
+                          f"or set corpus.invalid_utf8 = 'replace' (U+FFFD) or 'skip' (drop such documents)") from None
 
-        schema = pq.read_schema(path)
-        if text_field not in schema.names:
-            raise ConfigError(f"{path}: no column '{text_field}' (columns: {schema.names}); set text_field in the domain's config")
-        col = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-        return [Document(f"{path}:{i}", str(t)) for i, t in enumerate(col) if t is not None]
-    if suffix in (".txt", ".md", ".text"):
-        return [Document(str(path), path.read_text(encoding="utf-8", errors="replace"))]
-    raise ConfigError(f"{path}: unsupported file type '{suffix}'; use .jsonl (with a text field), .parquet or .txt")
+
+def _read_jsonl(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            offset += len(raw)
+            line += 1
+            if not raw.strip():
+                continue
+            text = _decode(raw, path, str(line), invalid_utf8)
+            if text is None:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ConfigError(f"{path}:{line}: no field '{text_field}' (found {keys}); set text_field in the domain's config")
+            yield Document(f"{path}:{line}", str(obj[text_field])), offset, line
+
+
+def _read_parquet(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not Parquet
+        raise ConfigError(f"{path}: not a readable Parquet file ({e}); fix or remove it") from None
+    if text_field not in pf.schema_arrow.names:
+        raise ConfigError(f"{path}: no column '{text_field}' (columns: {pf.schema_arrow.names}); set text_field in the domain's config")
+    row = 0
+    for group in range(pf.metadata.num_row_groups):  # one row group in memory at a time
+        n = pf.metadata.row_group(group).num_rows
+        if row + n <= offset:  # resuming: skip whole groups without reading them
+            row += n
+            continue
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=[text_field]):
+            for t in batch.column(0).to_pylist():
+                row += 1
+                if row <= offset or t is None:
+                    continue
+                if isinstance(t, bytes):
+                    t = _decode(t, path, f"row {row - 1}", invalid_utf8)
+                    if t is None:
+                        continue
+                yield Document(f"{path}:{row - 1}", str(t)), row, 0
+
+
+def _read_text(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+    if offset:
+        return
+    text = _decode(path.read_bytes(), path, "", invalid_utf8)
+    if text is not None:  # universal newlines, as text-mode reading gives
+        yield Document(str(path), text.replace("\r\n", "\n").replace("\r", "\n")), 1, 0
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet, ".txt": _read_text, ".md": _read_text, ".text": _read_text}
 
 
 # ---------------------------------------------------------------- built-in corpus

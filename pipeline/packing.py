@@ -15,6 +15,7 @@ what results report.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from dataclasses import dataclass
 
@@ -60,22 +61,76 @@ def _pack(token_lists: list[list[int]], eos_id: int, row_len: int, max_rows: int
     return np.asarray(flat[: n * row_len], dtype=np.int32).reshape(n, row_len)
 
 
+def document_key(seed: int, doc_id: str) -> int:
+    """The stable hash that orders documents for the held-out splits."""
+    return zlib.crc32(f"{seed}:{doc_id}".encode())
+
+
+class HeldOutSelector:
+    """The validation and test documents, chosen in one pass with memory bounded by the
+    held-out rows (not the corpus): documents in order of (key, corpus index), the first
+    ones fill `val_rows` rows, the next ones `test_rows` rows.
+
+    It keeps the shortest key-ordered prefix of the documents seen so far that fills both
+    splits. A new document with a larger key than that prefix's last can never be held
+    out: it is released to train at once. One with a smaller key joins the prefix, which
+    may then release its largest documents. Released documents never come back (keys only
+    get smaller in front of them), so `add` answers train/held-out-for-now, and `release`
+    hands over the documents that left the prefix.
+    """
+
+    def __init__(self, val_tokens: int, test_tokens: int):
+        self.need = (val_tokens, test_tokens)
+        self.held: list[tuple[int, int, int]] = []  # (key, index, tokens + EOS), sorted
+        self.full = False  # held fills both splits; once true it stays true
+
+    def _fills(self, n: int) -> bool:
+        """Whether the first n held documents fill validation, then test."""
+        got, split = 0, 0
+        for _, _, tokens in self.held[:n]:
+            got += tokens
+            if got >= self.need[split]:
+                got, split = 0, split + 1
+                if split == 2:
+                    return True
+        return False
+
+    def add(self, key: int, index: int, tokens: int) -> list[int]:
+        """Offer a document (tokens includes its EOS); returns the indices released to train
+        (possibly this one), in the order they leave."""
+        item = (key, index, tokens)
+        if self.full and item > self.held[-1]:
+            return [index]
+        bisect.insort(self.held, item)
+        self.full = self.full or self._fills(len(self.held))
+        released = []
+        while len(self.held) > 1 and self._fills(len(self.held) - 1):
+            released.append(self.held.pop()[1])
+        return released
+
+    def splits(self) -> tuple[list[int], list[int]]:
+        """(validation, test) document indices in key order; test may fall short if the
+        corpus is too small (the caller reports it)."""
+        val, test, got = [], [], 0
+        for _, index, tokens in self.held:
+            if got < self.need[0]:
+                val.append(index)
+                got += tokens
+            else:
+                test.append(index)
+        return val, test
+
+
 def split_documents(doc_ids: list[str], token_counts: list[int], cfg: CorpusConfig) -> dict[str, list[int]]:
     """Document indices per split: ordered by a stable hash of (seed, doc id), the first ones
     fill `val_rows` rows, the next ones `test_rows` rows, the rest (in corpus order) train."""
     row_len = cfg.seq_len + 1
-    order = sorted(range(len(doc_ids)), key=lambda i: zlib.crc32(f"{cfg.seed}:{doc_ids[i]}".encode()))
-    splits: dict[str, list[int]] = {}
-    taken = 0
-    for split, rows in (("val", cfg.val_rows), ("test", cfg.test_rows)):
-        need, got, docs = rows * row_len, 0, []
-        while got < need and taken < len(order):
-            docs.append(order[taken])
-            got += token_counts[order[taken]] + 1  # + the EOS that joins documents
-            taken += 1
-        splits[split] = docs
-    splits["train"] = sorted(order[taken:])
-    return splits
+    selector = HeldOutSelector(cfg.val_rows * row_len, cfg.test_rows * row_len)
+    train: set[int] = set()
+    for i, (doc_id, n) in enumerate(zip(doc_ids, token_counts)):
+        train.update(selector.add(document_key(cfg.seed, doc_id), i, n + 1))  # + the EOS that joins documents
+    val, test = selector.splits()
+    return {"val": val, "test": test, "train": sorted(train)}
 
 
 def pack_domain(domain: Domain, tokenizer, cfg: CorpusConfig) -> PackedDomain:

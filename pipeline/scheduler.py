@@ -70,21 +70,51 @@ def _softmax(logits):
 
 
 # -----------------------------------------------------------------------------
-# Eq. 1 and Eq. 2
+# Eq. 1 and Eq. 2, and the options beyond the paper (all off by default)
+
+# "ppl-ratio": the paper's lS / lT. "log-ratio": the CE gap in nats over a temperature.
+DISCREPANCIES = ("ppl-ratio", "log-ratio")
 
 
-def discrepancy_factor(student_ppl, teacher_ppl) -> np.ndarray:
+def discrepancy_scores(student_ppl, teacher_ppl, kind: str = "ppl-ratio", temperature: float = 1.0) -> np.ndarray:
+    """The per-domain scores s[i] that Eq. 1 softmaxes and Eq. 2 exponentiates.
+
+        ppl-ratio (the paper):  s[i] = lS[i] / lT[i]
+        log-ratio:              s[i] = log(lS[i] / lT[i]) / tau = (CE_S[i] - CE_T[i]) / tau
+
+    softmax(s) is unchanged by adding a constant to every s, not by scaling them. With
+    the paper's ratio that makes the weights depend on the ratios' scale: ratios (18, 1, 1)
+    put e^17 times more weight on the first domain (one domain trains alone), ratios
+    (1.3, 1.1, 1.1) give (0.40, 0.30, 0.30) (near-uniform). The log-ratio is the student's
+    excess loss over the teacher in nats; softmax(s) is then proportional to
+    ratio^(1/tau), the same for (18, 1, 1) as for (1.8, 0.1, 0.1) x 10, and tau sets how
+    sharply the mix follows the gaps. Eq. 2 with it is DoReMi's multiplicative update
+    (Xie et al. 2023, arXiv 2305.10429: w <- w * exp(eta * excess loss), mixed with the
+    uniform), with the teacher as the reference model and eta = 1/tau.
+    """
+    lS, lT = _check_ppl(student_ppl, teacher_ppl)
+    if kind == "ppl-ratio":
+        return lS / lT
+    if kind == "log-ratio":
+        if not (temperature > 0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        return (np.log(lS) - np.log(lT)) / temperature
+    raise ValueError(f"unknown discrepancy {kind!r}: choose one of {DISCREPANCIES}")
+
+
+def discrepancy_factor(student_ppl, teacher_ppl, kind: str = "ppl-ratio", temperature: float = 1.0) -> np.ndarray:
     """Eq. 1, the domain discrepancy factor: r[i] = softmax_i(lS[i] / lT[i]).
 
     lS, lT are per-domain perplexities of student and teacher on the validation splits.
     The domain where the student lags the teacher most (relative to the teacher's own
-    difficulty there) gets the largest share.
+    difficulty there) gets the largest share. `kind`, `temperature`: see
+    discrepancy_scores (the paper's is the default).
     """
-    lS, lT = _check_ppl(student_ppl, teacher_ppl)
-    return _softmax(lS / lT)
+    return _softmax(discrepancy_scores(student_ppl, teacher_ppl, kind, temperature))
 
 
-def smooth_update(r_t, student_ppl, teacher_ppl, alpha: float = 0.5) -> np.ndarray:
+def smooth_update(r_t, student_ppl, teacher_ppl, alpha: float = 0.5, kind: str = "ppl-ratio",
+                  temperature: float = 1.0) -> np.ndarray:
     """Eq. 2, factor smooth updating, applied at the start of interval t+1:
 
         psi[i]       = r_t[i] * exp(lS[i] / lT[i])
@@ -92,17 +122,62 @@ def smooth_update(r_t, student_ppl, teacher_ppl, alpha: float = 0.5) -> np.ndarr
 
     r_t carries history (so one noisy evaluation cannot swing the mix) and the
     (1 - alpha)/N term guarantees every domain a floor. Pure function of its inputs.
+    `kind`, `temperature`: the exponent is discrepancy_scores (the paper's by default).
     """
-    lS, lT = _check_ppl(student_ppl, teacher_ppl)
-    n = lS.size
+    scores = discrepancy_scores(student_ppl, teacher_ppl, kind, temperature)
+    n = scores.size
     r_t = _check_distribution(r_t, n)
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1] (paper: 0.5), got {alpha}")
     # psi normalized == softmax(log r_t + ratio): computed in log space so a large ratio
     # cannot overflow exp(); a zero weight (log 0 = -inf) simply stays out of the softmax.
     with np.errstate(divide="ignore"):
-        log_psi = np.log(r_t) + lS / lT
+        log_psi = np.log(r_t) + scores
     return alpha * _softmax(log_psi) + (1.0 - alpha) / n
+
+
+def smoothed_initial(student_ppl, teacher_ppl, alpha: float = 0.5, kind: str = "ppl-ratio",
+                     temperature: float = 1.0) -> np.ndarray:
+    """r_0 with Eq. 2's smoothing against the uniform prior (the paper uses Eq. 1 alone):
+
+        r_0[i] = alpha * softmax_i(s) + (1 - alpha) / N
+
+    i.e. smooth_update from r_{-1} = 1/N. Every domain keeps at least (1 - alpha)/N of
+    the first interval, so a fresh student with one domain far behind does not train on
+    that domain alone while the others regress.
+    """
+    scores = discrepancy_scores(student_ppl, teacher_ppl, kind, temperature)
+    return smooth_update(np.full(scores.size, 1.0 / scores.size), student_ppl, teacher_ppl, alpha, kind, temperature)
+
+
+def bound_weights(weights, floor: float = 0.0, cap: float = 1.0) -> np.ndarray:
+    """The weights with every domain kept in [floor, cap], summing to 1:
+
+        w'[i] = clip(lam * w[i], floor, cap),  lam > 0 such that sum_i w'[i] = 1
+
+    Domains inside the bounds keep their proportions, the order of the weights is kept,
+    and weights already inside are returned unchanged (lam = 1). The sum grows with lam
+    from N * floor to N * cap, so lam is found by bisection. A guardrail against collapse
+    onto one domain (cap) and starvation of another (floor). Needs floor * N <= 1 <= cap * N.
+    """
+    w = _check_distribution(weights, np.asarray(weights).size, "weights")
+    n = w.size
+    if not (0.0 <= floor <= 1.0 / n + 1e-12 and 1.0 / n - 1e-12 <= cap <= 1.0):
+        raise ValueError(f"need 0 <= floor <= 1/N <= cap <= 1 for N = {n} domains, got floor {floor}, cap {cap}")
+    if floor <= w.min() and w.max() <= cap:
+        return w
+    w = np.maximum(w, 1e-300)  # a zero weight can still be raised to the floor or beyond
+    total = lambda lam: np.clip(lam * w, floor, cap).sum()  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while total(hi) < 1.0 and hi < 1e300:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):  # to the last bit of lam
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if total(mid) < 1.0 else (lo, mid)
+    out = np.clip(hi * w, floor, cap)
+    return out / out.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +207,8 @@ class DomainScheduler:
     """
 
     def __init__(self, domains, mode: str = "ddk", interval: int = 1000, alpha: float = 0.5,
-                 rows_per_domain: dict | None = None):
+                 rows_per_domain: dict | None = None, discrepancy: str = "ppl-ratio", temperature: float = 1.0,
+                 smooth_initial: bool = False, weight_floor: float = 0.0, weight_cap: float = 1.0):
         self.domains = list(domains)
         if not self.domains:
             raise ValueError("DomainScheduler needs at least one domain")
@@ -144,9 +220,16 @@ class DomainScheduler:
             raise ValueError(f"interval K must be an integer >= 1 optimizer steps, got {interval}")
         if not (0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1] (paper: 0.5), got {alpha}")
+        if discrepancy not in DISCREPANCIES:
+            raise ValueError(f"unknown discrepancy {discrepancy!r}: choose one of {DISCREPANCIES}")
         self.mode = mode
         self.interval = int(interval)
         self.alpha = float(alpha)
+        # Beyond the paper (defaults = the paper): the scores, r_0's smoothing, bounds.
+        self.discrepancy, self.temperature = discrepancy, float(temperature)
+        self.smooth_initial = bool(smooth_initial)
+        self.weight_floor, self.weight_cap = float(weight_floor), float(weight_cap)
+        bound_weights(np.full(len(self.domains), 1.0 / len(self.domains)), self.weight_floor, self.weight_cap)  # checks the bounds
         self.num_updates = 0
         self.history: list[HistoryEntry] = []
         n = len(self.domains)
@@ -196,10 +279,15 @@ class DomainScheduler:
                 f"got {lS.size} perplexities for {len(self.domains)} domains {self.domains}: "
                 "pass one per domain in this order"
             )
-        if self.mode == "ddk-no-smoothing" or (self.mode == "ddk" and self.num_updates == 0):
-            self.weights = discrepancy_factor(lS, lT)
+        how = {"kind": self.discrepancy, "temperature": self.temperature}
+        if self.mode == "ddk" and self.num_updates == 0 and self.smooth_initial:
+            self.weights = smoothed_initial(lS, lT, self.alpha, **how)
+        elif self.mode == "ddk-no-smoothing" or (self.mode == "ddk" and self.num_updates == 0):
+            self.weights = discrepancy_factor(lS, lT, **how)
         elif self.mode == "ddk":
-            self.weights = smooth_update(self.weights, lS, lT, self.alpha)
+            self.weights = smooth_update(self.weights, lS, lT, self.alpha, **how)
+        if self.mode in ("ddk", "ddk-no-smoothing"):
+            self.weights = bound_weights(self.weights, self.weight_floor, self.weight_cap)
         # uniform / proportional: weights fixed at construction
         self.num_updates += 1
         self.history.append(HistoryEntry(int(step), self.weights.tolist(), lS.tolist(), (lS / lT).tolist()))
@@ -211,6 +299,11 @@ class DomainScheduler:
             "mode": self.mode,
             "interval": self.interval,
             "alpha": self.alpha,
+            "discrepancy": self.discrepancy,
+            "temperature": self.temperature,
+            "smooth_initial": self.smooth_initial,
+            "weight_floor": self.weight_floor,
+            "weight_cap": self.weight_cap,
             "num_updates": self.num_updates,
             "weights": self.weights.tolist(),
             "history": [h._asdict() for h in self.history],
@@ -227,6 +320,11 @@ class DomainScheduler:
                 )
         self.interval = int(state["interval"])
         self.alpha = float(state["alpha"])
+        # checkpoints from before these options ran the paper's rule
+        self.discrepancy = state.get("discrepancy", "ppl-ratio")
+        self.temperature = float(state.get("temperature", 1.0))
+        self.smooth_initial = bool(state.get("smooth_initial", False))
+        self.weight_floor, self.weight_cap = float(state.get("weight_floor", 0.0)), float(state.get("weight_cap", 1.0))
         self.num_updates = int(state["num_updates"])
         self.weights = np.asarray(state["weights"], dtype=np.float64)
         self.history = [HistoryEntry(**h) for h in state["history"]]

@@ -157,7 +157,14 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
     marker = out / DONE_MARKER
     # Everything the models are made from: the whole corpus config decides the rows they
     # are pre-trained and validated on (files, sizes, seed, seq_len, held-out rows).
-    fingerprint = {"models": dataclasses.asdict(cfg), "corpus": dataclasses.asdict(corpus_cfg)}
+    corpus = dataclasses.asdict(corpus_cfg)
+    # Stage one's ingest knobs do not change a row; invalid_utf8 does only when not the
+    # default (so models made before these fields existed still match).
+    for knob in ("ingest_batch_mb", "ingest_checkpoint_mb"):
+        corpus.pop(knob)
+    if corpus["invalid_utf8"] == "error":
+        corpus.pop("invalid_utf8")
+    fingerprint = {"models": dataclasses.asdict(cfg), "corpus": corpus}
     if marker.exists() and not force:
         done = json.loads(marker.read_text())
         if done.get("fingerprint") == fingerprint:

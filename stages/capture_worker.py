@@ -8,7 +8,9 @@ atomically by TopKShardWriter, so workers never coordinate beyond the shard list
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,15 +21,12 @@ from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import TopKCodec
 from ..pipeline.cache.manifest import CacheError, CachePlan, shard_done
 from ..pipeline.cache.writer import TopKShardWriter
+from ..pipeline.ingest import INGEST_DIR, read_rows, rows_path
 from ..pipeline.progress import progress
 from ..pipeline.teachers.base import TopK
 
-TOKENS_DIR = "_work"
-CAPTURE_FILE = f"{TOKENS_DIR}/capture.json"
-
-
-def tokens_path(cache_dir: Path, domain: str, split: str) -> Path:
-    return cache_dir / TOKENS_DIR / "tokens" / f"{domain}.{split}.npy"
+WORK_DIR = "_work"  # scratch of a cache being made: the ingested rows, the capture settings, worker stats
+CAPTURE_FILE = f"{WORK_DIR}/capture.json"
 
 
 def make_backend(plan: CachePlan, capture: dict):
@@ -81,16 +80,30 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
         bar = progress(total=sum(s.rows for s in todo) * plan.seq_len, desc=f"teacher top-k [{capture['backend']} w{worker}]",
                    unit="tok", unit_scale=True, position=worker)
 
+        written_bytes = 0
+
         def finish(p: tuple[Future, object]) -> None:
-            nonlocal tokens
+            nonlocal tokens, written_bytes
             future, spec = p
-            future.result()  # re-raises a writer error here
+            try:
+                future.result()  # re-raises a writer error here
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                left = sum(s.rows for s in todo) * plan.seq_len - tokens
+                per_token = written_bytes / tokens if tokens else 4.0 * plan.k  # a guess before any shard
+                raise CacheError(
+                    f"{cache_dir / spec.file}: no space left on the device ({shutil.disk_usage(cache_dir).free / 2**20:,.0f} MiB free); "
+                    f"free about {left * per_token / 2**30:.1f} GiB there ({left:,} tokens to go at {per_token:.0f} bytes/token) and "
+                    f"re-run `ddk teacher-cache`: the shards already written are kept and only the missing ones are made"
+                ) from None
+            written_bytes += (cache_dir / spec.file).stat().st_size
             tokens += spec.rows * plan.seq_len
             bar.update(spec.rows * plan.seq_len)
             bar.set_postfix(shard=spec.file, refresh=False)
 
         for spec in todo:
-            rows = np.load(tokens_path(cache_dir, spec.domain, spec.split), mmap_mode="r")[spec.row_start : spec.row_end]
+            rows = read_rows(rows_path(cache_dir / INGEST_DIR, spec.domain, spec.split), plan.seq_len, spec.row_start, spec.row_end)
             topk = _concat([backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)])
             if pending is not None:
                 finish(pending)
@@ -103,9 +116,12 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
         pool.shutdown(wait=True)
         busy = time.perf_counter() - t_start
         backend.close()
-        stats = cache_dir / TOKENS_DIR / "stats" / f"worker-{worker}.json"
-        stats.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype})
+        stats = cache_dir / WORK_DIR / "stats" / f"worker-{worker}.json"
+        try:
+            stats.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype})
+        except OSError:  # a full disk: the throughput note is not worth masking the real error
+            pass
 
 
 def _concat(parts: list[TopK]) -> TopK:

@@ -97,28 +97,37 @@ def tiny_models_cmd(config_path, overrides, force):
 @config_options
 @friendly_errors
 def corpus_cmd(config_path, overrides):
-    """Print each domain's documents and characters (and rows/tokens once a tokenizer exists)."""
-    from ..pipeline.corpus import load_domains
+    """Print each domain's documents and characters, streamed (any corpus size), and its
+    rows and tokens once stage one has ingested it into cache.out_dir."""
+    import json
+
+    from ..pipeline.ingest import INGEST_DIR, ROWS_FILE, domain_streams
+    from ..pipeline.corpus import CorpusPosition
 
     cfg = _load(config_path, overrides)
-    domains = load_domains(cfg.corpus, Path(cfg.source_path).parent if cfg.source_path else Path.cwd())
-    tok_dir = cfg.teacher_path()
-    packed = None
-    if (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        from ..pipeline.packing import pack_domains
-
-        packed = {p.name: p for p in pack_domains(domains, AutoTokenizer.from_pretrained(tok_dir), cfg.corpus)}
-    click.echo(f"{'domain':<12}{'documents':>10}{'chars':>12}" + (f"{'train rows':>12}{'val rows':>10}{'test rows':>11}{'tokens':>12}" if packed else ""))
-    for d in domains:
-        line = f"{d.name:<12}{len(d.documents):>10}{d.chars:>12,}"
-        if packed:
-            p = packed[d.name]
-            line += f"{len(p.train):>12}{len(p.val):>10}{len(p.test):>11}{(len(p.train) + len(p.val) + len(p.test)) * cfg.corpus.seq_len:>12,}"
+    base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
+    ingest_dir = Path(cfg.cache.out_dir) / INGEST_DIR
+    rows_cols = f"{'train rows':>12}{'val rows':>10}{'test rows':>11}{'tokens':>14}"
+    click.echo(f"{'domain':<12}{'documents':>10}{'chars':>14}" + rows_cols)
+    missing = False
+    for stream in domain_streams(cfg.corpus, base_dir):
+        docs = chars = 0
+        for doc, _ in stream.open(CorpusPosition()):
+            if doc is not None:
+                docs += 1
+                chars += len(doc.text)
+        line = f"{stream.name:<12}{docs:>10}{chars:>14,}"
+        rows_file = ingest_dir / stream.name / ROWS_FILE
+        r = json.loads(rows_file.read_text()) if rows_file.exists() else None
+        c = cfg.corpus
+        if r and [r["key"][f] for f in ("seq_len", "val_rows", "test_rows", "max_train_rows", "seed")] == \
+                [c.seq_len, c.val_rows, c.test_rows, c.max_train_rows, c.seed]:
+            line += f"{r['train_rows']:>12}{r['val_rows']:>10}{r['test_rows']:>11}{(r['train_rows'] + r['val_rows'] + r['test_rows']) * cfg.corpus.seq_len:>14,}"
+        else:
+            missing = True
         click.echo(line)
-    if not packed:
-        click.echo(f"(no tokenizer at {tok_dir} yet: run `ddk tiny-models` or set teacher.path for row and token counts)")
+    if missing:
+        click.echo(f"(rows and tokens appear once `ddk teacher-cache` has ingested the corpus into {ingest_dir})")
 
 
 @main.command("teacher-cache")
@@ -219,7 +228,8 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
 
 @main.command("compare")
 @config_options
-@click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: all five).")
+@click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: these five), plus the variants beyond "
+                   "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
 @friendly_errors

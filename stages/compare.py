@@ -34,7 +34,7 @@ from ..pipeline.checkpoint import latest_checkpoint
 from ..pipeline.config import Config, ConfigError, load_config
 from ..pipeline.run_identity import cache_identity, student_identity
 from ..pipeline.stats import metrics_vs_teacher, paired_bootstrap, seed_spread
-from .distill import RESUMABLE_WITH_CHANGED, distill, read_metrics, run_label
+from .distill import RESUMABLE_WITH_CHANGED, distill, read_metrics, run_label, saved_config
 
 # (label, config overrides): one tool, five switches.
 MODES: list[tuple[str, list[str]]] = [
@@ -44,6 +44,18 @@ MODES: list[tuple[str, list[str]]] = [
     ("ddk-no-smoothing", ["distill.mode=ddk", "distill.no_smoothing=true"]),
     ("ddk-equal-sampling", ["distill.mode=ddk", "distill.equal_sampling=true"]),
 ]
+# Beyond the paper (issue "DDK beyond the paper", pipeline/scheduler.py): run with
+# --modes; not in the default comparison. Chosen on the embedded default only.
+VARIANTS: list[tuple[str, list[str]]] = [
+    # the CE gap in nats: weights proportional to (lS/lT)^(1/tau); r_0 smoothed like Eq. 2
+    ("ddk-log-ratio-t0.1", ["distill.mode=ddk", "distill.discrepancy=log-ratio", "distill.discrepancy_temperature=0.1",
+                            "distill.smooth_initial=true"]),
+    ("ddk-log-ratio-t0.3", ["distill.mode=ddk", "distill.discrepancy=log-ratio", "distill.discrepancy_temperature=0.3",
+                            "distill.smooth_initial=true"]),
+    # the paper's ratio with guardrails: r_0 smoothed, every domain in [0.1, 0.5]
+    ("ddk-guarded", ["distill.mode=ddk", "distill.smooth_initial=true", "distill.weight_floor=0.1", "distill.weight_cap=0.5"]),
+]
+ALL_MODES = MODES + VARIANTS
 # The paper's baseline: every other mode's paired difference is measured against it.
 REFERENCE = "kd"
 BOOTSTRAP = {"replicates": 2000, "confidence": 0.95, "rng_seed": 0}
@@ -63,12 +75,12 @@ class Run:
 
 
 def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print) -> dict:
-    unknown = sorted(set(modes or []) - {label for label, _ in MODES})
+    unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES})
     if unknown:
-        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in MODES]}")
+        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES]}")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
-    wanted = [m for m in MODES if modes is None or m[0] in modes]
+    wanted = MODES if modes is None else [m for m in ALL_MODES if m[0] in modes]
     out.mkdir(parents=True, exist_ok=True)
     identities: dict[tuple[str, str], dict] = {}  # hashed once per compare, only if a run is to be reused
     runs = {}
@@ -94,7 +106,7 @@ def _run(config_path, overrides: list[str], label: str, extra: list[str], seed: 
          identities: dict, log) -> Run:
     run_dir = out / label / f"seed-{seed}"
     cfg = load_config(config_path, [*overrides, *extra, f"distill.seed={seed}", f"distill.out_dir={json.dumps(str(run_dir))}"])
-    assert run_label(cfg) == label
+    assert run_label(cfg) == ("ddk-variant" if label in dict(VARIANTS) else label)
     results_path = run_dir / "results.json"
     if results_path.exists():
         key = (str(cfg.cache_path()), str(cfg.student_path()))
@@ -120,10 +132,11 @@ def reuse_refusal(done: dict, cfg: Config, identity: dict, run_dir: Path) -> str
     now = json.loads(json.dumps(asdict(cfg.distill)))  # as results.json stores it
     # The rule of --resume: fields that say where a run lives or how it is computed (out_dir,
     # kernels, precision, ...) do not make it another run; cache and student are compared by hash below.
-    changed = [k for k in sorted(now.keys() | done["config"].keys())
-               if k not in RESUMABLE_WITH_CHANGED and done["config"].get(k) != now.get(k)]
+    then = saved_config(done["config"])
+    changed = [k for k in sorted(now.keys() | then.keys())
+               if k not in RESUMABLE_WITH_CHANGED and then.get(k) != now.get(k)]
     if changed:
-        diffs = ", ".join(f"distill.{k} = {done['config'].get(k)!r} there, {now.get(k)!r} now" for k in changed)
+        diffs = ", ".join(f"distill.{k} = {then.get(k)!r} there, {now.get(k)!r} now" for k in changed)
         return f"{where} was made with another [distill] config ({diffs}); {fix}"
     for key, what, path in (("cache_manifest_sha256", "cache", cfg.cache_path()), ("student_sha256", "initial student", cfg.student_path())):
         if done["identity"].get(key) != identity[key]:
@@ -301,4 +314,10 @@ def plot(summary: dict, runs: dict[str, list[Run]], out: Path) -> list[Path]:
     if series:
         paths.append(plots.plot_ppl_ratio(series, domains, out / "compare_ratio.png",
                                           title=r"Student/teacher PPL ratio $\ell_S/\ell_T$ per domain on validation (seed 0)"))
+    # The weights each DDK rule chose over training (seed 0): the paper's beside the variants.
+    for label, label_runs in runs.items():
+        evals = read_metrics(label_runs[0].dir, "eval") if label.startswith("ddk") and label != "ddk-equal-sampling" else []
+        if evals:
+            paths.append(plots.plot_domain_weights([e["step"] for e in evals], [[e["weights"][d] for d in domains] for e in evals], domains,
+                                                   out / f"compare_weights_{label}.png", title=f"Domain weights r_t, {label} (seed 0)"))
     return paths

@@ -65,6 +65,8 @@ def run_label(cfg: Config) -> str:
         return "ddk-no-smoothing"
     if d.mode == "ddk" and d.equal_sampling:
         return "ddk-equal-sampling"
+    if d.mode == "ddk" and any(getattr(d, k) != v for k, v in ADDED_LATER.items()):
+        return "ddk-variant"  # the options beyond the paper (compare names each variant)
     return f"kd-{d.kd_domains}" if d.mode == "kd" and d.kd_domains != "proportional" else d.mode
 
 
@@ -192,6 +194,17 @@ RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "de
                           "kl_impl", "loss_impl", "parallel", "cache_dir", "student", "reader_cache_mb", "prefetch_batches")
 
 
+# [distill] fields added after runs were first recorded, with the value that reproduces
+# what those runs did: a saved config without the field is read as having this value.
+ADDED_LATER = {"discrepancy": "ppl-ratio", "discrepancy_temperature": 1.0, "smooth_initial": False,
+               "weight_floor": 0.0, "weight_cap": 1.0}
+
+
+def saved_config(config: dict) -> dict:
+    """A recorded [distill] config with fields added since filled in (ADDED_LATER)."""
+    return {**ADDED_LATER, **config}
+
+
 def run_identity(cfg: Config, reader: TopKCacheReader) -> dict:
     """What the run is made of: its defining config, the cache and the initial student (hashes)."""
     return {"config": {k: v for k, v in json.loads(json.dumps(asdict(cfg.distill))).items() if k not in RESUMABLE_WITH_CHANGED},
@@ -201,12 +214,13 @@ def run_identity(cfg: Config, reader: TopKCacheReader) -> dict:
 
 def check_resumable(saved: dict | None, now: dict, ckpt: Path) -> None:
     """Refuse to continue a checkpoint with a config, cache or student other than its own."""
-    fix = f"resume with the config, cache and student it was started with, or set distill.out_dir to a new directory"
+    fix = "resume with the config, cache and student it was started with, or set distill.out_dir to a new directory"
     if saved is None:
         raise ConfigError(f"--resume: {ckpt} predates run identities (it records no config, cache or student); {fix}")
-    for key in sorted(set(saved["config"]) | set(now["config"])):
-        if saved["config"].get(key) != now["config"].get(key):
-            raise ConfigError(f"--resume: {ckpt} was made with distill.{key} = {json.dumps(saved['config'].get(key))}, "
+    old = saved_config(saved["config"])
+    for key in sorted(set(old) | set(now["config"])):
+        if old.get(key) != now["config"].get(key):
+            raise ConfigError(f"--resume: {ckpt} was made with distill.{key} = {json.dumps(old.get(key))}, "
                               f"this config has {json.dumps(now['config'].get(key))}; {fix}")
     for key, what in (("cache_manifest_sha256", "another teacher cache (manifest sha256"), ("student_sha256", "another initial student (weights sha256")):
         if saved[key] != now[key]:
@@ -242,7 +256,8 @@ class Trainer:
         self.domains = domains = reader.domains
         rows = {dom: reader.num_rows(dom, "train") for dom in domains}
         self.interval = DomainScheduler.interval_steps(d.steps, d.interval or None, None if d.interval else d.interval_fraction)
-        self.scheduler = DomainScheduler(domains, scheduler_mode(cfg), self.interval, d.alpha, rows)
+        self.scheduler = DomainScheduler(domains, scheduler_mode(cfg), self.interval, d.alpha, rows, d.discrepancy,
+                                         d.discrepancy_temperature, d.smooth_initial, d.weight_floor, d.weight_cap)
         self.sampler = IntervalSampler(rows, seed=d.seed)
         self.gamma = 0.0 if d.mode == "cpt" else d.gamma
         self.objective = Objective(self.gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.loss_impl, d.kl_impl)

@@ -1,26 +1,25 @@
 """Stage one: corpus -> domains -> packed rows -> teacher top-k -> Parquet shards + manifest.
 
-Read top to bottom: load and pack the corpus with the teacher's tokenizer, pin a plan
+Read top to bottom: stream the corpus through the teacher's tokenizer into packed rows on
+disk (pipeline/ingest.py: memory independent of the corpus, resumable), pin a plan
 (refusing a directory made with another config), run the capture workers over the
-shards that do not exist yet, then index what was written. A killed run resumes where
-it stopped; a complete cache is left alone.
+shards that do not exist yet (they memory-map the rows), then index what was written. A
+killed run resumes where it stopped, in the ingest or the capture; a complete cache is
+left alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-from ..pipeline.atomic import atomic_path, write_json_atomic
+from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.manifest import (
     MANIFEST_FILE,
     PLAN_FILE,
@@ -35,24 +34,25 @@ from ..pipeline.cache.manifest import (
 from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR
 from ..pipeline.cache.schema import FORMAT_VERSION, SPLITS
 from ..pipeline.config import Config, ConfigError
-from ..pipeline.corpus import load_domains
 from ..pipeline.evaluate import format_table
-from ..pipeline.packing import pack_domains
+from ..pipeline.ingest import INGEST_DIR, IngestedDomain, ingest_corpus
 from ..pipeline.teachers.identity import model_vocab_size, tokenizer_sha256, weights_sha256
 from ..pipeline.teachers.vllm import vllm_available
-from .capture_worker import CAPTURE_FILE, TOKENS_DIR, run_capture, tokens_path
+from .capture_worker import CAPTURE_FILE, WORK_DIR, run_capture
 
 
-def ensure_teacher(cfg: Config, domains, log=print) -> Path:
-    """The teacher directory; the tiny local models are built on demand for the default."""
+def ensure_teacher(cfg: Config, base_dir: Path, log=print) -> Path:
+    """The teacher directory; the tiny local models are built on demand for the default
+    (from the corpus loaded in memory: the tiny path is for small corpora only)."""
     if cfg.teacher.path:
         path = Path(cfg.teacher.path)
         if not (path / "config.json").exists():
             raise ConfigError(f"teacher.path = {path}: no config.json there; point it at a HF model directory (save_pretrained output)")
         return path
+    from ..pipeline.corpus import load_domains
     from ..pipeline.tiny_models import make_tiny_models
 
-    report = make_tiny_models(cfg.models, domains, cfg.corpus)
+    report = make_tiny_models(cfg.models, load_domains(cfg.corpus, base_dir), cfg.corpus)
     log(f"tiny models in {cfg.models.out_dir} (teacher {report['teacher_params']:,} params, student {report['student_params']:,}); validation loss:")
     log(format_table(report["val_loss"]))
     behind = [d for d, t in report["val_loss"]["teacher"].items() if t >= report["val_loss"]["student"][d]]
@@ -69,18 +69,16 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -> CachePlan:
+def make_plan(cfg: Config, teacher_dir: Path, tokenizer, ingested: list[IngestedDomain], backend: str) -> CachePlan:
+    """The plan; with ingested = [] only its corpus-independent part (checked before ingesting)."""
     vocab = model_vocab_size(teacher_dir)
     if cfg.cache.k > vocab:
         raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
     if len(tokenizer) > vocab:
         raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
     domains = {
-        p.name: {
-            **{f"{split}_rows": int(len(p.rows(split))) for split in SPLITS},
-            "tokens_sha256": _rows_sha256(*(p.rows(split) for split in SPLITS)),
-        }
-        for p in packed
+        d.name: {**{f"{split}_rows": getattr(d, f"{split}_rows") for split in SPLITS}, "tokens_sha256": d.tokens_sha256}
+        for d in ingested
     }
     rows = {name: {split: d[f"{split}_rows"] for split in SPLITS} for name, d in domains.items()}
     return CachePlan(
@@ -96,13 +94,6 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, packed, backend: str) -
     )
 
 
-def _rows_sha256(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.int32).tobytes())
-    return h.hexdigest()
-
-
 def _manifest_shards_intact(cache_dir: Path) -> bool:
     """Every shard the manifest lists exists with its recorded size (a stat, not a checksum)."""
     m = json.loads((cache_dir / MANIFEST_FILE).read_text())
@@ -112,34 +103,39 @@ def _manifest_shards_intact(cache_dir: Path) -> bool:
     )
 
 
-def prepare_cache_dir(cache_dir: Path, plan: CachePlan, packed) -> str:
+def check_cache_dir(cache_dir: Path) -> None:
+    """Before any work: the directory is new, empty, or a ddk cache (or an unfinished one)."""
+    if (cache_dir / PLAN_FILE).exists() or not cache_dir.exists():
+        return
+    # A run killed before plan.json was renamed into place leaves its temp file and the ingest.
+    other = [f.name for f in cache_dir.iterdir() if not f.name.endswith(".tmp") and f.name != WORK_DIR]
+    if other:
+        raise CacheError(f"{cache_dir} exists, is not empty (holds {other[0]}) and holds no {PLAN_FILE}; it is not a ddk cache: "
+                         f"pick another cache.out_dir")
+
+
+def prepare_cache_dir(cache_dir: Path, plan: CachePlan) -> str:
     """Pin the plan in the directory; returns 'complete', 'resume' or 'new'."""
     if (cache_dir / PLAN_FILE).exists():
         check_compatible(CachePlan.load(cache_dir), plan, cache_dir)
         if (cache_dir / MANIFEST_FILE).exists():
             if _manifest_shards_intact(cache_dir):
-                shutil.rmtree(cache_dir / TOKENS_DIR / "tokens", ignore_errors=True)
                 return "complete"
             # Shards deleted (e.g. after `ddk cache verify` named them): the manifest no
             # longer describes the directory; drop it and rewrite what is missing.
             (cache_dir / MANIFEST_FILE).unlink()
-        state = "resume"
-    else:
-        # A run killed before plan.json was renamed into place leaves only its temp file.
-        if cache_dir.exists() and any(not f.name.endswith(".tmp") for f in cache_dir.iterdir()):
-            raise CacheError(f"{cache_dir} exists, is not empty and holds no {PLAN_FILE}; it is not a ddk cache: pick another cache.out_dir")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        plan.save(cache_dir)
-        state = "new"
-    # The token rows travel to the workers through the cache directory (memory-mapped).
-    for p in packed:
+        return "resume"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(cache_dir)
+    return "new"
+
+
+def drop_ingested_rows(ingested: list[IngestedDomain]) -> None:
+    """The packed rows duplicate the shards' input_ids; once indexed only rows.json stays
+    (it lets a later run confirm the cache without re-reading the corpus)."""
+    for d in ingested:
         for split in SPLITS:
-            path = tokens_path(cache_dir, p.name, split)
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path, ".tmp.npy") as tmp:  # np.save appends .npy to other names
-                    np.save(tmp, p.rows(split).astype(np.int32))
-    return state
+            d.rows_path(split).unlink(missing_ok=True)
 
 
 def _visible_gpus() -> list[str]:
@@ -194,27 +190,42 @@ def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], gp
 
 def teacher_cache(cfg: Config, log=print) -> dict:
     base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
-    domains = load_domains(cfg.corpus, base_dir)
-    teacher_dir = ensure_teacher(cfg, domains, log)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    packed = pack_domains(domains, tokenizer, cfg.corpus)
+    cache_dir = Path(cfg.cache.out_dir)
+    check_cache_dir(cache_dir)
     backend = resolve_backend(cfg.teacher.backend)
     gpus = _visible_gpus()
     engines_need = cfg.cache.workers * cfg.teacher.tensor_parallel_size
     if gpus and engines_need > len(gpus):
         raise ConfigError(f"cache.workers = {cfg.cache.workers} x teacher.tensor_parallel_size = {cfg.teacher.tensor_parallel_size} "
                           f"needs {engines_need} GPUs, {len(gpus)} are visible; lower cache.workers (one engine per GPU)")
-    plan = make_plan(cfg, teacher_dir, tokenizer, packed, backend)
-    cache_dir = Path(cfg.cache.out_dir)
+    teacher_dir = ensure_teacher(cfg, base_dir, log)
 
-    state = prepare_cache_dir(cache_dir, plan, packed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    tok_sha = tokenizer_sha256(tokenizer)
+
+    def ingest(need_rows: bool) -> list[IngestedDomain]:
+        return ingest_corpus(cfg.corpus, base_dir, tokenizer, cache_dir / INGEST_DIR, tok_sha, need_rows=need_rows, log=log)
+
+    # Everything but the corpus is checked before the (long) ingest: the vocabulary against
+    # k, and an existing cache's teacher, tokenizer, k and codec against this config.
+    early = make_plan(cfg, teacher_dir, tokenizer, [], backend)
+    if (cache_dir / PLAN_FILE).exists():
+        check_compatible(CachePlan.load(cache_dir), early, cache_dir, skip=("domains", "shards"))
+    # A finished domain's rows.json is enough to check a complete cache; the rows
+    # themselves are re-made below only if shards are still to be written.
+    ingested = ingest(need_rows=False)
+    plan = make_plan(cfg, teacher_dir, tokenizer, ingested, backend)
+    state = prepare_cache_dir(cache_dir, plan)
     if state == "complete":
+        drop_ingested_rows(ingested)  # made only to check the plan (a cache from before rows.json)
         log(f"{cache_dir}: cache complete and matches the config; nothing to do")
         return load_manifest(cache_dir)
     todo = [i for i, s in enumerate(plan.shards) if not shard_done(cache_dir, s)]
+    if todo and not all(d.has_rows() for d in ingested):
+        ingested = ingest(need_rows=True)
+        check_compatible(plan, make_plan(cfg, teacher_dir, tokenizer, ingested, backend), cache_dir)
     tokens = sum(plan.shards[i].rows for i in todo) * plan.seq_len
     log(
         f"{cache_dir}: {'resuming, ' if state == 'resume' else ''}{len(todo)} of {len(plan.shards)} shards to write "
@@ -229,14 +240,13 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     if missing:
         raise CacheError(f"{cache_dir}: {len(missing)} shards were not written (first: {missing[0]}); see the worker output above, then re-run to resume")
     manifest = build_manifest(cache_dir, plan, stats=_capture_stats(cache_dir, backend, time.time() - t0))
-    # The staged token rows duplicate the shards' input_ids; drop them once indexed.
-    shutil.rmtree(cache_dir / TOKENS_DIR / "tokens", ignore_errors=True)
+    drop_ingested_rows(ingested)
     return manifest
 
 
 def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
     """Throughput of this run's workers (teacher forward + encode, engine start-up excluded)."""
-    stats_dir = cache_dir / TOKENS_DIR / "stats"
+    stats_dir = cache_dir / WORK_DIR / "stats"
     tokens, busy, dtypes = 0, 0.0, set()
     for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
         s = json.loads(f.read_text())

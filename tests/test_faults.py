@@ -350,7 +350,7 @@ def test_stage_one_killed_at_three_moments_resumes_byte_identical(env, reference
                {d: m["teacher_val_loss"] for d, m in ref_manifest["domains"].items()}
         leftovers = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if ".tmp" in p.name]
         assert not leftovers, f"{name}: temp files left behind: {leftovers}"
-        assert not (cache / "_work" / "tokens").exists(), name  # staged rows dropped once indexed
+        assert not list(cache.rglob("*.rows")), name  # ingested rows dropped once indexed
         ok = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
         assert ok.exit_code == 0, f"{name}: {ok.output}"
 
@@ -362,7 +362,23 @@ def test_stage_one_killed_while_pinning_the_plan_can_be_rerun(env, reference, tm
     child = Child(_stage_one_args(config, cache), tmp_path / "pin.log", {"replace": "plan.json", "when": "before"})
     child.wait_paused("plan.json.tmp written, not renamed")
     child.kill9()
-    assert sorted(p.name for p in cache.iterdir()) == ["plan.json.tmp"]
+    assert sorted(p.name for p in cache.iterdir()) == ["_work", "plan.json.tmp"]  # the ingest ran before
+    teacher_cache(load_config(config), log=QUIET)
+    assert _parquet(cache) == _parquet(ref_cache)
+
+
+def test_stage_one_killed_mid_ingest_resumes_it(env, reference, tmp_path):
+    """kill -9 once the first domain's tokens are checkpointed but not yet packed: the re-run
+    packs from the checkpoint and the cache equals the uninterrupted one."""
+    _, ref_cache, _ = reference
+    cache = tmp_path / "cache"
+    config = env["write_config"](tmp_path, cache)
+    child = Child(_stage_one_args(config, cache), tmp_path / "ingest.log", {"replace": "state.json", "when": "after"})
+    child.wait_paused("the first ingest checkpoint")
+    child.kill9()
+    states = list((cache / "_work" / "ingest").glob("*/state.json"))
+    assert len(states) == 1 and json.loads(states[0].read_text())["tokenized"]
+    assert not (cache / "plan.json").exists()
     teacher_cache(load_config(config), log=QUIET)
     assert _parquet(cache) == _parquet(ref_cache)
 

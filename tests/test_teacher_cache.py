@@ -235,3 +235,31 @@ def test_the_engine_runs_in_the_dtype_the_manifest_records(tiny_cache, monkeypat
     FakeEngine.forced = "float32"
     with pytest.raises(CacheError, match="runs the teacher in float32, but the cache's plan records teacher.dtype = bfloat16"):
         make_backend(plan, capture)
+
+
+def test_a_full_disk_during_capture_stops_with_what_to_free_and_keeps_the_shards(tiny_cache, tmp_path, monkeypatch):
+    import errno
+
+    from ddk.pipeline.cache.writer import TopKShardWriter
+
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    overrides = [f"cache.out_dir={json.dumps(str(cache))}"]
+    real_write, calls = TopKShardWriter.write, {"n": 0}
+
+    def write(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(TopKShardWriter, "write", write)
+    with pytest.raises(CacheError, match=r"\.parquet: no space left on the device .* free about [\d.]+ GiB there .* re-run "
+                                         r"`ddk teacher-cache`: the shards already written are kept"):
+        teacher_cache(load_config(cfg.source_path, overrides), log=QUIET)
+    assert len(_files(cache)) == 3
+    monkeypatch.setattr(TopKShardWriter, "write", real_write)
+    logs = []
+    teacher_cache(load_config(cfg.source_path, overrides), log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert _files(cache) == _files(Path(cfg.cache.out_dir))

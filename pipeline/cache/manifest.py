@@ -86,8 +86,9 @@ def plan_shards(domain_rows: dict[str, dict[str, int]], rows_per_shard: int) -> 
     return shards
 
 
-def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path) -> None:
-    """Refuse to mix two configs in one directory; name the first field that differs."""
+def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path, skip: tuple[str, ...] = ()) -> None:
+    """Refuse to mix two configs in one directory; name the first field that differs.
+    `skip`: fields not compared (stage one checks the rest before ingesting the corpus)."""
     if existing.tokenizer["sha256"] != new.tokenizer["sha256"]:
         raise CacheError(
             f"{cache_dir}: the cache was started with another tokenizer (sha256 {existing.tokenizer['sha256'][:12]}, "
@@ -100,7 +101,7 @@ def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path) -> No
         # and the reader reads it; refusing would only force a rebuild.
         b["codec"] = {**b["codec"], "rows_per_row_group": None}
     for key in a:
-        if a[key] != b.get(key):
+        if key not in skip and a[key] != b.get(key):
             detail = _first_difference(a[key], b.get(key), key)
             raise CacheError(
                 f"{cache_dir}: the existing cache was made with a different config ({detail}); "
