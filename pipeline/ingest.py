@@ -161,6 +161,7 @@ class DomainIngest:
     def run(self, need_rows: bool) -> IngestedDomain:
         done = self._finished()
         if done is not None and (done.has_rows() or not need_rows):
+            self._drop_scratch()  # left by a kill between rows.json and the clean-up
             return done
         state = self._load_state()
         if not state.get("tokenized"):
@@ -178,17 +179,29 @@ class DomainIngest:
             return None
         return IngestedDomain(name=self.stream.name, dir=self.dir, seq_len=self.cfg.seq_len, **d)
 
+    def _drop_scratch(self) -> None:
+        """The rows hold the same tokens. state.json goes first: a kill midway must not
+        leave a state saying 'tokenized' without its token files."""
+        for scratch in (STATE_FILE, "docs.bin", "tokens.bin"):
+            (self.dir / scratch).unlink(missing_ok=True)
+
     def _load_state(self) -> dict:
         f = self.dir / STATE_FILE
         if f.exists():
             state = json.loads(f.read_text())
-            if state["key"] == self.key:
+            if state["key"] == self.key and self._scratch_covers(state):
                 return state
-            self.log(f"ingest {self.stream.name}: the corpus or its config changed since the last run; starting this domain over")
+            self.log(f"ingest {self.stream.name}: the corpus, its config or the scratch files changed since the last run; starting this domain over")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         return {"key": self.key, "position": dataclasses.asdict(CorpusPosition()), "documents": 0, "tokens": 0, "chars": 0,
                 "bytes_read": 0, "tokenized": False}
+
+    def _scratch_covers(self, state: dict) -> bool:
+        """The token files hold at least what the state says (a shorter file would be
+        padded with zeros by truncate, read back as token id 0)."""
+        need = {"docs.bin": state["documents"] * DOC_RECORD.itemsize, "tokens.bin": state["tokens"] * 4}
+        return all((self.dir / f).exists() and (self.dir / f).stat().st_size >= n for f, n in need.items())
 
     def _checkpoint(self, state: dict, files) -> None:
         """Make everything so far durable, then record how far it reaches."""
@@ -226,11 +239,11 @@ class DomainIngest:
         self._warn_if_disk_short(state)
         encode = _batch_encoder(self.tokenizer)
         seed = self.cfg.seed
-        batches = _Prefetch(_batches(self.stream.open(CorpusPosition(**state["position"])), self.cfg.ingest_batch_mb * MIB))
         bar = progress(total=self.stream.input_bytes, initial=state["bytes_read"], desc=f"ingest {self.stream.name}", unit="B",
                        unit_scale=True)
         since_checkpoint = 0
         with self._disk_guard(tokens_path, state), open(docs_path, "ab") as docs_f, open(tokens_path, "ab") as tokens_f:
+            batches = _Prefetch(_batches(self.stream.open(CorpusPosition(**state["position"])), self.cfg.ingest_batch_mb * MIB))
             try:
                 for docs, position, nbytes in batches:
                     if docs:
@@ -298,8 +311,7 @@ class DomainIngest:
         summary = {"train_rows": train_rows, "val_rows": len(val), "test_rows": len(test), "tokens_sha256": sha.hexdigest(),
                    "documents": int(state["documents"]), "chars": int(state["chars"])}
         write_json_atomic(self.dir / ROWS_FILE, {"key": self.key, **summary})
-        for scratch in ("docs.bin", "tokens.bin", STATE_FILE):  # the rows hold the same tokens
-            (self.dir / scratch).unlink(missing_ok=True)
+        self._drop_scratch()
         return IngestedDomain(name=self.stream.name, dir=self.dir, seq_len=cfg.seq_len, **summary)
 
     def _select_held_out(self, docs: np.ndarray) -> tuple[HeldOutSelector, dict[int, int]]:
@@ -398,6 +410,11 @@ def _batch_encoder(tokenizer):
     the reader thread keeps reading); `encode_batch_fast` skips the offsets we never use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
+        # A copy without the truncation / padding a tokenizer.json may carry: the
+        # tokenizer's own __call__ turns both off before encoding, and so must we.
+        backend = type(backend).from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
         return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 

@@ -258,3 +258,39 @@ def test_ddk_corpus_streams_counts_and_shows_rows_once_ingested(tmp_path, tokeni
     out = CliRunner().invoke(cli, ["corpus", "--config", str(config)])
     assert "appear once" not in out.output
     assert f"{got[0].train_rows:>12}{got[0].val_rows:>10}{got[0].test_rows:>11}" in out.output
+
+
+def test_a_tokenizer_json_with_truncation_or_padding_does_not_cut_documents(tmp_path, tokenizer):
+    """The Rust core keeps the truncation/padding a tokenizer.json may carry; the
+    tokenizer's own __call__ (the in-memory packing) turns them off, and so does ingest."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    tok.backend_tokenizer.enable_padding(length=7, pad_id=0)
+    cfg = _write_corpus(tmp_path / "corpus")
+    got = _ingest(cfg, tmp_path / "corpus", tok, tmp_path / "ingest")
+    ref = pack_domain(load_domains(cfg, tmp_path / "corpus")[0], tokenizer, cfg)
+    np.testing.assert_array_equal(got[0].rows("train"), ref.train)
+
+
+def test_leftovers_of_a_kill_are_cleaned_or_refused(tmp_path, tokenizer):
+    cfg = _write_corpus(tmp_path / "corpus")
+    first = _ingest(cfg, tmp_path / "corpus", tokenizer, tmp_path / "ingest")
+    # killed after rows.json, before the scratch files were deleted: removed next time
+    (tmp_path / "ingest" / "a" / "tokens.bin").write_bytes(b"\0" * 64)
+    again = _ingest(cfg, tmp_path / "corpus", tokenizer, tmp_path / "ingest")
+    assert not (tmp_path / "ingest" / "a" / "tokens.bin").exists()
+    assert again[0].tokens_sha256 == first[0].tokens_sha256
+    # a state claiming more tokens than its files hold starts the domain over
+    d = tmp_path / "ingest" / "a"
+    key = json.loads((d / "rows.json").read_text())["key"]
+    (d / "rows.json").unlink()
+    (d / "docs.bin").write_bytes(b"")
+    (d / "tokens.bin").write_bytes(b"")
+    (d / "state.json").write_text(json.dumps({"key": key, "position": {"file": 1, "offset": 0, "line": 0}, "documents": 5,
+                                              "tokens": 10**6, "chars": 0, "bytes_read": 0, "tokenized": False}))
+    logs = []
+    again = ingest_corpus(cfg, tmp_path / "corpus", tokenizer, tmp_path / "ingest", "tok", log=logs.append)
+    assert any("starting this domain over" in line for line in logs)
+    assert again[0].tokens_sha256 == first[0].tokens_sha256
