@@ -56,6 +56,7 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("ddk-guarded", ["distill.mode=ddk", "distill.smooth_initial=true", "distill.weight_floor=0.1", "distill.weight_cap=0.5"]),
 ]
 ALL_MODES = MODES + VARIANTS
+PAPER_BASES = ("ddk", "ddk-equal-sampling")  # what a variant is also paired against
 # The paper's baseline: every other mode's paired difference is measured against it.
 REFERENCE = "kd"
 BOOTSTRAP = {"replicates": 2000, "confidence": 0.95, "rng_seed": 0}
@@ -158,7 +159,12 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
             if label != REFERENCE:
                 vs_reference[label] = paired_bootstrap(_row_losses(rs), _row_losses(runs[REFERENCE]),
                                                        {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}, **BOOTSTRAP)
+    # The variants beyond the paper also against what they would replace: the paper's DDK and ES.
+    rows_t = {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}
+    variants_vs_paper = {f"{label} − {base}": paired_bootstrap(_row_losses(runs[label]), _row_losses(runs[base]), rows_t, **BOOTSTRAP)
+                         for label in runs if label in dict(VARIANTS) for base in PAPER_BASES if base in runs}
     return {
+        "variants_vs_paper": variants_vs_paper,
         "split": "test",
         "domains": first["domains"],
         "seeds": [r.seed for r in next(iter(runs.values()))],
@@ -272,7 +278,17 @@ def _difference_table(s: dict) -> list[str]:
         f"| mode | mean CE diff | {pct} CI | significant | mean ratio diff | {pct} CI | significant |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, d in s["vs_reference"].items():
+    lines += _pair_rows(s["vs_reference"])
+    if s.get("variants_vs_paper"):
+        lines += ["", "The variants beyond the paper against the paper's DDK and ES, paired the same way (first − second):", "",
+                  f"| pair | mean CE diff | {pct} CI | significant | mean ratio diff | {pct} CI | significant |",
+                  "|---|---|---|---|---|---|---|", *_pair_rows(s["variants_vs_paper"])]
+    return lines
+
+
+def _pair_rows(pairs: dict) -> list[str]:
+    lines = []
+    for label, d in pairs.items():
         ce, ratio = d["mean_ce"], d["mean_ratio"]
         lines.append(f"| {label} | {ce['diff']:+.4f} | [{ce['low']:+.4f}, {ce['high']:+.4f}] | {'yes' if ce['significant'] else 'no'} "
                      f"| {ratio['diff']:+.3f} | [{ratio['low']:+.3f}, {ratio['high']:+.3f}] | {'yes' if ratio['significant'] else 'no'} |")
