@@ -300,6 +300,9 @@ def summarize(m: dict, cache_dir) -> str:
         f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
         f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})",
     ]
+    kl = m["fidelity"].get("mean_kl_distortion")
+    lines.append(f"  distortion mean KL(teacher top-k + tail || stored) "
+                 + (f"{kl:.2e} nats per position" if kl is not None else "not measured (shards written before ddk recorded it)"))
     cap = m.get("capture")
     if cap and cap.get("tokens_per_s"):
         lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")

@@ -38,6 +38,8 @@ def test_manifest_records_what_design_asks(tiny_cache):
     assert len(m["teacher"]["weights_sha256"]) == 64 and m["teacher"]["dtype"] == "float32"
     assert set(m["domains"]) == {"code", "reference", "docstrings", "unicode"}
     assert 0 < m["fidelity"]["max_abs_logprob_error"] <= 2**-11 + 1e-9
+    # KL(exact top-k + tail || stored), measured by the writer: ~ step^2 / 24 per position
+    assert 0 < m["fidelity"]["mean_kl_distortion"] < (2**-10) ** 2
     for d in m["domains"].values():
         assert d["val_rows"] == 4 and d["test_rows"] == 4 and d["train_rows"] > 0
         assert {s["split"] for s in d["shards"]} == {"train", "val", "test"}

@@ -335,11 +335,12 @@ class TopKCodec:
 
 
 def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray,
-                     blobs: tuple[bytes, bytes] | None = None) -> dict:
+                     blobs: tuple[bytes, bytes] | None = None, tail_logmass: np.ndarray | None = None) -> dict:
     """Round-trip (ids, logprobs) through `codec` and report what actually came back.
 
     `blobs`: the (ids_blob, logprobs_blob) already encoded from these inputs, so a writer
-    checks what it stores without encoding twice.
+    checks what it stores without encoding twice. `tail_logmass` ([P]): also report the
+    summed KL distortion over the positions (fidelity.kl_distortion, the one definition).
 
     max_abs_error is over values at or above codec.min_logprob (the ones the bound
     covers); clamped counts the values below it, -inf included, which decode as
@@ -355,7 +356,13 @@ def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray,
     err = np.abs(out_lp.astype(np.float64) - ref_lp)
     finite = np.isfinite(ref_lp)
     in_range = err[~clamped]
+    extra = {}
+    if tail_logmass is not None:
+        from .fidelity import kl_distortion
+
+        extra["kl_distortion_sum"] = float(kl_distortion(ref_lp, tail_logmass, out_lp).sum())
     return {
+        **extra,
         "ids_exact": bool(np.array_equal(out_ids, ref_ids)),
         "values": int(ref_lp.size),
         "clamped": int(clamped.sum()),

@@ -140,6 +140,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         name: {**{f"{split}_rows": d[f"{split}_rows"] for split in SPLITS}, "shards": []} for name, d in plan.domains.items()
     }
     max_err, clamped, total_bytes = 0.0, 0, 0
+    distortion, positions = 0.0, 0  # None once a shard predates the measure
     # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
     nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
     for spec in plan.shards:
@@ -149,6 +150,11 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         total_bytes += size
         max_err = max(max_err, info["max_abs_logprob_error"])
         clamped += info["clamped_logprobs"]
+        if distortion is not None and "kl_distortion_sum" in info:
+            distortion += info["kl_distortion_sum"]
+            positions += info["rows"] * info["positions"]
+        else:
+            distortion = None
         domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
@@ -171,7 +177,10 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         "k": plan.k,
         "seq_len": plan.seq_len,
         "codec": plan.codec,
-        "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped},
+        # mean_kl_distortion: KL(teacher's exact top-k + tail || what is stored), nats per
+        # position (pipeline/cache/fidelity.py); None for shards written before it was measured.
+        "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped,
+                     "mean_kl_distortion": distortion / positions if distortion is not None and positions else None},
         "integrity": f"sha256 of each shard file; {ALGORITHM} of each Parquet column chunk and of the footer",
         "bytes": total_bytes,
         "tokens": tokens,

@@ -38,34 +38,34 @@ class TopKShardWriter:
         self.rows_per_row_group = rows_per_row_group
         self.encode_threads = encode_threads
 
-    def _encode_row(self, path: Path, row: int, ids: np.ndarray, logprobs: np.ndarray) -> tuple[bytes, bytes, float, int]:
+    def _encode_row(self, path: Path, row: int, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray):
         ib, lb = self.codec.encode(ids, logprobs)
         # Decode what will be stored: the manifest's fidelity is measured, not assumed.
-        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb))
+        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb), tail_logmass=tail)
         if not fid["ids_exact"]:
             raise RuntimeError(f"{path}: row {row} top-k ids do not survive the codec round trip (codec bug)")
-        return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"])
+        return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"]), fid["kl_distortion_sum"]
 
-    def encode_rows(self, path: Path, row_start: int, topk: TopK) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int]:
-        """Every row's (ids blob, logprobs blob), in row order, with the max abs logprob error
-        and the count of clamped logprobs measured on what was encoded."""
+    def encode_rows(self, path: Path, row_start: int, topk: TopK) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int, float]:
+        """Every row's (ids blob, logprobs blob), in row order, with the max abs logprob error,
+        the count of clamped logprobs and the summed KL distortion, measured on what was encoded."""
         n = topk.ids.shape[0]
 
         def encode(i: int):
-            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i])
+            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i], topk.tail_logmass[i])
 
         if self.encode_threads > 1 and n > 1:
             with ThreadPoolExecutor(max_workers=min(self.encode_threads, n), thread_name_prefix="shard-encode") as pool:
                 encoded = list(pool.map(encode, range(n)))  # map keeps row order
         else:
             encoded = [encode(i) for i in range(n)]
-        ids_blobs, lp_blobs, errors, clamps = zip(*encoded)
-        return ids_blobs, lp_blobs, max(errors), sum(clamps)
+        ids_blobs, lp_blobs, errors, clamps, distortion = zip(*encoded)
+        return ids_blobs, lp_blobs, max(errors), sum(clamps), sum(distortion)
 
     def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK) -> dict:
         n, width = rows.shape
         positions = width - 1
-        ids_blobs, lp_blobs, max_err, clamped = self.encode_rows(path, row_start, topk)
+        ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk)
         flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731
         offsets = lambda m: pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))  # noqa: E731
         table = pa.Table.from_arrays(
@@ -89,6 +89,7 @@ class TopKShardWriter:
             "positions": positions,
             "max_abs_logprob_error": max_err,
             "clamped_logprobs": clamped,
+            "kl_distortion_sum": distortion,  # nats, summed over rows x positions (pipeline/cache/fidelity.py)
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         path.parent.mkdir(parents=True, exist_ok=True)
