@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-ingest clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-ingest system-corpus clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -61,9 +61,10 @@ eval: setup
 
 # cpt, kd, ddk and the two DDK ablations from one cache (builds the cache if needed),
 # each trained with SEEDS seeds: mean ± std and paired differences to kd on the test split.
+# MODES=m1,m2: a subset, or the variants beyond the paper (ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded).
 SEEDS ?= 3
 compare: teacher-cache
-	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(SET)
+	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(if $(MODES),--modes $(MODES)) $(SET)
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache
@@ -73,6 +74,12 @@ bench: teacher-cache
 # corpus), tokens/s and peak RSS each, and a SIGKILL + resume. ~30 min on 2 cores, ~15 GB disk.
 bench-ingest: setup
 	$(PY) -m ddk.stages.bench_ingest --json runs/bench/ingest.json $(ARGS)
+
+# The second corpus (configs/system.toml) from this machine's own files: C headers, man
+# pages (English and translated), package changelogs and licenses. Then e.g.
+#   make compare CONFIG=configs/system.toml MODES=cpt,kd,ddk,ddk-equal-sampling,ddk-guarded
+system-corpus: setup
+	$(PY) -m ddk.stages.system_corpus --out runs/system-corpus
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")

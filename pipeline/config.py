@@ -129,6 +129,11 @@ class CacheConfig:
     k: int = 64
     rows_per_shard: int = 128
     logprob_step: float = 2**-10
+    # How log-probs are quantized: "fixed" (-logprob on a grid of logprob_step nats, max
+    # abs error step/2) or "sqrt-prob" (sqrt(p) on a grid of sqrt_prob_levels steps: the
+    # precision follows the KL each token costs; its measured distortion is in the manifest).
+    logprob_quantizer: str = "fixed"
+    sqrt_prob_levels: int = 255
     parquet_zstd_level: int = 3
     # Rows per Parquet row group: a reader fetching one row decompresses (and checksums)
     # its row group only. Smaller groups cut that read amplification at ~1.4 KB per group
@@ -361,6 +366,10 @@ def validate(cfg: Config) -> None:
                           f"0 = {ROW_GROUP_TOKENS} tokens' worth)")
     if cfg.cache.encode_threads < 1:
         raise ConfigError(f"cache.encode_threads = {cfg.cache.encode_threads}: must be >= 1 (threads encoding a shard's rows)")
+    if cfg.cache.logprob_quantizer not in ("fixed", "sqrt-prob"):
+        raise ConfigError(f"cache.logprob_quantizer: '{cfg.cache.logprob_quantizer}' is not one of fixed, sqrt-prob")
+    if not 1 <= cfg.cache.sqrt_prob_levels <= 65535:
+        raise ConfigError(f"cache.sqrt_prob_levels = {cfg.cache.sqrt_prob_levels}: must be in [1, 65535] (255 = one byte per value)")
     _check_logprob_step(cfg.cache)
     d = cfg.distill
     if d.mode not in MODES:

@@ -64,7 +64,9 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
     if not todo:
         return
     c = plan.codec
-    writer = TopKShardWriter(TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"]), c["parquet_zstd_level"],
+    codec = TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"], logprob_quantizer=c["logprob_quantizer"],
+                      sqrt_prob_levels=c["sqrt_prob_levels"])
+    writer = TopKShardWriter(codec, c["parquet_zstd_level"],
                              c["rows_per_row_group"], capture["encode_threads"])
     # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
     batch_rows = capture["teacher"]["batch_rows"] if capture["backend"] == "hf" else max(s.rows for s in todo)

@@ -293,7 +293,9 @@ def summarize(m: dict, cache_dir) -> str:
         f"cache {cache_dir}",
         f"  teacher    {t['path']} (weights sha256 {t['weights_sha256'][:12]}, {t['dtype']}, backend {t['backend']})",
         f"  tokenizer  sha256 {m['tokenizer']['sha256'][:12]}, vocab {m['tokenizer']['vocab_size']}",
-        f"  k={m['k']}  seq_len={m['seq_len']}  codec logprob step {m['codec']['logprob_step']:.6g}",
+        f"  k={m['k']}  seq_len={m['seq_len']}  codec logprob "
+        + (f"sqrt-prob, {m['codec']['sqrt_prob_levels']} levels" if m["codec"].get("logprob_quantizer") == "sqrt-prob"
+           else f"step {m['codec']['logprob_step']:.6g}"),
         f"  size       {m['bytes']:,} bytes for {m['tokens']:,} tokens = {m['bytes_per_token']:.1f} bytes/token "
         f"(raw int32 ids + fp32 logprobs: {8 * m['k']} bytes/token)",
         f"  fidelity   max abs logprob error {m['fidelity']['max_abs_logprob_error']:.2e} nats, "
@@ -301,7 +303,7 @@ def summarize(m: dict, cache_dir) -> str:
         f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})",
     ]
     kl = m["fidelity"].get("mean_kl_distortion")
-    lines.append(f"  distortion mean KL(teacher top-k + tail || stored) "
+    lines.append("  distortion mean KL(teacher top-k + tail || stored) "
                  + (f"{kl:.2e} nats per position" if kl is not None else "not measured (shards written before ddk recorded it)"))
     cap = m.get("capture")
     if cap and cap.get("tokens_per_s"):

@@ -88,6 +88,7 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, ingested: list[Ingested
         k=cfg.cache.k,
         seq_len=cfg.corpus.seq_len,
         codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level,
+               "logprob_quantizer": cfg.cache.logprob_quantizer, "sqrt_prob_levels": cfg.cache.sqrt_prob_levels,
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
         domains=domains,
         shards=plan_shards(rows, cfg.cache.rows_per_shard),

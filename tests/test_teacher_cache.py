@@ -265,3 +265,37 @@ def test_a_full_disk_during_capture_stops_with_what_to_free_and_keeps_the_shards
     teacher_cache(load_config(cfg.source_path, overrides), log=logs.append)
     assert any("resuming" in line for line in logs)
     assert _files(cache) == _files(Path(cfg.cache.out_dir))
+
+
+def test_a_sqrt_prob_cache_end_to_end(tiny_cache, tmp_path):
+    """cache.logprob_quantizer = "sqrt-prob": written, indexed with its distortion, read back
+    close to the teacher's own log-probs where they matter (the likely tokens)."""
+    cfg, ref = tiny_cache
+    cache = tmp_path / "cache"
+    m = teacher_cache(load_config(cfg.source_path, [f"cache.out_dir={json.dumps(str(cache))}", "cache.logprob_quantizer=sqrt-prob"]),
+                      log=QUIET)
+    assert m["codec"]["logprob_quantizer"] == "sqrt-prob" and m["codec"]["sqrt_prob_levels"] == 255
+    assert ref["fidelity"]["mean_kl_distortion"] < m["fidelity"]["mean_kl_distortion"] < 8 / (6 * 255**2) * 1.5
+    assert m["bytes"] < ref["bytes"]
+    batch = TopKCacheReader(cache).batch([("code", "val", 0)])
+    exact = TopKCacheReader(cfg.cache.out_dir).batch([("code", "val", 0)])
+    np.testing.assert_array_equal(batch.topk_ids.numpy(), exact.topk_ids.numpy())
+    u, u_ref = np.exp(batch.topk_logprobs.numpy() / 2), np.exp(exact.topk_logprobs.numpy() / 2)
+    assert np.abs(u - u_ref).max() <= 0.5 / 255 + 2**-11  # half a level, plus the reference's own step
+    out = CliRunner().invoke(cli, ["cache", "inspect", str(cache)])
+    assert "codec logprob sqrt-prob, 255 levels" in out.output and "distortion mean KL" in out.output
+
+
+def test_a_plan_from_before_the_quantizer_option_reads_as_fixed(tiny_cache, tmp_path):
+    from ddk.pipeline.cache.manifest import CachePlan, check_compatible
+    from ddk.pipeline.cache.reader import codec_from_manifest
+
+    cfg, m = tiny_cache
+    plan = json.loads((Path(cfg.cache.out_dir) / "plan.json").read_text())
+    for key in ("logprob_quantizer", "sqrt_prob_levels"):
+        plan["codec"].pop(key)
+        m = {**m, "codec": {k: v for k, v in m["codec"].items() if k != key}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    old = CachePlan.load(tmp_path)
+    check_compatible(old, CachePlan.load(Path(cfg.cache.out_dir)), tmp_path)  # a resume is not refused
+    assert codec_from_manifest(m).logprob_quantizer == "fixed"

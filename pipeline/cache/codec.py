@@ -10,7 +10,10 @@ ids blob       Each position's k ids are sorted ascending and delta-coded: the f
                each plane: the high planes are nearly constant and shrink to almost
                nothing, the low plane carries the information.
 logprobs blob  -logprob quantized to an unsigned code with `logprob_step`, at most 16
-               bits, stored as byte planes and zstd-compressed the same way.
+               bits, stored as byte planes and zstd-compressed the same way
+               (logprob_quantizer = "fixed", the default). Or, "sqrt-prob": sqrt(p)
+               on a uniform grid of `sqrt_prob_levels` steps, a precision that follows
+               what the loss needs (below).
 
 Why this layout: measured on teacher-like data (Zipf-prior logits + noise, full-vocab
 log-softmax, P=2048, V=151936, k=64; zstd level 3; bytes per position):
@@ -26,6 +29,14 @@ and the blob size no longer depends on the writer's settings.
 Parquet zstd on top of these blobs gains nothing (same file size as with none).
 Logprobs in id order are near-incompressible below ~14 bits at step 2**-10; they, not
 the ids, are the larger stream (step 2**-8 saves ~2 bits per value).
+
+Why sqrt(p): a log-probability error d on a token of probability p costs the student
+about 1/2 p d^2 nats of KL (pipeline/cache/fidelity.py). A uniform step in u = sqrt(p)
+gives d ~ 2 du / u, so p d^2 ~ 4 du^2 whatever p: every token costs the same, likely ones
+get fine steps and unlikely ones coarse steps, and most codes are small (most of the k
+tokens are unlikely), which zstd packs tightly. Code 0 (p below (0.5/L)^2) decodes as
+p = (0.25/L)^2. There is no bound on the absolute log-prob error of unlikely tokens: the
+measured KL distortion (recorded in the manifest) is what states its fidelity.
 
 Decoded positions are ordered by id ascending, NOT by rank: consumers that need the
 teacher's ranking must sort by logprob themselves.
@@ -48,6 +59,8 @@ import zstandard
 FORMAT_VERSION = 1
 _IDS_TAG = ord("I")
 _LP_TAG = ord("L")
+_LP_SQRT_TAG = ord("Q")  # a logprobs blob of the sqrt-prob quantizer
+LOGPROB_QUANTIZERS = ("fixed", "sqrt-prob")
 # version, tag, first-id planes, gap planes, P, k, vocab_size, payload length
 _IDS_HEADER = struct.Struct("<BBBBIIII")
 # version, tag, code planes, pad, P, k, step, floor, payload length
@@ -132,7 +145,8 @@ def _split(blob, header: struct.Struct, tag: int, what: str) -> tuple[tuple, mem
     if fields[0] != FORMAT_VERSION:
         raise ValueError(f"{what}: unsupported format version {fields[0]} (expected {FORMAT_VERSION})")
     if fields[1] != tag:
-        raise ValueError(f"{what}: wrong blob kind {fields[1]!r} (expected {tag!r}; ids and logprobs blobs swapped?)")
+        raise ValueError(f"{what}: wrong blob kind {fields[1]!r} (expected {tag!r}; ids and logprobs blobs swapped, "
+                         f"or decoded with another logprob quantizer than it was written with?)")
     payload_len = fields[-1]
     if len(blob) != header.size + payload_len:
         raise ValueError(
@@ -157,8 +171,14 @@ class TopKCodec:
     logprob_step: float = 2**-10  # fixed-point step for -logprob; max abs error = step/2 in range
     logprob_floor: float = -64.0  # log-probs below are clamped (see min_logprob)
     zstd_level: int = 3  # level 9 saves ~1-3% more at 2-12x the encode time
+    logprob_quantizer: str = "fixed"  # "fixed": -logprob / step; "sqrt-prob": sqrt(p) * levels
+    sqrt_prob_levels: int = 255  # sqrt-prob: codes 0..levels (255: one byte per value)
 
     def __post_init__(self):
+        if self.logprob_quantizer not in LOGPROB_QUANTIZERS:
+            raise ValueError(f"logprob_quantizer must be one of {LOGPROB_QUANTIZERS}, got {self.logprob_quantizer!r}")
+        if not 1 <= self.sqrt_prob_levels <= _CODE_MAX:
+            raise ValueError(f"sqrt_prob_levels must be in [1, {_CODE_MAX}], got {self.sqrt_prob_levels}")
         if not 1 <= self.vocab_size <= 2**31 - 1:
             raise ValueError(f"vocab_size must be in [1, 2**31 - 1] (ids decode to int32), got {self.vocab_size}")
         if not 1 <= self.k <= self.vocab_size:
@@ -173,7 +193,13 @@ class TopKCodec:
             raise ValueError(f"logprob_floor {self.logprob_floor} is within half a step of 0; no range left")
 
     @property
+    def _sqrt(self) -> bool:
+        return self.logprob_quantizer == "sqrt-prob"
+
+    @property
     def _code_max(self) -> int:
+        if self._sqrt:
+            return self.sqrt_prob_levels
         return min(round(-self.logprob_floor / self.logprob_step), _CODE_MAX)
 
     @property
@@ -184,10 +210,21 @@ class TopKCodec:
     @property
     def min_logprob(self) -> float:
         """Lowest decodable log-prob; everything below (and -inf) decodes to it."""
+        if self._sqrt:
+            return float(np.float32(2 * math.log(0.25 / self.sqrt_prob_levels)))
         return float(np.float32(-self._code_max * self.logprob_step))
 
+    def clamped(self, logprobs: np.ndarray) -> np.ndarray:
+        """Which log-probs the quantizer cannot represent (they decode as min_logprob)."""
+        if self._sqrt:
+            with np.errstate(over="ignore"):
+                return np.rint(np.exp(np.asarray(logprobs, np.float64) / 2) * self.sqrt_prob_levels) == 0
+        return np.rint(-np.asarray(logprobs, np.float64) / self.logprob_step) > self._code_max
+
     def max_abs_error_bound(self) -> float:
-        """Max |decoded - input| for finite inputs >= min_logprob."""
+        """Max |decoded - input| for finite inputs >= min_logprob (sqrt-prob: none, +inf)."""
+        if self._sqrt:
+            return math.inf
         bound = self.logprob_step / 2
         # Any step but a power of two adds the float32 rounding of the decoded value.
         if not self._step_is_pow2:
@@ -201,7 +238,10 @@ class TopKCodec:
             "vocab_size": self.vocab_size,
             "k": self.k,
             "ids_layout": "sorted ids, first id + (gap-1), uint32 byte planes, zstd",
-            "logprobs_layout": "round(-logprob/step) <= uint16, byte planes, zstd",
+            "logprobs_layout": ("round(sqrt(p) * levels), byte planes, zstd" if self._sqrt
+                                else "round(-logprob/step) <= uint16, byte planes, zstd"),
+            "logprob_quantizer": self.logprob_quantizer,
+            "sqrt_prob_levels": self.sqrt_prob_levels,
             "order_within_position": "id ascending (not rank)",
             "logprob_step": self.logprob_step,
             "logprob_floor": self.logprob_floor,
@@ -234,13 +274,16 @@ class TopKCodec:
         if np.isnan(logprobs).any():
             raise ValueError(f"NaN logprob at position {int(np.argwhere(np.isnan(logprobs))[0, 0])}")
         # +step/2 of slack: rounding in the teacher's log-softmax can leave the top
-        # token a hair above 0; such values round to code 0 anyway.
-        if (logprobs > self.logprob_step / 2).any():
-            p = int(np.argwhere(logprobs > self.logprob_step / 2)[0, 0])
+        # token a hair above 0; such values round to code 0 anyway (sqrt-prob: to levels).
+        slack = 1e-4 if self._sqrt else self.logprob_step / 2
+        if (logprobs > slack).any():
+            p = int(np.argwhere(logprobs > slack)[0, 0])
             raise ValueError(f"logprobs must be <= 0, got {logprobs[p].max()} at position {p}")
         return ids.astype(np.int64, copy=False), logprobs
 
     def _codes(self, logprobs: np.ndarray) -> np.ndarray:
+        if self._sqrt:  # -inf -> sqrt(p) = 0 -> code 0
+            return np.clip(np.rint(np.exp(logprobs / 2) * self.sqrt_prob_levels), 0, self.sqrt_prob_levels).astype(np.int64)
         # -inf -> +inf -> clipped to the max code, like any other value below the floor.
         q = np.rint(-logprobs / self.logprob_step)
         return np.clip(q, 0, self._code_max).astype(np.int64)
@@ -270,10 +313,16 @@ class TopKCodec:
         code_planes = _planes_needed(codes.max())
         payload = _compress([_to_planes(codes, code_planes)], self.zstd_level)
         lp_blob = _LP_HEADER.pack(
-            FORMAT_VERSION, _LP_TAG, code_planes, 0, positions, self.k,
-            self.logprob_step, self.logprob_floor, len(payload),
+            FORMAT_VERSION, *self._lp_header_fields(code_planes, positions), len(payload),
         ) + payload
         return ids_blob, lp_blob
+
+    def _lp_header_fields(self, code_planes: int, positions: int) -> tuple:
+        """(tag, planes, pad, P, k, step, floor) of a logprobs blob; sqrt-prob stores its
+        levels where the fixed quantizer stores its step, and a floor of 0."""
+        if self._sqrt:
+            return _LP_SQRT_TAG, code_planes, 0, positions, self.k, float(self.sqrt_prob_levels), 0.0
+        return _LP_TAG, code_planes, 0, positions, self.k, self.logprob_step, self.logprob_floor
 
     # ---------------------------------------------------------------- decode
     def _check_shape(self, what: str, blob_positions: int, blob_k: int, positions: int):
@@ -311,14 +360,15 @@ class TopKCodec:
             raise ValueError(f"{what}: decodes to id {int(ids[:, -1].max())} >= vocab_size={self.vocab_size}")
 
         what = "logprobs blob"
-        fields, payload = _split(logprobs_blob, _LP_HEADER, _LP_TAG, what)
+        expected = self._lp_header_fields(0, positions)
+        fields, payload = _split(logprobs_blob, _LP_HEADER, expected[0], what)
         _, _, code_planes, pad, blob_p, blob_k, step, floor, _ = fields
         self._check_shape(what, blob_p, blob_k, positions)
         if pad != 0:
             raise ValueError(f"{what}: reserved header byte is {pad}, expected 0")
-        if (step, floor) != (self.logprob_step, self.logprob_floor):
+        if (step, floor) != expected[5:]:
             raise ValueError(
-                f"{what}: encoded with step={step}, floor={floor}; codec has {self.logprob_step}, {self.logprob_floor}"
+                f"{what}: encoded with step={step}, floor={floor}; codec has {expected[5]}, {expected[6]}"
             )
         if code_planes > 2:
             raise ValueError(f"{what}: bad plane count {code_planes} (max 2)")
@@ -326,6 +376,9 @@ class TopKCodec:
         codes = _from_planes(raw, positions * self.k, code_planes).reshape(positions, self.k)
         if codes.max() > self._code_max:
             raise ValueError(f"{what}: code {int(codes.max())} exceeds the max code {self._code_max}")
+        if self._sqrt:
+            u = np.maximum(codes.astype(np.float64), 0.25) / self.sqrt_prob_levels
+            return ids.astype(np.int32, copy=False), (2 * np.log(u)).astype(np.float32)
         if self._step_is_pow2:  # code * step is exact in float32: skip the float64 detour
             logprobs = codes.astype(np.float32)
             logprobs *= np.float32(-self.logprob_step)
@@ -352,7 +405,7 @@ def measure_fidelity(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray,
     ids_blob, lp_blob = blobs if blobs is not None else codec.encode(ids, logprobs)
     out_ids, out_lp = codec.decode(ids_blob, lp_blob, ref_ids.shape[0])
 
-    clamped = np.rint(-ref_lp / codec.logprob_step) > codec._code_max  # i.e. the clip changed the code
+    clamped = codec.clamped(ref_lp)  # i.e. the clip changed the code
     err = np.abs(out_lp.astype(np.float64) - ref_lp)
     finite = np.isfinite(ref_lp)
     in_range = err[~clamped]

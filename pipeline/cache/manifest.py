@@ -73,6 +73,9 @@ class CachePlan:
         d["shards"] = [ShardSpec(**s) for s in d["shards"]]
         # Plans from before cache.rows_per_row_group wrote each shard as one row group.
         d["codec"].setdefault("rows_per_row_group", None)
+        # Plans from before the quantizer was selectable: the fixed step (the same bytes).
+        d["codec"].setdefault("logprob_quantizer", "fixed")
+        d["codec"].setdefault("sqrt_prob_levels", 255)
         return cls(**d)
 
 

@@ -51,7 +51,9 @@ class CacheBatch:
 
 def codec_from_manifest(m: dict) -> TopKCodec:
     c = m["codec"]
-    return TopKCodec(vocab_size=c["vocab_size"], k=c["k"], logprob_step=c["logprob_step"], logprob_floor=c["logprob_floor"])
+    # Caches from before the quantizer was selectable used the fixed step.
+    return TopKCodec(vocab_size=c["vocab_size"], k=c["k"], logprob_step=c["logprob_step"], logprob_floor=c["logprob_floor"],
+                     logprob_quantizer=c.get("logprob_quantizer", "fixed"), sqrt_prob_levels=c.get("sqrt_prob_levels", 255))
 
 
 class _Blobs:
