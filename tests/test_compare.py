@@ -172,3 +172,18 @@ def test_summary_words_name_significant_differences_and_one_seed(tmp_path):
 
     without_kd = markdown(summarize({"ddk": runs["ddk"]}))
     assert "kd is not among the compared modes" in without_kd
+
+
+def test_variants_are_paired_against_the_papers_ddk_and_es(tmp_path):
+    teacher = {"a": [1.0, 1.2, 0.8, 1.1], "b": [2.0, 2.2, 1.9, 2.1]}
+    shifted = lambda by: {d: [v + by for v in rows] for d, rows in teacher.items()}  # noqa: E731
+    modes = {"kd": 0.5, "ddk": 0.4, "ddk-equal-sampling": 0.3, "ddk-guarded": 0.35}
+    runs = {label: [_fake_run(tmp_path, label, 0, shifted(by), teacher)] for label, by in modes.items()}
+    s = summarize(runs)
+    assert list(s["variants_vs_paper"]) == ["ddk − ddk-equal-sampling", "ddk-guarded − ddk", "ddk-guarded − ddk-equal-sampling"]
+    assert s["variants_vs_paper"]["ddk-guarded − ddk"]["mean_ce"]["diff"] == pytest.approx(-0.05)
+    assert s["variants_vs_paper"]["ddk − ddk-equal-sampling"]["mean_ce"]["diff"] == pytest.approx(0.1)
+    md = markdown(s)
+    assert "The paper's DDK against ES, and the variants beyond the paper against both" in md
+    assert "| ddk-guarded − ddk | -0.0500 |" in md
+    assert "variants_vs_paper" in summarize({k: runs[k] for k in ("kd", "ddk")}) and not summarize({k: runs[k] for k in ("kd", "ddk")})["variants_vs_paper"]
