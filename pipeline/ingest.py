@@ -197,11 +197,14 @@ class DomainIngest:
         return {"key": self.key, "position": dataclasses.asdict(CorpusPosition()), "documents": 0, "tokens": 0, "chars": 0,
                 "bytes_read": 0, "tokenized": False}
 
+    def _scratch_sizes(self, state: dict) -> dict[Path, int]:
+        """The scratch files and the bytes of each that the state's counts cover."""
+        return {self.dir / "docs.bin": state["documents"] * DOC_RECORD.itemsize, self.dir / "tokens.bin": state["tokens"] * 4}
+
     def _scratch_covers(self, state: dict) -> bool:
         """The token files hold at least what the state says (a shorter file would be
         padded with zeros by truncate, read back as token id 0)."""
-        need = {"docs.bin": state["documents"] * DOC_RECORD.itemsize, "tokens.bin": state["tokens"] * 4}
-        return all((self.dir / f).exists() and (self.dir / f).stat().st_size >= n for f, n in need.items())
+        return all(f.exists() and f.stat().st_size >= n for f, n in self._scratch_sizes(state).items())
 
     def _checkpoint(self, state: dict, files) -> None:
         """Make everything so far durable, then record how far it reaches."""
@@ -231,7 +234,7 @@ class DomainIngest:
 
     def _tokenize(self, state: dict) -> dict:
         docs_path, tokens_path = self.dir / "docs.bin", self.dir / "tokens.bin"
-        for path, valid in ((docs_path, state["documents"] * DOC_RECORD.itemsize), (tokens_path, state["tokens"] * 4)):
+        for path, valid in self._scratch_sizes(state).items():
             with open(path, "ab") as fh:  # create if missing, then cut what the last checkpoint did not cover
                 fh.truncate(valid)
         if state["tokens"]:

@@ -10,6 +10,7 @@ left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -69,18 +70,14 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def make_plan(cfg: Config, teacher_dir: Path, tokenizer, ingested: list[IngestedDomain], backend: str) -> CachePlan:
-    """The plan; with ingested = [] only its corpus-independent part (checked before ingesting)."""
+def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CachePlan:
+    """The plan's corpus-independent part (checked before ingesting): the teacher and
+    tokenizer identities (hashed here, once per run), k, the codec; no domains yet."""
     vocab = model_vocab_size(teacher_dir)
     if cfg.cache.k > vocab:
         raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
     if len(tokenizer) > vocab:
         raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
-    domains = {
-        d.name: {**{f"{split}_rows": getattr(d, f"{split}_rows") for split in SPLITS}, "tokens_sha256": d.tokens_sha256}
-        for d in ingested
-    }
-    rows = {name: {split: d[f"{split}_rows"] for split in SPLITS} for name, d in domains.items()}
     return CachePlan(
         format_version=FORMAT_VERSION,
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
@@ -90,9 +87,19 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, ingested: list[Ingested
         codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level,
                "logprob_quantizer": cfg.cache.logprob_quantizer, "sqrt_prob_levels": cfg.cache.sqrt_prob_levels,
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
-        domains=domains,
-        shards=plan_shards(rows, cfg.cache.rows_per_shard),
+        domains={},
+        shards=[],
     )
+
+
+def with_corpus(plan: CachePlan, ingested: list[IngestedDomain], rows_per_shard: int) -> CachePlan:
+    """The whole plan: `plan` plus the ingested domains and the shards they make."""
+    domains = {
+        d.name: {**{f"{split}_rows": getattr(d, f"{split}_rows") for split in SPLITS}, "tokens_sha256": d.tokens_sha256}
+        for d in ingested
+    }
+    rows = {name: {split: d[f"{split}_rows"] for split in SPLITS} for name, d in domains.items()}
+    return dataclasses.replace(plan, domains=domains, shards=plan_shards(rows, rows_per_shard))
 
 
 def _manifest_shards_intact(cache_dir: Path) -> bool:
@@ -204,20 +211,19 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    tok_sha = tokenizer_sha256(tokenizer)
-
-    def ingest(need_rows: bool) -> list[IngestedDomain]:
-        return ingest_corpus(cfg.corpus, base_dir, tokenizer, cache_dir / INGEST_DIR, tok_sha, need_rows=need_rows, log=log)
-
     # Everything but the corpus is checked before the (long) ingest: the vocabulary against
     # k, and an existing cache's teacher, tokenizer, k and codec against this config.
-    early = make_plan(cfg, teacher_dir, tokenizer, [], backend)
+    early = make_plan(cfg, teacher_dir, tokenizer, backend)
     if (cache_dir / PLAN_FILE).exists():
         check_compatible(CachePlan.load(cache_dir), early, cache_dir, skip=("domains", "shards"))
+
+    def ingest(need_rows: bool) -> list[IngestedDomain]:
+        return ingest_corpus(cfg.corpus, base_dir, tokenizer, cache_dir / INGEST_DIR, early.tokenizer["sha256"], need_rows=need_rows, log=log)
+
     # A finished domain's rows.json is enough to check a complete cache; the rows
     # themselves are re-made below only if shards are still to be written.
     ingested = ingest(need_rows=False)
-    plan = make_plan(cfg, teacher_dir, tokenizer, ingested, backend)
+    plan = with_corpus(early, ingested, cfg.cache.rows_per_shard)
     state = prepare_cache_dir(cache_dir, plan)
     if state == "complete":
         drop_ingested_rows(ingested)  # made only to check the plan (a cache from before rows.json)
@@ -226,7 +232,7 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     todo = [i for i, s in enumerate(plan.shards) if not shard_done(cache_dir, s)]
     if todo and not all(d.has_rows() for d in ingested):
         ingested = ingest(need_rows=True)
-        check_compatible(plan, make_plan(cfg, teacher_dir, tokenizer, ingested, backend), cache_dir)
+        check_compatible(plan, with_corpus(early, ingested, cfg.cache.rows_per_shard), cache_dir)
     tokens = sum(plan.shards[i].rows for i in todo) * plan.seq_len
     log(
         f"{cache_dir}: {'resuming, ' if state == 'resume' else ''}{len(todo)} of {len(plan.shards)} shards to write "
