@@ -6,7 +6,8 @@ weight W [V, H] (bias b optional), next-token targets t and the cached teacher s
     z = h W^T + b,    loss = mean_i CE(z_i, t_i) + gamma * mean_i T^2 KL_i(z_i / T)
 
 with KL_i the sparse KL of kernels/sparse_kl.py (teacher top-k plus one tail bucket, the
-tail only at T = 1) and both means over the unmasked positions (t_i != ignore_index).
+tail only at T = 1; ragged supports padded with id -1 and log-prob -inf, as there) and
+both means over the unmasked positions (t_i != ignore_index).
 Per row, with p = softmax(z), p^T = softmax(z / T), n the number of unmasked rows:
 
     dloss/dz_j = (p_j - [j = t] + gamma * T * dKL_j) / n
@@ -64,6 +65,8 @@ from .sparse_kl import (
     LOG_P_TAIL_MIN,
     _backward_row_terms,
     _block_v,
+    _put_support,
+    _support_slots,
     _teacher_log_probs,
     _torch_forward,
     triton,
@@ -118,9 +121,11 @@ def _torch_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_gr
     if teacher is None:
         lse = torch.logsumexp(z, 1)
     else:
-        ids = teacher.ids.long()
+        # real is None unless some slot is padding (id -1), and ids are then safe to
+        # gather (padding replaced by 0): see _support_slots.
+        ids, real = slots = _support_slots(teacher.ids)
         kl_rows, row_max, log_sum, log_p_tail = _torch_forward(
-            z, ids, teacher.log_q, teacher.log_q_tail, inv_t)
+            z, ids, teacher.log_q, teacher.log_q_tail, inv_t, slots)
         lse = row_max + log_sum if inv_t == 1.0 else torch.logsumexp(z, 1)
         kl_out.copy_(kl_rows.mul_(t * t))
     ce_out.copy_(torch.where(valid, lse - z_t, 0.0))
@@ -154,7 +159,12 @@ def _torch_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_gr
             live_q_tail = q_grad - q.sum(1)
             factor = log_p_tail.exp() * (w_ce + w_kl * q_grad) - w_kl * live_q_tail
             z.sub_((lse + log_p_tail)[:, None]).exp_().mul_(factor[:, None])
-        z.scatter_(1, ids, support)
+        if real is None:
+            z.scatter_(1, ids, support)
+        else:
+            # Padding slots (q = 0) write nothing: the lane their safe id aliases keeps
+            # its off-support value.
+            _put_support(z, ids, real, support)
     z.scatter_add_(1, tgt, -w_ce[:, None])
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
@@ -181,7 +191,8 @@ if triton is not None:
         """One row: CE and KL (T^2-scaled) stored; with WRITE_GRAD, dloss/dz over z.
 
         ids must be sorted ascending within the row (the gradient pass walks them
-        alongside the stream). log_q is tempered and masked on the host.
+        alongside the stream), padding (-1) first. log_q is tempered and masked on the
+        host, -inf at padding.
         """
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_row
@@ -194,10 +205,12 @@ if triton is not None:
             m = z_t
             if HAS_KL:
                 k_off = tl.arange(0, BLOCK_K)
-                k_mask = k_off < K
                 ids_row = ids_ptr + row * K
                 log_q_row = log_q_ptr + row * K
-                ids = tl.load(ids_row + k_off, mask=k_mask, other=0)
+                ids = tl.load(ids_row + k_off, mask=k_off < K, other=-1)
+                # Padding slots (id -1) are not in the support: no z_s, no q. They sort
+                # first, and the walks below step over them (no lane equals -1).
+                k_mask = (k_off < K) & (ids >= 0)
                 z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
                 z_s = tl.where(k_mask, z_s, -float("inf"))
                 # The running max starts at a row logit (the support's max, or the
@@ -249,7 +262,9 @@ if triton is not None:
                     log_pt = tl.maximum(log_pt, log_p_tail_min)
                     log_qt = tl.load(log_q_tail_ptr + row)
                     q_t = tl.exp(log_qt)
-                    kl += tl.where(q_t > 0, q_t * (log_qt - log_pt), 0.0)
+                    # As for the support: no 0 * -inf where q_t = 0 (tail_logmass -inf).
+                    kl += tl.where(q_t > 0, q_t * (tl.where(q_t > 0, log_qt, 0.0) - log_pt),
+                                   0.0)
                     # A log p_tail clamped at the floor is constant in z: no gradient.
                     live = log_pt > log_p_tail_min
                     ratio = tl.where(live, tl.exp(log_qt - log_pt), 0.0)
@@ -442,16 +457,18 @@ def _check_inputs(hidden, weight, targets, topk_ids, topk_logprobs, tail_logmass
 
 
 def _check_ids_in_vocab(targets, topk_ids, vocab, ignore_index):
-    """Out-of-range ids would be read out of bounds by the kernel: refuse them (one sync)."""
+    """Out-of-range ids would be read out of bounds by the kernel: refuse them (one sync).
+    A support id of -1 is padding, never read."""
     bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     bad = torch.stack([bad_target.any(),
                        torch.zeros((), dtype=torch.bool, device=targets.device)
-                       if topk_ids is None else ((topk_ids < 0) | (topk_ids >= vocab)).any()])
+                       if topk_ids is None else ((topk_ids < -1) | (topk_ids >= vocab)).any()])
     bad_targets, bad_ids = bad.tolist()
     if bad_targets:
         raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
     if bad_ids:
-        raise ValueError(f"topk_ids must lie in [0, {vocab}) (the LM head's vocabulary)")
+        raise ValueError(f"topk_ids must lie in [0, {vocab}) (the LM head's vocabulary) or "
+                         f"be -1 (padding)")
 
 
 def fused_linear_distill_loss(
@@ -475,12 +492,16 @@ def fused_linear_distill_loss(
         weight: [V, H] LM-head weight (may be the tied embedding); V may exceed the
             teacher's vocabulary (padding).
         targets: [N] next-token ids; ``ignore_index`` marks masked positions (no CE, no KL).
-        topk_ids: [N, k] int64/int32 teacher support ids, distinct within a row (unused
-            when gamma == 0).
+        topk_ids: [N, k] int64/int32 teacher support ids, distinct within a row, or -1
+            for a padding slot (ragged supports padded to width k, anywhere in the row; a
+            row may have 1..k real slots, and only masked rows may be padded
+            throughout). A padding slot is absent: no teacher mass, and not part of the
+            support that the student's tail bucket excludes (unused when gamma == 0).
         topk_logprobs: [N, k] teacher log-probs at T = 1 over the full vocabulary (-inf for
-            zero mass).
-        tail_logmass: [N] log(1 - sum_k p_teacher); None disables the tail bucket, which is
-            also off when temperature != 1.
+            zero mass); must be -inf at every padding slot.
+        tail_logmass: [N] log(1 - sum_k p_teacher), the sum over the real slots; None
+            disables the tail bucket, which is also off when temperature != 1; -inf (the
+            support holds all the teacher's mass, e.g. sampled supports) makes it 0.
         gamma: loss = CE_mean + gamma * KL_mean; 0 -> fused CE only.
         temperature: T as in ``sparse_kl_loss``: student log_softmax(z / T), teacher support
             renormalised at T, KL scaled by T^2. The CE always uses T = 1.

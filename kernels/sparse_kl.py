@@ -13,6 +13,12 @@ treated as one bucket. Terms with q = 0 contribute 0. The gradient (T = 1) is
 
 with Q = sum_S q_s + q_tail (Q = sum_S q_s when the tail term is disabled).
 
+Ragged supports: rows may hold fewer than k real entries, padded to the common width k
+with slots of id -1 and log-prob -inf, anywhere in the row. A padding slot is absent: it
+carries no teacher mass, is not part of S (so p_tail = 1 - sum of p_s over the real ids
+only) and writes no gradient. A ragged row's loss and gradient are those of the same row
+with only its real entries.
+
 Temperature T != 1 (Hinton et al.): the student uses log_softmax(z / T); the teacher's
 support probabilities become q_s proportional to exp(lp_s / T), renormalised over the
 support; the tail term is disabled, because only the tail's total mass is cached and
@@ -74,10 +80,36 @@ def _shift(chunk, inv_t, row_max, out):
         out.copy_(chunk).mul_(inv_t).sub_(row_max[:, None])
 
 
-def _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
+def _support_slots(ids):
+    """(ids, valid) for the torch path: ``valid`` is None when no slot is padded (the
+    dense fast path, ids as given), else the [N, k] mask of real slots, with ids whose
+    padding (-1) is replaced by 0 so that gathers stay in range; a gathered padding value
+    is masked by its caller, and only valid slots are ever written (``_put_support``)."""
+    ids = ids.long()
+    valid = ids >= 0
+    if bool(valid.all()):
+        return ids, None
+    return ids.clamp(min=0), valid
+
+
+def _put_support(e, ids, valid, values):
+    """e[i, ids[i, s]] = values (a [rows, k] tensor or a scalar) for the valid slots only.
+
+    Through the coordinates of the valid slots: a padding slot's safe id may alias a real
+    one of its row, which a scatter of every slot would overwrite in an unspecified order.
+    """
+    rows, slots = valid.nonzero(as_tuple=True)
+    if torch.is_tensor(values):
+        values = values[rows, slots]
+    e[rows, ids[rows, slots]] = values
+
+
+def _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t, slots=None):
+    """Per-row loss and statistics; ``slots`` = ``_support_slots(topk_ids)`` when the
+    caller has it already."""
     n, v = logits.shape
     cdt = log_q.dtype
-    ids = topk_ids.long()
+    ids, valid = _support_slots(topk_ids) if slots is None else slots
     loss = torch.empty(n, dtype=cdt, device=logits.device)
     row_max = torch.empty_like(loss)
     log_sum = torch.empty_like(loss)
@@ -93,13 +125,20 @@ def _torch_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
         # logits of magnitude 1e4.
         m = chunk.amax(1).to(cdt) * inv_t
         _shift(chunk, inv_t, m, e)
+        # A padding slot's z_s is that of the id it aliases, finite; its q is 0, so the
+        # where below drops its term.
         z_s = e.gather(1, ids[r])
         e.exp_()
         if log_q_tail is not None:
             # Sum the tail with the support zeroed out, rather than 1 - P_S: exact even
             # when the support holds all but 1e-30 of the student's mass.
             e_s = e.gather(1, ids[r])
-            tail = e.scatter_(1, ids[r], 0.0).sum(1)
+            if valid is None:
+                tail = e.scatter_(1, ids[r], 0.0).sum(1)
+            else:
+                e_s.masked_fill_(~valid[r], 0.0)
+                _put_support(e, ids[r], valid[r], 0.0)
+                tail = e.sum(1)
             ls = (tail + e_s.sum(1)).log()
             lpt = (tail.clamp(min=P_TAIL_MIN).log() - ls).clamp(min=LOG_P_TAIL_MIN)
             log_p_tail[r] = lpt
@@ -125,7 +164,7 @@ def _torch_backward(logits, topk_ids, log_q, q_grad, coef, inv_sum, row_max, sca
                     grad):
     n, v = logits.shape
     cdt = log_q.dtype
-    ids = topk_ids.long()
+    ids, valid = _support_slots(topk_ids)
     step = _rows_per_chunk(v)
     # fp32 logits: the gradient rows themselves are the scratch.
     scratch = None if grad.dtype == cdt else torch.empty(min(n, step), v, dtype=cdt,
@@ -138,7 +177,11 @@ def _torch_backward(logits, topk_ids, log_q, q_grad, coef, inv_sum, row_max, sca
         p_s = e.gather(1, ids[r]).exp_().mul_(inv_sum[r, None])
         # coef * scale alone may overflow (see _backward_row_terms); e * coef does not.
         e.exp_().mul_(coef[r, None]).mul_(scale[r, None])
-        e.scatter_(1, ids[r], (q_grad[r, None] * p_s - log_q[r].exp()) * scale[r, None])
+        support = (q_grad[r, None] * p_s - log_q[r].exp()) * scale[r, None]
+        if valid is None:
+            e.scatter_(1, ids[r], support)
+        else:
+            _put_support(e, ids[r], valid[r], support)
         if scratch is not None:
             grad[r] = e
 
@@ -205,8 +248,9 @@ if triton is not None:
         # Q == 0: a padding row (or a teacher with no mass): loss and gradient are 0.
         if q_sum > 0:
             k_off = tl.arange(0, BLOCK_K)
-            k_mask = k_off < K
-            ids = tl.load(ids_ptr + row * K + k_off, mask=k_mask, other=0)
+            ids = tl.load(ids_ptr + row * K + k_off, mask=k_off < K, other=-1)
+            # Padding slots (id -1) are not in the support: no z_s, no q.
+            k_mask = (k_off < K) & (ids >= 0)
             z_s = tl.load(z_row + ids, mask=k_mask, other=0.0).to(tl.float32)
             if TEMPERED:
                 z_s = z_s * inv_t
@@ -245,7 +289,9 @@ if triton is not None:
     def _exact_log_p_tail(z_row, ids_row, V, K, m, log_sum, BLOCK_V: tl.constexpr):
         """log p_tail of one row from the tail alone (support masked out, its own running
         max), for rows whose tail share is too small for the difference acc - sum_S.
-        ids_row ascending; m, log_sum: the row's max and log-sum-exp relative to it. T = 1."""
+        ids_row ascending; m, log_sum: the row's max and log-sum-exp relative to it. T = 1.
+        Padding ids (-1) sort first and are stepped over in the first block: no lane
+        equals -1, so they mask nothing."""
         m_t = -float("inf")
         acc_t = 0.0
         p = 0
@@ -308,6 +354,7 @@ if triton is not None:
                     z = z * inv_t
                 e = tl.exp(z - m)
                 dz = e * coef
+                # Ascending ids: the leading padding (-1, q = 0) matches no lane.
                 while nxt < start + BLOCK_V:
                     q_s = tl.exp(tl.load(log_q_row + p))
                     dz = tl.where(off == nxt, q_inv_sum * e - q_s, dz)
@@ -438,12 +485,18 @@ def sparse_kl_loss(
 
     Args:
         logits: [N, V] student logits (fp32, bf16, fp16; fp64 on the torch path).
-        topk_ids: [N, k] int64 or int32 support ids, distinct within a row.
+        topk_ids: [N, k] int64 or int32 support ids, distinct within a row, or -1 for a
+            padding slot (ragged supports padded to width k): a padding slot is absent,
+            neither teacher mass nor part of the support that the student's tail bucket
+            excludes. Slots may be padded anywhere in the row, a row may have 1..k real
+            slots, and only masked rows may be padded throughout.
         topk_logprobs: [N, k] teacher log-probs at temperature 1, normalised over the
-            full vocabulary (-inf for zero mass).
-        tail_logmass: [N] log(1 - sum_k p_teacher); None disables the tail term. Ignored
-            when ``temperature != 1`` (only the tail's total mass is known, not the
-            shape that tempering it would need).
+            full vocabulary (-inf for zero mass); must be -inf at every padding slot.
+        tail_logmass: [N] log(1 - sum_k p_teacher), the sum over the real slots; None
+            disables the tail term, and -inf (a teacher whose support holds all of its
+            mass, e.g. sampled supports with log q = log(count / samples)) makes it 0.
+            Ignored when ``temperature != 1`` (only the tail's total mass is known, not
+            the shape that tempering it would need).
         mask: [N] bool, False marks padding rows (zero loss, zero gradient).
         temperature: T. The student uses log_softmax(logits / T), the teacher's support
             is renormalised to q_s proportional to exp(lp_s / T), and the loss is scaled

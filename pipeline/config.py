@@ -134,6 +134,14 @@ class CacheConfig:
     # precision follows the KL each token costs; its measured distortion is in the manifest).
     logprob_quantizer: str = "fixed"
     sqrt_prob_levels: int = 255
+    # Which tokens a position keeps (pipeline/teachers/support.py). "topk": the k most likely
+    # plus the exact tail. "sampled": k draws from the teacher's full distribution, stored
+    # as distinct ids with counts (Sparse Logit Sampling; unbiased, no tail; hf backend).
+    support: str = "topk"
+    # topk only: keep the smallest most-likely-first set whose mass reaches top_p (at most
+    # k; the rest joins the exact tail bucket). 0 = always k.
+    top_p: float = 0.0
+    sample_seed: int = 0  # sampled: draws depend on (row tokens, sample_seed) only
     parquet_zstd_level: int = 3
     # Rows per Parquet row group: a reader fetching one row decompresses (and checksums)
     # its row group only. Smaller groups cut that read amplification at ~1.4 KB per group
@@ -366,6 +374,16 @@ def validate(cfg: Config) -> None:
                           f"0 = {ROW_GROUP_TOKENS} tokens' worth)")
     if cfg.cache.encode_threads < 1:
         raise ConfigError(f"cache.encode_threads = {cfg.cache.encode_threads}: must be >= 1 (threads encoding a shard's rows)")
+    from .teachers.support import SUPPORTS
+
+    if cfg.cache.support not in SUPPORTS:
+        raise ConfigError(f"cache.support: '{cfg.cache.support}' is not one of {', '.join(SUPPORTS)}")
+    if not (0.0 <= cfg.cache.top_p < 1.0):
+        raise ConfigError(f"cache.top_p = {cfg.cache.top_p}: must be in [0, 1) (0 keeps all k; 0.999 keeps the tokens "
+                          f"holding 99.9 % of the mass)")
+    if cfg.cache.top_p and cfg.cache.support == "sampled":
+        raise ConfigError("cache.top_p applies to cache.support = 'topk'; a sampled support keeps what its k draws hit: "
+                          "set cache.top_p = 0")
     if cfg.cache.logprob_quantizer not in ("fixed", "sqrt-prob"):
         raise ConfigError(f"cache.logprob_quantizer: '{cfg.cache.logprob_quantizer}' is not one of fixed, sqrt-prob")
     if not 1 <= cfg.cache.sqrt_prob_levels <= 65535:

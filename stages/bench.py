@@ -86,6 +86,7 @@ from ..pipeline.objective import Objective
 from ..pipeline.student import StudentLM
 from ..pipeline.teachers.base import TopK
 from ..pipeline.teachers.hf import HFTeacher
+from ..pipeline.teachers.support import top_p_support
 from ..pipeline.teachers.vllm import vllm_available
 from . import bench_codec, bench_sparse_kl
 from .distill import _tokens_only, autocast_context, load_student
@@ -450,7 +451,9 @@ def bench_cache_bytes(reader: TopKCacheReader, teacher_path: Path, dtype: str, s
         f"(k={m['k']}): {m['bytes_per_token']:.1f} B/token, max |err| {m['fidelity']['max_abs_logprob_error']:.1e}.",
     )
     curve = fidelity_curve(wide, samples, ks, vocab, tokens, reader, tmp)
-    return {"tokens": tokens, "vocab": vocab, "rows": rows, "cache_bytes_per_token": m["bytes_per_token"], "fidelity_curve": curve}
+    supports = support_curve(wide, samples, ks, vocab, tokens, reader, teacher_path, dtype, tmp)
+    return {"tokens": tokens, "vocab": vocab, "rows": rows, "cache_bytes_per_token": m["bytes_per_token"], "fidelity_curve": curve,
+            "support_curve": supports}
 
 
 # The quantizers on the curve: the fixed step at its default and coarser, sqrt-prob at several levels.
@@ -485,6 +488,80 @@ def fidelity_curve(wide: dict, samples: dict, ks: list[int], vocab: int, tokens:
         f"Anchor (DistillKit's recommended compressor, k = 64, V = 2048, as measured for the issue, not here): "
         f"{dk['raw_bytes_per_token']} B raw / {dk['zstd_bytes_per_token']} B after zstd per token, {dk['mean_kl_distortion']:.1e} nats. "
         f"KL: pipeline/cache/fidelity.py.",
+    )
+    return out
+
+
+# P4 support: (support, top_p, quantizer, its parameter). The full top-k, top-p prefixes of
+# it, and the sampled support (k draws from the full distribution).
+SUPPORT_VARIANTS = ([("topk", 0.0, "fixed", 2**-10), ("topk", 0.0, "sqrt-prob", 255)]
+                    + [("topk", p, q, a) for p in (0.9999, 0.999, 0.99) for q, a in (("fixed", 2**-10), ("sqrt-prob", 255))]
+                    + [("sampled", 0.0, "counts", None)])
+
+
+@torch.no_grad()
+def sum_p_squared(teacher: HFTeacher, rows: np.ndarray, batch_rows: int = 8) -> np.ndarray:
+    """sum_v p_v^2 per position of the teacher's full distribution: the sampled support's
+    target variance is (1 - it) / k."""
+    out = []
+    for i in range(0, len(rows), batch_rows):
+        ids = torch.as_tensor(rows[i:i + batch_rows, :-1], dtype=torch.long, device=teacher.device)
+        logits = teacher.model(input_ids=ids, use_cache=False).logits.float()
+        out.append(torch.softmax(logits, -1).square().sum(-1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def support_curve(wide: dict, samples: dict, ks: list[int], vocab: int, tokens: int, reader, teacher_path: Path, dtype: str,
+                  tmp: Path) -> list[dict]:
+    """P4 support: whole-shard bytes/token, mean entries per position, KL distortion (of the
+    expected target: exact top-k + tail to stored, fidelity.support_kl_distortion; 0 for the
+    sampled support, whose expectation is the full distribution) and the target's variance
+    (sampled only: the mean of (1 - sum p^2) / k over the sampled positions)."""
+    teacher = HFTeacher(str(teacher_path), max(ks), dtype=dtype)
+    p2 = np.concatenate([sum_p_squared(teacher, rows).reshape(-1) for rows in samples.values()])
+    teacher.close()
+    level = reader.manifest["codec"].get("parquet_zstd_level", 3)
+    groups = reader.manifest["codec"].get("rows_per_row_group")
+    out = []
+    for k in ks:
+        sampler = HFTeacher(str(teacher_path), k, dtype=dtype, support="sampled")
+        drawn = {d: sampler.topk(rows) for d, rows in samples.items()}
+        sampler.close()
+        for support, top_p, quantizer, param in SUPPORT_VARIANTS:
+            codec = TopKCodec(vocab, k, param if quantizer == "fixed" else 2**-10, DEFAULT_LOGPROB_FLOOR,
+                              logprob_quantizer=quantizer, sqrt_prob_levels=param if quantizer == "sqrt-prob" else 255,
+                              ragged=support == "sampled" or bool(top_p))
+            writer = TopKShardWriter(codec, level, groups)
+            size, distortion, entries = 0, 0.0, 0
+            for d, rows_d in samples.items():
+                exact = truncate_topk(wide[d], k)
+                stored, ref = ((drawn[d], None) if support == "sampled" else
+                               (top_p_support(exact, top_p), exact) if top_p else (exact, None))
+                path = tmp / f"sup-k{k}" / f"{d}.parquet"
+                info = writer.write(path, d, "train", 0, rows_d, stored, ref)
+                size += path.stat().st_size
+                entries += info["support_entries"]
+                distortion = None if info["kl_distortion_sum"] is None else distortion + info["kl_distortion_sum"]
+            out.append({"k": k, "support": support, "top_p": top_p, "quantizer": quantizer, "param": param,
+                        "bytes_per_token": size / tokens, "mean_entries": entries / tokens,
+                        "mean_kl_distortion": 0.0 if support == "sampled" else distortion / tokens,
+                        "target_variance": float((1 - p2).mean() / k) if support == "sampled" else 0.0})
+
+    def name(r):
+        q = ("fixed 2^-10" if r["quantizer"] == "fixed" else f"sqrt-prob {r['param']}" if r["quantizer"] == "sqrt-prob"
+             else "counts")
+        s = "sampled" if r["support"] == "sampled" else f"top-p {r['top_p']}" if r["top_p"] else "top-k"
+        return s, q
+
+    dk = DISTILLKIT_K64
+    print_table(
+        f"P4 support  which tokens a position keeps: bytes/token vs distortion, V={vocab}",
+        ["k", "support", "quantizer", "entries", "B/tok", "mean KL nats", "target var"],
+        [[r["k"], *name(r), r["mean_entries"], r["bytes_per_token"], r["mean_kl_distortion"], r["target_variance"]] for r in out],
+        f"top-p: the smallest prefix of the exact top-k reaching p, the rest in the tail; its KL charges a dropped token an even "
+        f"share of the stored tail (fidelity.support_kl_distortion). sampled: k draws from the full distribution (0 = unbiased; "
+        f"target var = E||q - p||^2 = (1 - sum p^2) / k). Anchor (DistillKit, k = 64, V = 2048, not re-run): "
+        f"{dk['zstd_bytes_per_token']} B/token after zstd, {dk['mean_kl_distortion']:.1e} nats; the issue's goal: <= 63 B at lower KL.",
     )
     return out
 
@@ -813,11 +890,22 @@ def parse_args(argv):
     p.add_argument("--json", metavar="PATH", help="write every number and the machine description here")
     p.add_argument("--quick", action="store_true", help="CI-sized run (< 3 minutes on 2 cores with configs/ci.toml)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vllm stage-one run (its engine start-up costs ~45 s on 2 cores)")
+    p.add_argument("--parts", default=",".join(PARTS), metavar="P1,P2,...",
+                   help="run only these items, comma-separated, of %(default)s (e.g. --parts P4 for the cache's bytes and fidelity)")
     return p.parse_args(argv)
+
+
+PARTS = ("P1", "P2", "P4", "P4b", "P5", "P6", "P6b")
 
 
 def run(args) -> dict:
     t_start = time.perf_counter()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ConfigError(f"--parts {args.parts}: unknown item(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if "P6" in parts and "P1" not in parts:
+        raise ConfigError("--parts: P6 divides by P1's cached-KD step rate; add P1")
     cfg = load_config(args.config, args.overrides)
     reader = open_cache(cfg, args.config, args.overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -833,19 +921,26 @@ def run(args) -> dict:
     teacher = HFTeacher(str(cfg.teacher_path()), reader.k, dtype=cfg.teacher.dtype, device=device)
     with tempfile.TemporaryDirectory(prefix="ddk-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        result["P1_training"] = bench_training(cfg, reader, teacher, device, sizes, rng)
-        kernel = bench_kernel(device, tmp)
-        result["gpu_kernel"] = kernel or {"skipped": "needs a CUDA GPU"}
-        result["P2_kl_memory"] = bench_kl_memory(device, sizes, kernel)
+        if "P1" in parts:
+            result["P1_training"] = bench_training(cfg, reader, teacher, device, sizes, rng)
+        if "P2" in parts:
+            kernel = bench_kernel(device, tmp)
+            result["gpu_kernel"] = kernel or {"skipped": "needs a CUDA GPU"}
+            result["P2_kl_memory"] = bench_kl_memory(device, sizes, kernel)
         samples = sample_rows(reader, sizes.sample_rows, rng)
-        result["P4_cache_bytes"] = bench_cache_bytes(reader, cfg.teacher_path(), cfg.teacher.dtype, samples, tmp / "p4")
-        (tmp / "p4b").mkdir()
-        result["P4b_encode_at_scale"] = bench_encode_at_scale(cfg, sizes, tmp / "p4b")
-        with_vllm = vllm_available() and not args.no_vllm
-        result["P5_stage_one"] = bench_stage_one(args.config, args.overrides, cfg, reader, teacher, samples, sizes, device, tmp / "p5", with_vllm)
-        kd = result["P1_training"]["arms"]["cached KD"]["tokens_per_s"]
-        result["P6_decode"] = bench_decode(cfg, sizes.decode_rows, kd, rng)
-        result["P6b_decode_at_scale"] = bench_decode_at_scale(cfg, sizes, tmp / "p6b")
+        if "P4" in parts:
+            result["P4_cache_bytes"] = bench_cache_bytes(reader, cfg.teacher_path(), cfg.teacher.dtype, samples, tmp / "p4")
+        if "P4b" in parts:
+            (tmp / "p4b").mkdir()
+            result["P4b_encode_at_scale"] = bench_encode_at_scale(cfg, sizes, tmp / "p4b")
+        if "P5" in parts:
+            with_vllm = vllm_available() and not args.no_vllm
+            result["P5_stage_one"] = bench_stage_one(args.config, args.overrides, cfg, reader, teacher, samples, sizes, device, tmp / "p5", with_vllm)
+        if "P6" in parts:
+            kd = result["P1_training"]["arms"]["cached KD"]["tokens_per_s"]
+            result["P6_decode"] = bench_decode(cfg, sizes.decode_rows, kd, rng)
+        if "P6b" in parts:
+            result["P6b_decode_at_scale"] = bench_decode_at_scale(cfg, sizes, tmp / "p6b")
     result["seconds"] = time.perf_counter() - t_start
     print(f"\nbench done in {result['seconds']:.0f} s")
     return result

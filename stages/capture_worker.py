@@ -20,6 +20,7 @@ import numpy as np
 from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import TopKCodec
 from ..pipeline.cache.manifest import CacheError, CachePlan, shard_done
+from ..pipeline.teachers.support import top_p_support
 from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.ingest import INGEST_DIR, read_rows, rows_path
 from ..pipeline.progress import progress
@@ -53,7 +54,8 @@ def _start_engine(plan: CachePlan, capture: dict):
         )
     from ..pipeline.teachers.hf import HFTeacher
 
-    return HFTeacher(plan.teacher["path"], plan.k, dtype=plan.teacher["dtype"])
+    c = plan.codec
+    return HFTeacher(plan.teacher["path"], plan.k, dtype=plan.teacher["dtype"], support=c["support"], sample_seed=c["sample_seed"])
 
 
 def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
@@ -64,8 +66,7 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
     if not todo:
         return
     c = plan.codec
-    codec = TopKCodec(c["vocab_size"], c["k"], c["logprob_step"], c["logprob_floor"], logprob_quantizer=c["logprob_quantizer"],
-                      sqrt_prob_levels=c["sqrt_prob_levels"])
+    codec = TopKCodec.from_params(c)
     writer = TopKShardWriter(codec, c["parquet_zstd_level"],
                              c["rows_per_row_group"], capture["encode_threads"])
     # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
@@ -107,10 +108,12 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
         for spec in todo:
             rows = read_rows(rows_path(cache_dir / INGEST_DIR, spec.domain, spec.split), plan.seq_len, spec.row_start, spec.row_end)
             topk = _concat([backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)])
+            # top-p: the exact top-k stays the reference the distortion is measured against.
+            stored, reference = (top_p_support(topk, c["top_p"]), topk) if c["top_p"] else (topk, None)
             if pending is not None:
                 finish(pending)
             pending = (pool.submit(writer.write, cache_dir / spec.file, spec.domain, spec.split, spec.row_start,
-                                   np.asarray(rows), topk), spec)
+                                   np.asarray(rows), stored, reference), spec)
         if pending is not None:
             finish(pending)
         bar.close()

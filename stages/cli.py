@@ -232,8 +232,11 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
                    "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
+@click.option("--vs-cache", type=click.Path(file_okay=False), default=None,
+              help="A second cache of the same teacher and corpus (other cache settings): every mode also trains from it, "
+                   "as <mode>@vs-cache, paired with the same mode on the config's cache.")
 @friendly_errors
-def compare_cmd(config_path, overrides, modes, seeds, out_dir):
+def compare_cmd(config_path, overrides, modes, seeds, out_dir, vs_cache):
     """Train the same student in every mode and seed from one cache and compare them per domain.
 
     Same token budget and hyper-parameters (the config's [distill] section) for all
@@ -249,7 +252,8 @@ def compare_cmd(config_path, overrides, modes, seeds, out_dir):
     cfg = _load(config_path, overrides)
     out = Path(out_dir) if out_dir else Path(cfg.distill.out_dir).parent / "compare"
     path = config_path if config_path is not None or not Path(DEFAULT_CONFIG).exists() else DEFAULT_CONFIG
-    compare(path, list(overrides), out, modes.split(",") if modes else None, seeds=seeds, log=click.echo)
+    compare(path, list(overrides), out, modes.split(",") if modes else None, seeds=seeds, log=click.echo,
+            vs_cache=Path(vs_cache) if vs_cache else None)
 
 
 @main.group("cache")
@@ -294,7 +298,8 @@ def summarize(m: dict, cache_dir) -> str:
         f"  teacher    {t['path']} (weights sha256 {t['weights_sha256'][:12]}, {t['dtype']}, backend {t['backend']})",
         f"  tokenizer  sha256 {m['tokenizer']['sha256'][:12]}, vocab {m['tokenizer']['vocab_size']}",
         f"  k={m['k']}  seq_len={m['seq_len']}  codec logprob "
-        + (f"sqrt-prob, {m['codec']['sqrt_prob_levels']} levels" if m["codec"].get("logprob_quantizer") == "sqrt-prob"
+        + ("draw counts (exact)" if m["codec"].get("support") == "sampled" else
+           f"sqrt-prob, {m['codec']['sqrt_prob_levels']} levels" if m["codec"].get("logprob_quantizer") == "sqrt-prob"
            else f"step {m['codec']['logprob_step']:.6g}"),
         f"  size       {m['bytes']:,} bytes for {m['tokens']:,} tokens = {m['bytes_per_token']:.1f} bytes/token "
         f"(raw int32 ids + fp32 logprobs: {8 * m['k']} bytes/token)",
@@ -302,9 +307,17 @@ def summarize(m: dict, cache_dir) -> str:
         f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
         f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})",
     ]
+    c = m["codec"]
+    support = c.get("support", "topk")
+    size = m["fidelity"].get("mean_support_size")
+    lines.append("  support    " + ("sampled: " + f"{m['k']} draws per position from the full distribution, distinct ids + counts"
+                                    if support == "sampled" else f"top-{m['k']}" + (f", top-p {c['top_p']}" if c.get("top_p") else ""))
+                 + (f"; {size:.1f} entries per position on average" if size is not None else ""))
     kl = m["fidelity"].get("mean_kl_distortion")
     lines.append("  distortion mean KL(teacher top-k + tail || stored) "
-                 + (f"{kl:.2e} nats per position" if kl is not None else "not measured (shards written before ddk recorded it)"))
+                 + (f"{kl:.2e} nats per position" if kl is not None else
+                    "0 in expectation (a sampled support is unbiased; its cost is variance)" if support == "sampled" else
+                    "not measured (shards written before ddk recorded it)"))
     cap = m.get("capture")
     if cap and cap.get("tokens_per_s"):
         lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")

@@ -16,6 +16,11 @@ interval (pipeline/stats.py). compare.json holds every number (per seed too),
 compare.md the tables, compare_ppl.png the modes per domain with error bars (the
 paper's Fig. 1) and compare_ratio.png lS/lT over training for DDK beside w/o FS (its
 Fig. 3; seed 0, on the validation rows the scheduler steers by).
+
+--vs-cache DIR: every mode also trains from a second cache of the same teacher and corpus
+(e.g. another cache.k, top_p, quantizer or support), labelled `<mode>@vs-cache`, and each
+is paired with the same mode on the config's cache: what the cache's settings cost the
+student, on the same test rows.
 """
 
 from __future__ import annotations
@@ -75,13 +80,21 @@ class Run:
     results: dict
 
 
-def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print) -> dict:
+VS_CACHE = "@vs-cache"  # the label suffix of a mode trained from --vs-cache
+
+
+def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print,
+            vs_cache: Path | None = None) -> dict:
     unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES})
     if unknown:
         raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES]}")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
     wanted = MODES if modes is None else [m for m in ALL_MODES if m[0] in modes]
+    if vs_cache is not None:
+        if not (Path(vs_cache) / "manifest.json").exists():
+            raise ConfigError(f"--vs-cache {vs_cache}: no manifest.json there; point it at a finished `ddk teacher-cache` directory")
+        wanted = [*wanted, *((label + VS_CACHE, [*extra, f"distill.cache_dir={json.dumps(str(vs_cache))}"]) for label, extra in wanted)]
     out.mkdir(parents=True, exist_ok=True)
     identities: dict[tuple[str, str], dict] = {}  # hashed once per compare, only if a run is to be reused
     runs = {}
@@ -107,7 +120,8 @@ def _run(config_path, overrides: list[str], label: str, extra: list[str], seed: 
          identities: dict, log) -> Run:
     run_dir = out / label / f"seed-{seed}"
     cfg = load_config(config_path, [*overrides, *extra, f"distill.seed={seed}", f"distill.out_dir={json.dumps(str(run_dir))}"])
-    assert run_label(cfg) == ("ddk-variant" if label in dict(VARIANTS) else label)
+    base = label.removesuffix(VS_CACHE)
+    assert run_label(cfg) == ("ddk-variant" if base in dict(VARIANTS) else base)
     results_path = run_dir / "results.json"
     if results_path.exists():
         key = (str(cfg.cache_path()), str(cfg.student_path()))
@@ -151,7 +165,12 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
     paired differences to KD. All on the test split."""
     first = next(iter(runs.values()))[0].results
     test = first["test"]
-    teacher = test["teacher_loss"]  # one cache: the same for every run
+    teacher = test["teacher_loss"]  # one cache (or two of one teacher and corpus): the same for every run
+    for label, rs in runs.items():
+        other = rs[0].results["test"]["teacher_loss"]
+        if any(abs(other[d] - teacher[d]) > 1e-4 for d in teacher):
+            raise ConfigError(f"{rs[0].dir}: its cache's teacher test loss differs from the first run's ({other} vs {teacher}): "
+                              f"the two caches do not hold the same teacher on the same test rows, so they cannot be paired")
     modes = {label: _mode_summary(rs, teacher) for label, rs in runs.items()}
     vs_reference = {}
     if REFERENCE in runs:
@@ -166,8 +185,16 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
         pairs.insert(0, PAPER_BASES)  # the paper's own claim: DDK against equal sampling
     variants_vs_paper = {f"{a} − {b}": paired_bootstrap(_row_losses(runs[a]), _row_losses(runs[b]), rows_t, **BOOTSTRAP)
                          for a, b in pairs}
+    # The second cache against the first, mode by mode.
+    vs_cache = {f"{label} − {label.removesuffix(VS_CACHE)}": paired_bootstrap(
+        _row_losses(runs[label]), _row_losses(runs[label.removesuffix(VS_CACHE)]), rows_t, **BOOTSTRAP)
+        for label in runs if label.endswith(VS_CACHE) and label.removesuffix(VS_CACHE) in runs}
     return {
         "variants_vs_paper": variants_vs_paper,
+        "vs_cache": vs_cache,
+        "caches": {label: {"cache_dir": rs[0].results.get("config", {}).get("cache_dir") or "cache.out_dir",
+                           "manifest_sha256": rs[0].results.get("identity", {}).get("cache_manifest_sha256")}
+                   for label, rs in runs.items()},
         "split": "test",
         "domains": first["domains"],
         "seeds": [r.seed for r in next(iter(runs.values()))],
@@ -282,6 +309,11 @@ def _difference_table(s: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     lines += _pair_rows(s["vs_reference"])
+    if s.get("vs_cache"):
+        lines += ["", f"The same mode from the second cache (`{VS_CACHE}`) against the config's cache, paired the same way "
+                      f"(second − first; negative = the second cache's student is better):", "",
+                  f"| pair | mean CE diff | {pct} CI | significant | mean ratio diff | {pct} CI | significant |",
+                  "|---|---|---|---|---|---|---|", *_pair_rows(s["vs_cache"])]
     if s.get("variants_vs_paper"):
         lines += ["", "The paper's DDK against ES, and the variants beyond the paper against both, paired the same way (first − second):", "",
                   f"| pair | mean CE diff | {pct} CI | significant | mean ratio diff | {pct} CI | significant |",
@@ -335,7 +367,8 @@ def plot(summary: dict, runs: dict[str, list[Run]], out: Path) -> list[Path]:
                                           title=r"Student/teacher PPL ratio $\ell_S/\ell_T$ per domain on validation (seed 0)"))
     # The weights each DDK rule chose over training (seed 0): the paper's beside the variants.
     for label, label_runs in runs.items():
-        evals = read_metrics(label_runs[0].dir, "eval") if label.startswith("ddk") and label != "ddk-equal-sampling" else []
+        evals = (read_metrics(label_runs[0].dir, "eval")
+                 if label.startswith("ddk") and not label.startswith("ddk-equal-sampling") else [])
         if evals:
             paths.append(plots.plot_domain_weights([e["step"] for e in evals], [[e["weights"][d] for d in domains] for e in evals], domains,
                                                    out / f"compare_weights_{label}.png", title=f"Domain weights r_t, {label} (seed 0)"))

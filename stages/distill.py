@@ -242,6 +242,9 @@ class Trainer:
         self.reader = reader = TopKCacheReader(cfg.cache_path(), max_cache_bytes=d.reader_cache_mb << 20)
         self.prefetch: BatchPrefetcher | None = None  # the current interval's micro-batches, decoded ahead
         model, self.tokenizer = load_student(cfg, reader, device)
+        if reader.manifest["codec"].get("support") == "sampled" and d.temperature != 1.0 and d.mode != "cpt":
+            raise ConfigError(f"distill.temperature = {d.temperature}, but {reader.dir} holds a sampled support: its draw counts "
+                              f"are unbiased for the teacher at T = 1 only (tempering them biases the target); use T = 1")
         self.out = out = Path(d.out_dir)
         ckpt = latest_checkpoint(out) if resume else None
         if resume and ckpt is None:

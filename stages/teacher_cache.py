@@ -33,7 +33,7 @@ from ..pipeline.cache.manifest import (
     shard_done,
 )
 from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR
-from ..pipeline.cache.schema import FORMAT_VERSION, SPLITS
+from ..pipeline.cache.schema import SPLITS, format_version
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.evaluate import format_table
 from ..pipeline.ingest import INGEST_DIR, IngestedDomain, ingest_corpus
@@ -78,14 +78,18 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
         raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
     if len(tokenizer) > vocab:
         raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
+    if cfg.cache.support == "sampled" and backend != "hf":
+        raise ConfigError(f"cache.support = 'sampled' draws from the teacher's full distribution, which the {backend} backend "
+                          f"does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf")
     return CachePlan(
-        format_version=FORMAT_VERSION,
+        format_version=format_version(cfg.cache.support, cfg.cache.top_p),
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
         tokenizer={"sha256": tokenizer_sha256(tokenizer), "vocab_size": vocab},
         k=cfg.cache.k,
         seq_len=cfg.corpus.seq_len,
         codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level,
                "logprob_quantizer": cfg.cache.logprob_quantizer, "sqrt_prob_levels": cfg.cache.sqrt_prob_levels,
+               "support": cfg.cache.support, "top_p": cfg.cache.top_p, "sample_seed": cfg.cache.sample_seed,
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
         domains={},
         shards=[],

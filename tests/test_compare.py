@@ -187,3 +187,19 @@ def test_variants_are_paired_against_the_papers_ddk_and_es(tmp_path):
     assert "The paper's DDK against ES, and the variants beyond the paper against both" in md
     assert "| ddk-guarded − ddk | -0.0500 |" in md
     assert "variants_vs_paper" in summarize({k: runs[k] for k in ("kd", "ddk")}) and not summarize({k: runs[k] for k in ("kd", "ddk")})["variants_vs_paper"]
+
+
+def test_a_second_cache_is_paired_mode_by_mode(tmp_path):
+    teacher = {"a": [1.0, 1.2, 0.8, 1.1], "b": [2.0, 2.2, 1.9, 2.1]}
+    shifted = lambda by: {d: [v + by for v in rows] for d, rows in teacher.items()}  # noqa: E731
+    modes = {"kd": 0.5, "ddk": 0.4, "kd@vs-cache": 0.52, "ddk@vs-cache": 0.4}
+    runs = {label: [_fake_run(tmp_path, label, 0, shifted(by), teacher)] for label, by in modes.items()}
+    s = summarize(runs)
+    assert list(s["vs_cache"]) == ["kd@vs-cache − kd", "ddk@vs-cache − ddk"]
+    assert s["vs_cache"]["kd@vs-cache − kd"]["mean_ce"]["diff"] == pytest.approx(0.02)
+    assert s["vs_cache"]["ddk@vs-cache − ddk"]["mean_ce"]["diff"] == pytest.approx(0.0)
+    assert "| kd@vs-cache − kd | +0.0200 |" in markdown(s)
+    other = {"a": [v + 0.1 for v in teacher["a"]], "b": teacher["b"]}  # another teacher or other test rows
+    runs["kd@vs-cache"] = [_fake_run(tmp_path, "kd@vs-cache", 0, shifted(0.5), other)]
+    with pytest.raises(Exception, match="cannot be paired"):
+        summarize(runs)

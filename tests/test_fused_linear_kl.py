@@ -330,6 +330,16 @@ BAD_INPUTS = {
     "topk_shape": (_bad(topk_logprobs=lambda x: x[:, :-1]), "topk_ids and topk_logprobs"),
     "tail_shape": (_bad(tail_logmass=lambda x: x[:-1]), "tail_logmass must be"),
     "ids_beyond_vocab": (_bad(topk_ids=lambda x: x.clone().fill_(V)), "topk_ids must lie"),
+    # -1 is padding; any other negative id is refused, even a single one.
+    "ids_negative": (_bad(topk_ids=lambda x: x.clone().fill_(-2)), "topk_ids must lie"),
+    "one_id_negative": (_bad(topk_ids=lambda x: x.clone().index_put_((torch.tensor(0),
+                                                                       torch.tensor(3)),
+                                                                      torch.tensor(-2))),
+                        "topk_ids must lie"),
+    "one_id_beyond_vocab": (_bad(topk_ids=lambda x: x.clone().index_put_((torch.tensor(4),
+                                                                           torch.tensor(0)),
+                                                                          torch.tensor(V))),
+                            "topk_ids must lie"),
     "target_beyond_vocab": (_bad(targets=lambda t: t.clone().fill_(V)), "targets must lie"),
 }
 
@@ -357,3 +367,140 @@ def test_default_chunk_tokens(vocab):
     assert chunk % fk.CHUNK_MULTIPLE == 0 and chunk >= fk.CHUNK_MULTIPLE
     assert chunk * vocab * 4 <= max(fk.CHUNK_LOGITS_BYTES, fk.CHUNK_MULTIPLE * vocab * 4)
     assert (chunk + fk.CHUNK_MULTIPLE) * vocab * 4 > fk.CHUNK_LOGITS_BYTES
+
+
+def ragged_problem(seed=4):
+    """make_problem with ragged supports: per row 1..K real slots anywhere in the row, the
+    rest padding (id -1, log-prob -inf), the masked rows 8..15 padded throughout, the tail
+    recomputed over the real slots. Returns the padded inputs and, per row, the dense
+    (ids, lp) of the real slots alone. CONFIDENT_ROW keeps its tiny student tail: only its
+    real ids are lifted (its ids are led by padding in the kernel's exact tail pass)."""
+    hidden, weight, bias, targets, ids, lp, _ = make_problem(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    patterns = [list(range(K)), [0], [0, 1, 2], [2, 5], [1, 3, 4, 6, 7], [K - 1]]
+    ragged_ids = torch.full_like(ids, -1)
+    ragged_lp = torch.full_like(lp, -math.inf)
+    dense = []
+    for i in range(N):
+        if 8 <= i < 16:
+            slots = []
+        elif i < len(patterns):
+            slots = patterns[i]
+        else:
+            count = int(torch.randint(1, K + 1, (1,), generator=gen))
+            slots = sorted(torch.randperm(K, generator=gen)[:count].tolist())
+        ragged_ids[i, slots] = ids[i, slots]
+        ragged_lp[i, slots] = lp[i, slots]
+        dense.append((ids[i, slots], lp[i, slots]))
+    assert len(dense[CONFIDENT_ROW][0]) < K
+    weight[:, -1] = 0.0
+    weight[dense[CONFIDENT_ROW][0], -1] = 45.0
+    tail = torch.log1p(-ragged_lp.double().exp().sum(1)).float()
+    return hidden, weight, bias, targets, ragged_ids, ragged_lp, tail, dense
+
+
+def per_row_reference(hidden, weight, bias, targets, dense, tail, gamma, temperature, scale):
+    """As reference(), with each unmasked row's KL from its dense real entries alone."""
+    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias) if x is not None]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bias is not None else None
+    logits = F.linear(h, w, b)
+    ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
+                         ignore_index=IGNORE)
+    live = (targets != IGNORE).nonzero().squeeze(1).tolist()
+    kl = sum(sparse_kl_loss(logits[i : i + 1], dense[i][0][None], dense[i][1][None],
+                            None if tail is None else tail[i : i + 1],
+                            temperature=temperature, reduction="sum", impl="torch")
+             for i in live) / len(live)
+    loss = ce + gamma * kl
+    grads = torch.autograd.grad(loss * scale, leaves)
+    return loss.detach(), ce.detach(), kl.detach(), grads
+
+
+# name: (temperature, use_tail)
+RAGGED_CASES = {"tail": (1.0, True), "no_tail": (1.0, False), "T2": (2.0, True)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(RAGGED_CASES))
+def test_ragged_support_matches_dense_rows(impl, dtype, case):
+    """Padding slots are absent: the loss and d hidden, d W, d bias equal those of the
+    unfused loss whose KL takes each row's real entries alone (chunk_tokens=8: chunks
+    with and without padding, and one padded throughout)."""
+    temperature, use_tail = RAGGED_CASES[case]
+    hidden, weight, bias, targets, ids, lp, tail, dense = ragged_problem()
+    to_dev = lambda x: x.to(DEVICE)  # noqa: E731
+    hidden, weight, bias, targets, ids, lp, tail = map(
+        to_dev, (hidden, weight, bias, targets, ids, lp, tail))
+    dense = [(to_dev(a), to_dev(b)) for a, b in dense]
+    tail = tail if use_tail else None
+    gamma, scale = 0.5, 1.5
+    if dtype == "fp32":
+        ref = per_row_reference(hidden.double(), weight.double(), bias.double(), targets, dense,
+                                tail, gamma, temperature, scale)
+        loss_tol = dict(rtol=FP32_TOL["rtol"], atol=FP32_TOL["rel_atol"])
+        grad_tol = FP32_TOL
+    else:
+        hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+        ref = per_row_reference(hidden, weight, bias, targets, dense, tail, gamma, temperature,
+                                scale)
+        loss_tol, grad_tol = BF16_LOSS_TOL, BF16_TOL
+    out = fused(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale,
+                chunk_tokens=8, impl=impl)
+    for value, ref_value in zip(out[:3], ref[:3]):
+        torch.testing.assert_close(value.double(), ref_value.double(), **loss_tol)
+    for g, ref_g, x in zip(out[3], ref[3], (hidden, weight, bias)):
+        assert g.dtype == x.dtype and torch.isfinite(g).all()
+        assert_close_scaled(g, ref_g, **grad_tol)
+    assert (out[3][0][MASKED] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sampled_support_without_tail_mass(impl, dtype):
+    """Sampled supports, q = count / samples over the distinct sampled ids (ragged),
+    tail_logmass = -inf on every row: with W = I (hidden = logits, d hidden = d logits)
+    against the dense CE + gamma KL(q || softmax(z)), gradient
+    (softmax(z) - onehot(t) + gamma (softmax(z) - q)) / n."""
+    n, v, k, samples, gamma = 6, 64, 16, 12, 0.7
+    gen = torch.Generator().manual_seed(21)
+    teacher_p = torch.softmax(torch.randn(n, v, generator=gen, dtype=torch.float64) * 2, dim=1)
+    teacher_p[:, 0] = 0.0  # id 0, which padding aliases on the torch path, is never drawn
+    ids = torch.full((n, k), -1, dtype=torch.long)
+    lp = torch.full((n, k), -math.inf)
+    q = torch.zeros(n, v, dtype=torch.float64)
+    for i in range(n):
+        draws = torch.multinomial(teacher_p[i], samples if i else 1, replacement=True,
+                                  generator=gen)
+        drawn, counts = draws.unique(return_counts=True)
+        slots = torch.randperm(k, generator=gen)[: len(drawn)]
+        ids[i, slots] = drawn
+        lp[i, slots] = (counts.double() / len(draws)).log().float()
+        q[i, drawn] = lp[i, slots].double().exp()  # as the kernel sees it, fp32-rounded
+    assert (ids < 0).any(1).all()
+    targets = torch.randint(1, v, (n,), generator=gen)
+    targets[2] = IGNORE
+    logits = (torch.randn(n, v, generator=gen) * 3).to(dtype)
+    tail = torch.full((n,), -math.inf)
+    h = logits.to(DEVICE).requires_grad_()
+    loss, ce, kl = fk.fused_linear_distill_loss(
+        h, torch.eye(v, dtype=dtype, device=DEVICE), targets.to(DEVICE), ids.to(DEVICE),
+        lp.to(DEVICE), tail.to(DEVICE), gamma=gamma, chunk_tokens=8, impl=impl)
+    loss.backward()
+    live = targets != IGNORE
+    z = logits.double()[live]
+    logp = torch.log_softmax(z, dim=1)
+    ql = q[live]
+    onehot = F.one_hot(targets[live], v).double()
+    ref_ce = -(onehot * logp).sum(1).mean()
+    ref_kl = torch.where(ql > 0, ql * (ql.log() - logp), 0.0).sum(1).mean()
+    ref_grad = torch.zeros(n, v, dtype=torch.float64)
+    ref_grad[live] = (logp.exp() - onehot + gamma * (logp.exp() - ql)) / live.sum()
+    tol = dict(rtol=FP32_TOL["rtol"], atol=FP32_TOL["rel_atol"])
+    torch.testing.assert_close(ce.double().cpu(), ref_ce, **tol)
+    torch.testing.assert_close(kl.double().cpu(), ref_kl, **tol)
+    torch.testing.assert_close(loss.double().cpu(), ref_ce + gamma * ref_kl, **tol)
+    grad_tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert torch.isfinite(h.grad).all()
+    assert_close_scaled(h.grad.cpu(), ref_grad, **grad_tol)

@@ -272,3 +272,119 @@ def test_rejects_bad_arguments():
         sk.sparse_kl_loss(logits, ids[:1], lp[:1], None)
     with pytest.raises(ValueError):
         sk.sparse_kl_loss(logits, ids, lp, None, reduction="avg")
+
+
+# Ragged supports: padding slots (id -1, log-prob -inf) anywhere in a row.
+RAGGED_K = 8
+# Per row: the slots that hold real ids (the rest are padding). Row 1 is masked and
+# padded throughout; row 2 has a single real slot; the others pad at the end, in the
+# middle, at the front, or not at all.
+RAGGED_SLOTS = [range(6), [], [0], [0, 1, 2, 3, 4], [0, 2, 5, 7], [6, 7], [1, 3, 4], range(8)]
+RAGGED_MASKED = 1
+RAGGED_CONFIDENT = 3  # its student tail share is far below sk.EXACT_TAIL_BELOW
+
+
+def ragged_teacher(n, v, gen, slots=RAGGED_SLOTS, k=RAGGED_K):
+    """A teacher top-k cut to each row's slots: (ids, lp, tail) padded to width k, and
+    per row the dense (ids, lp) of its real slots alone. Id 0 is a real id of row 0 (which
+    has padding too) and of no other row: the torch path's padding gathers from id 0, and
+    a padding slot that wrote there would show."""
+    t = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    t[:, 0] = -30.0
+    t[0, 0] = 10.0
+    lp_full, ids_full = torch.log_softmax(t, dim=1).topk(k, dim=1)
+    ids = torch.full((n, k), -1, dtype=torch.long)
+    lp = torch.full((n, k), -math.inf, dtype=torch.float64)
+    dense = []
+    for i, row in enumerate(slots):
+        row = list(row)
+        row_ids, row_lp = ids_full[i, : len(row)], lp_full[i, : len(row)]
+        ids[i, row], lp[i, row] = row_ids, row_lp
+        dense.append((row_ids.to(DEVICE), row_lp.float().to(DEVICE)))
+    tail = torch.log1p(-lp.exp().sum(1))
+    return ids.to(DEVICE), lp.float().to(DEVICE), tail.float().to(DEVICE), dense
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("block_v", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ragged_support_matches_dense_rows(impl, block_v, dtype, mode, monkeypatch):
+    """Each ragged row gives the loss and gradient of the fp64 reference on its real
+    entries alone (a dense row of narrower k); a masked row may be all padding. One
+    row's tail share is tiny (the exact tail pass, its ids led by padding); block_v=128
+    streams rows in many blocks."""
+    if block_v is not None:
+        for name in ("GPU_FWD_BLOCK_V", "GPU_BWD_BLOCK_V", "INTERPRETER_BLOCK_V"):
+            monkeypatch.setattr(sk, name, block_v)
+    use_tail, temperature = MODES[mode]
+    n, v = len(RAGGED_SLOTS), 1000
+    gen = torch.Generator().manual_seed(12)
+    ids, lp, tail, dense = ragged_teacher(n, v, gen)
+    logits = torch.randn(n, v, generator=gen) * 3
+    conf = dense[RAGGED_CONFIDENT][0].cpu()
+    logits[RAGGED_CONFIDENT, conf] = 60.0 + torch.randn(len(conf), generator=gen)
+    logits = logits.to(DEVICE, dtype)
+    mask = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    mask[RAGGED_MASKED] = False
+    lp[RAGGED_MASKED], tail[RAGGED_MASKED] = math.nan, math.nan
+    weights = torch.rand(n, generator=gen).to(DEVICE) + 0.5
+    tail = tail if use_tail else None
+    rows, grad = run(impl, logits, ids, lp, tail, mask, temperature, weights)
+    assert rows.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    loss_tol, grad_tol = TOL[dtype]
+    assert rows[RAGGED_MASKED] == 0 and (grad[RAGGED_MASKED] == 0).all()
+    for i, (row_ids, row_lp) in enumerate(dense):
+        if i == RAGGED_MASKED:
+            continue
+        row_tail = None if tail is None else tail[i : i + 1]
+        ref_row, z = reference(logits[i : i + 1], row_ids[None], row_lp[None], row_tail, None,
+                               temperature)
+        (ref_row * weights[i].double()).sum().backward()
+        torch.testing.assert_close(rows[i : i + 1].double(), ref_row.detach(), **loss_tol)
+        torch.testing.assert_close(grad[i : i + 1].double(), z.grad, **grad_tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_tail", [True, False], ids=["tail_-inf", "no_tail"])
+def test_sampled_support_without_tail_mass(impl, dtype, with_tail):
+    """Sampled supports: q = count / samples over the distinct sampled ids (padded
+    ragged), tail_logmass = -inf on every row. Against the plain dense KL(q || softmax(z)),
+    whose gradient is softmax(z) - q."""
+    n, v, k, samples = 5, 1000, 16, 12
+    gen = torch.Generator().manual_seed(13)
+    teacher_p = torch.softmax(torch.randn(n, v, generator=gen, dtype=torch.float64) * 2, dim=1)
+    teacher_p[:, 0] = 0.0  # id 0, which padding aliases on the torch path, is never drawn
+    counts = torch.zeros(n, v, dtype=torch.float64)
+    for i in range(n):
+        draws = torch.multinomial(teacher_p[i], samples if i else 1, replacement=True,
+                                  generator=gen)
+        counts[i].index_add_(0, draws, torch.ones(len(draws), dtype=torch.float64))
+    q = counts / counts.sum(1, keepdim=True)
+    ids = torch.full((n, k), -1, dtype=torch.long)
+    lp = torch.full((n, k), -math.inf)
+    for i in range(n):
+        drawn = q[i].nonzero().squeeze(1)
+        slots = torch.randperm(k, generator=gen)[: len(drawn)]
+        ids[i, slots] = drawn
+        lp[i, slots] = q[i, drawn].log().float()
+    assert (ids < 0).any(1).all()
+    # The target as the kernel sees it: q rounded to the fp32 log-probs it is given.
+    q = torch.zeros(n, v, dtype=torch.float64)
+    for i in range(n):
+        real = ids[i] >= 0
+        q[i, ids[i, real]] = lp[i, real].double().exp()
+    logits = (torch.randn(n, v, generator=gen) * 3).to(dtype)
+    tail = torch.full((n,), -math.inf, device=DEVICE) if with_tail else None
+    weights = torch.rand(n, generator=gen) + 0.5
+    rows, grad = run(impl, logits.to(DEVICE), ids.to(DEVICE), lp.to(DEVICE), tail,
+                     weights=weights.to(DEVICE))
+    logp = torch.log_softmax(logits.double(), dim=1)
+    ref_rows = torch.where(q > 0, q * (q.log() - logp), 0.0).sum(1)
+    ref_grad = (logp.exp() - q) * weights.double()[:, None]
+    loss_tol, grad_tol = TOL[dtype]
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(rows.double().cpu(), ref_rows, **loss_tol)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, **grad_tol)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import write_json_atomic
 from .integrity import ALGORITHM, file_digests
-from .schema import FORMAT_VERSION, SPLITS, shard_name
+from .schema import READABLE_VERSIONS, SPLITS, shard_name
 from .writer import read_shard_info
 
 PLAN_FILE = "plan.json"
@@ -76,6 +76,10 @@ class CachePlan:
         # Plans from before the quantizer was selectable: the fixed step (the same bytes).
         d["codec"].setdefault("logprob_quantizer", "fixed")
         d["codec"].setdefault("sqrt_prob_levels", 255)
+        # Plans from before ragged supports: the full top-k.
+        d["codec"].setdefault("support", "topk")
+        d["codec"].setdefault("top_p", 0.0)
+        d["codec"].setdefault("sample_seed", 0)
         return cls(**d)
 
 
@@ -143,7 +147,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         name: {**{f"{split}_rows": d[f"{split}_rows"] for split in SPLITS}, "shards": []} for name, d in plan.domains.items()
     }
     max_err, clamped, total_bytes = 0.0, 0, 0
-    distortion, positions = 0.0, 0  # None once a shard predates the measure
+    distortion, positions = 0.0, 0  # None once a shard predates the measure (or for a sampled support)
+    entries = 0  # stored support entries; None once a shard predates the count
     # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
     nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
     for spec in plan.shards:
@@ -153,11 +158,12 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         total_bytes += size
         max_err = max(max_err, info["max_abs_logprob_error"])
         clamped += info["clamped_logprobs"]
-        if distortion is not None and "kl_distortion_sum" in info:
+        if distortion is not None and info.get("kl_distortion_sum") is not None:
             distortion += info["kl_distortion_sum"]
             positions += info["rows"] * info["positions"]
         else:
             distortion = None
+        entries = None if entries is None or "support_entries" not in info else entries + info["support_entries"]
         domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
@@ -173,7 +179,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         d["tokens"] = sum(d[f"{split}_rows"] for split in SPLITS) * plan.seq_len
         tokens += d["tokens"]
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": plan.format_version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "teacher": plan.teacher,
         "tokenizer": plan.tokenizer,
@@ -183,7 +189,11 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         # mean_kl_distortion: KL(teacher's exact top-k + tail || what is stored), nats per
         # position (pipeline/cache/fidelity.py); None for shards written before it was measured.
         "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped,
-                     "mean_kl_distortion": distortion / positions if distortion is not None and positions else None},
+                     "mean_kl_distortion": distortion / positions if distortion is not None and positions else None,
+                     "mean_support_size": entries / max(tokens, 1) if entries is not None else None,
+                     **({"unbiased": True, "note": "sampled support: the expected target is the teacher's full distribution "
+                                                   "(KL distortion 0); its cost is variance, (1 - sum p^2) / k per position"}
+                        if plan.codec.get("support") == "sampled" else {})},
         "integrity": f"sha256 of each shard file; {ALGORITHM} of each Parquet column chunk and of the footer",
         "bytes": total_bytes,
         "tokens": tokens,
@@ -202,7 +212,8 @@ def load_manifest(cache_dir: Path) -> dict:
         hint = "it is incomplete: re-run `ddk teacher-cache` with its config to finish it" if (Path(cache_dir) / PLAN_FILE).exists() else "run `ddk teacher-cache` first"
         raise CacheError(f"{path} not found; {hint}")
     m = json.loads(path.read_text())
-    if m.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: cache format version {m.get('format_version')}, this ddk reads version {FORMAT_VERSION} "
-                         f"(version 2 added the held-out test split); rebuild the cache with `ddk teacher-cache` into a new cache.out_dir")
+    if m.get("format_version") not in READABLE_VERSIONS:
+        raise CacheError(f"{path}: cache format version {m.get('format_version')}, this ddk reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))} (version 2 added the held-out test split, 3 ragged supports); "
+                         f"rebuild the cache with `ddk teacher-cache` into a new cache.out_dir")
     return m

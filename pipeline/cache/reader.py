@@ -43,17 +43,19 @@ _COLUMN_INDEX = {name: i for i, name in enumerate(SHARD_SCHEMA.names)}
 @dataclass
 class CacheBatch:
     input_ids: torch.Tensor  # [B, L + 1] int64
-    topk_ids: torch.Tensor  # [B, L, k] int64, sorted by id within a position
+    # [B, L, k] int64, sorted by id within a position. Ragged supports (cache.top_p,
+    # sampled): a position's entries first, then id -1 (log-prob -inf) padding; k is the
+    # batch's largest support, at most the cache's k.
+    topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor  # [B, L, k] float32
     target_logprob: torch.Tensor  # [B, L] float32
     tail_logmass: torch.Tensor  # [B, L] float32
 
 
 def codec_from_manifest(m: dict) -> TopKCodec:
-    c = m["codec"]
-    # Caches from before the quantizer was selectable used the fixed step.
-    return TopKCodec(vocab_size=c["vocab_size"], k=c["k"], logprob_step=c["logprob_step"], logprob_floor=c["logprob_floor"],
-                     logprob_quantizer=c.get("logprob_quantizer", "fixed"), sqrt_prob_levels=c.get("sqrt_prob_levels", 255))
+    # Caches from before the quantizer was selectable used the fixed step, from before
+    # ragged supports the full top-k (TopKCodec.from_params fills both in).
+    return TopKCodec.from_params(m["codec"])
 
 
 class _Blobs:
@@ -276,7 +278,10 @@ class TopKCacheReader:
                 ids[j], lps[j] = self.codec.decode(s["topk_ids"][i], s["topk_logprobs"][i], length)
             except ValueError as e:
                 raise CacheError(f"{self.dir / file}: row {local} does not decode ({e}); run `ddk cache verify {self.dir}`") from None
-        return CacheBatch(*(torch.from_numpy(a) for a in (input_ids, ids, lps, target, tail)))
+        if self.codec.ragged:  # drop the columns that are padding everywhere in this batch
+            width = max(int((ids >= 0).sum(axis=-1).max()), 1)
+            ids, lps = ids[..., :width], lps[..., :width]
+        return CacheBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, ids, lps, target, tail)))
 
 
 def _damaged_parts(expected: dict, actual: dict) -> list[str]:

@@ -2,7 +2,7 @@
 
 A row of L + 1 tokens has L predicted positions. Per position the teacher support is
 generic (ids + logprobs + tail): top-k today, an importance-sampled support later fits
-the same columns, reader and kernel.
+the same columns, reader and kernel (pipeline/teachers/support.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,16 @@ import pyarrow as pa
 # came without a new version: this reader still reads version-2 shards of one row group
 # (verified by their whole-file sha256) and a ddk that predates them reads the new ones.
 FORMAT_VERSION = 2
+# 3: ragged supports (cache.top_p, cache.support = "sampled"): the same columns, with
+# codec blobs of a variable number of entries per position. Full top-k caches are still
+# written as version 2, so an older ddk keeps reading them; it refuses version 3 by name.
+RAGGED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, RAGGED_FORMAT_VERSION)
+
+
+def format_version(support: str, top_p: float) -> int:
+    """The version a cache of this support is written as."""
+    return RAGGED_FORMAT_VERSION if support != "topk" or top_p else FORMAT_VERSION
 
 SHARD_SCHEMA = pa.schema(
     [

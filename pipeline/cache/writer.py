@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_path
 from ..teachers.base import TopK
 from .codec import TopKCodec, measure_fidelity
-from .schema import FORMAT_VERSION, SHARD_SCHEMA, sample_key
+from .fidelity import support_kl_distortion
+from .schema import FORMAT_VERSION, RAGGED_FORMAT_VERSION, SHARD_SCHEMA, sample_key
 
 META_KEY = b"ddk.shard"
 
@@ -38,21 +39,34 @@ class TopKShardWriter:
         self.rows_per_row_group = rows_per_row_group
         self.encode_threads = encode_threads
 
-    def _encode_row(self, path: Path, row: int, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray):
+    def _encode_row(self, path: Path, row: int, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray,
+                    reference: tuple | None):
         ib, lb = self.codec.encode(ids, logprobs)
         # Decode what will be stored: the manifest's fidelity is measured, not assumed.
-        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb), tail_logmass=tail)
+        sampled = self.codec.logprob_quantizer == "counts"
+        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb), tail_logmass=None if sampled else tail)
         if not fid["ids_exact"]:
             raise RuntimeError(f"{path}: row {row} top-k ids do not survive the codec round trip (codec bug)")
-        return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"]), fid["kl_distortion_sum"]
+        if sampled:  # a random target: its expectation is exact (0), its variance is the cost (fidelity.py)
+            distortion = None
+        elif reference is not None:  # a truncated support: measured against the exact top-k
+            out_ids, out_lp = self.codec.decode(ib, lb, ids.shape[0])
+            distortion = float(support_kl_distortion(*reference, out_ids, out_lp, tail, self.codec.vocab_size).sum())
+        else:
+            distortion = fid["kl_distortion_sum"]
+        return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"]), distortion
 
-    def encode_rows(self, path: Path, row_start: int, topk: TopK) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int, float]:
+    def encode_rows(self, path: Path, row_start: int, topk: TopK, reference: TopK | None = None
+                    ) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int, float | None]:
         """Every row's (ids blob, logprobs blob), in row order, with the max abs logprob error,
-        the count of clamped logprobs and the summed KL distortion, measured on what was encoded."""
+        the count of clamped logprobs and the summed KL distortion, measured on what was encoded
+        (against `reference`, the exact top-k, when `topk` is a truncation of it; None for a
+        sampled support)."""
         n = topk.ids.shape[0]
 
         def encode(i: int):
-            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i], topk.tail_logmass[i])
+            ref = None if reference is None else (reference.ids[i], reference.logprobs[i], reference.tail_logmass[i])
+            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i], topk.tail_logmass[i], ref)
 
         if self.encode_threads > 1 and n > 1:
             with ThreadPoolExecutor(max_workers=min(self.encode_threads, n), thread_name_prefix="shard-encode") as pool:
@@ -60,12 +74,14 @@ class TopKShardWriter:
         else:
             encoded = [encode(i) for i in range(n)]
         ids_blobs, lp_blobs, errors, clamps, distortion = zip(*encoded)
-        return ids_blobs, lp_blobs, max(errors), sum(clamps), sum(distortion)
+        return ids_blobs, lp_blobs, max(errors), sum(clamps), None if None in distortion else sum(distortion)
 
-    def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK) -> dict:
+    def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK,
+              reference: TopK | None = None) -> dict:
+        """reference: the exact top-k `topk` was truncated from (cache.top_p), for the distortion."""
         n, width = rows.shape
         positions = width - 1
-        ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk)
+        ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk, reference)
         flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731
         offsets = lambda m: pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))  # noqa: E731
         table = pa.Table.from_arrays(
@@ -81,7 +97,7 @@ class TopKShardWriter:
             schema=SHARD_SCHEMA,
         )
         info = {
-            "format_version": FORMAT_VERSION,
+            "format_version": RAGGED_FORMAT_VERSION if self.codec.ragged else FORMAT_VERSION,
             "domain": domain,
             "split": split,
             "row_start": row_start,
@@ -89,7 +105,9 @@ class TopKShardWriter:
             "positions": positions,
             "max_abs_logprob_error": max_err,
             "clamped_logprobs": clamped,
-            "kl_distortion_sum": distortion,  # nats, summed over rows x positions (pipeline/cache/fidelity.py)
+            # nats, summed over rows x positions (pipeline/cache/fidelity.py); None: a sampled support
+            "kl_distortion_sum": distortion,
+            "support_entries": int((topk.ids >= 0).sum()),  # stored (id, value) pairs
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         path.parent.mkdir(parents=True, exist_ok=True)
