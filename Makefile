@@ -64,7 +64,7 @@ eval: setup
 # MODES=m1,m2: a subset, or the variants beyond the paper (ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded).
 SEEDS ?= 3
 compare: teacher-cache
-	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(if $(MODES),--modes $(MODES)) $(SET)
+	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(if $(MODES),--modes $(MODES)) $(if $(VS_CACHE),--vs-cache $(VS_CACHE)) $(SET)
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache

@@ -304,8 +304,9 @@ def summarize(m: dict, cache_dir) -> str:
         f"  size       {m['bytes']:,} bytes for {m['tokens']:,} tokens = {m['bytes_per_token']:.1f} bytes/token "
         f"(raw int32 ids + fp32 logprobs: {8 * m['k']} bytes/token)",
         f"  fidelity   max abs logprob error {m['fidelity']['max_abs_logprob_error']:.2e} nats, "
-        f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
-        f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})",
+        + ("draw counts stored exactly" if m["codec"].get("support") == "sampled" else
+           f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
+           f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})"),
     ]
     c = m["codec"]
     support = c.get("support", "topk")

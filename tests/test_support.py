@@ -253,7 +253,7 @@ def test_a_sampled_cache_end_to_end(tiny_cache, sampled_cache, tmp_path):
 
 def test_sampled_support_refusals(tiny_cache, tmp_path):
     cfg, _ = tiny_cache
-    with pytest.raises(ConfigError, match="sampled. draws from the teacher.s full distribution"):
+    with pytest.raises(ConfigError, match="sampled. .the default. draws from the teacher.s full distribution.*cache.support=topk"):
         teacher_cache(load_config(cfg.source_path, [f"cache.out_dir={json.dumps(str(tmp_path / 'c'))}", 'cache.support="sampled"',
                                                     "teacher.backend=vllm"]), log=QUIET)
     with pytest.raises(ConfigError, match="top_p"):
@@ -312,3 +312,10 @@ def test_compare_pairs_a_second_cache(tiny_cache, topp_cache, tmp_path):
     assert "kd@vs-cache − kd" in (tmp_path / "cmp" / "compare.md").read_text()
     bad = CliRunner().invoke(cli, args[:-len(DISTILL) * 2 - 2] + ["--vs-cache", str(tmp_path)])
     assert bad.exit_code != 0 and "no manifest.json" in bad.output
+
+
+def test_auto_backend_picks_hf_for_a_sampled_support():
+    from ddk.stages.teacher_cache import resolve_backend
+
+    assert resolve_backend("auto", "sampled") == "hf"
+    assert resolve_backend("hf", "topk") == "hf"
