@@ -28,6 +28,9 @@ P4  cache bytes per token at k = 16, 64, 128 on real teacher outputs (HF teacher
     sample of cached rows, one shard per domain written by TopKShardWriter), split by
     Parquet column chunk, next to raw int32 ids + fp32 logprobs (8k bytes), with the
     codec's round-trip fidelity (`measure_fidelity` against the uncompressed top-k).
+    P4 fidelity: bytes/token against the mean KL distortion per quantizer and k. P4
+    support: the same per support (full top-k, top-p prefixes, k draws sampled from the
+    full distribution: its expected target is exact, so its variance is shown instead).
     P4b: the writer's encode throughput at a real teacher's scale (V = 151936, k = 64,
     seq_len 2048, synthetic teacher-like top-k: stages/bench_codec.py), on 1 thread and
     on cache.encode_threads, interleaved, in tokens/s in total and per core.
@@ -751,6 +754,10 @@ def bench_stage_one(config_path: str, overrides: list[str], cfg: Config, reader:
     doms = len(reader.domains)
     captures = [paired_capture(config_path, overrides, cfg, teacher, doms, "hf", sizes.capture_tokens,
                                sizes.hf_capture_passes, 1, device, tmp)]
+    if with_vllm and cfg.cache.support != "topk":
+        print(f"P5: no vllm capture: cache.support = {cfg.cache.support!r} needs the full softmax, which vLLM does not "
+              f"return (run with --set cache.support=topk to time both engines on a top-k capture)")
+        with_vllm = False
     if with_vllm:
         captures.append(paired_capture(config_path, overrides, cfg, teacher, doms, "vllm", sizes.capture_tokens,
                                        sizes.vllm_capture_passes, 0, device, tmp))
