@@ -44,7 +44,9 @@ class TopKShardWriter:
         ib, lb = self.codec.encode(ids, logprobs)
         # Decode what will be stored: the manifest's fidelity is measured, not assumed.
         sampled = self.codec.logprob_quantizer == "counts"
-        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb), tail_logmass=None if sampled else tail)
+        # (A truncated support's distortion is measured against its reference below instead.)
+        fid = measure_fidelity(self.codec, ids, logprobs, blobs=(ib, lb),
+                               tail_logmass=None if sampled or reference is not None else tail)
         if not fid["ids_exact"]:
             raise RuntimeError(f"{path}: row {row} top-k ids do not survive the codec round trip (codec bug)")
         if sampled:  # a random target: its expectation is exact (0), its variance is the cost (fidelity.py)

@@ -1,13 +1,13 @@
 """Which tokens a cached position keeps: its support (cache.support, cache.top_p).
 
 topk      The teacher's k most likely tokens with their exact log-probs, plus the exact
-          tail bucket log(1 - sum_k p). Every position stores k entries (the default).
+          tail bucket log(1 - sum_k p). Every position stores k entries.
 top-p     cache.top_p = p in (0, 1): of those k, the smallest set, most likely first,
           whose mass reaches p (at most k, at least one). The dropped tokens' mass moves
           into the tail bucket, so the stored distribution still sums to 1 and the loss
           still knows the student's mass outside the kept set. A teacher that puts
           99.99 % of its mass on three tokens stores three, not k.
-sampled   cache.support = "sampled": Sparse Logit Sampling (Anshumann et al. 2025,
+sampled   cache.support = "sampled" (the default): Sparse Logit Sampling (Anshumann et al. 2025,
           arXiv 2503.16870), proposal = the teacher itself. k tokens are drawn with
           replacement from the teacher's FULL distribution; a position stores the
           distinct ones with their counts c, and the student is trained toward
