@@ -68,21 +68,27 @@ def make_problem(seed=0, n=N, h=H, v=V, teacher_v=TEACHER_V, k=K):
     return hidden, weight, bias, targets, ids, lp.float(), tail.float()
 
 
-def reference(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale):
-    """Unfused loss parts and the gradients of scale * loss, plain autograd."""
+def _unfused(hidden, weight, bias, targets, kl_of_logits, gamma, scale):
+    """Plain-autograd loss parts and the gradients of scale * loss; kl_of_logits(logits)
+    gives the KL term (called only when gamma > 0)."""
     leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias) if x is not None]
     h, w = leaves[0], leaves[1]
     b = leaves[2] if bias is not None else None
     logits = F.linear(h, w, b)
     ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
                          ignore_index=IGNORE)
-    kl = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    if gamma > 0:
-        kl = sparse_kl_loss(logits, ids, lp, tail, mask=targets != IGNORE,
-                            temperature=temperature, impl="torch")
+    kl = kl_of_logits(logits) if gamma > 0 else torch.zeros((), dtype=ce.dtype, device=ce.device)
     loss = ce + gamma * kl
     grads = torch.autograd.grad(loss * scale, leaves)
     return loss.detach(), ce.detach(), kl.detach(), grads
+
+
+def reference(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale):
+    """Unfused loss parts and the gradients of scale * loss, plain autograd."""
+    return _unfused(hidden, weight, bias, targets,
+                    lambda logits: sparse_kl_loss(logits, ids, lp, tail, mask=targets != IGNORE,
+                                                  temperature=temperature, impl="torch"),
+                    gamma, scale)
 
 
 def fused(hidden, weight, bias, targets, ids, lp, tail, gamma, temperature, scale, **kw):
@@ -401,20 +407,15 @@ def ragged_problem(seed=4):
 
 def per_row_reference(hidden, weight, bias, targets, dense, tail, gamma, temperature, scale):
     """As reference(), with each unmasked row's KL from its dense real entries alone."""
-    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias) if x is not None]
-    h, w = leaves[0], leaves[1]
-    b = leaves[2] if bias is not None else None
-    logits = F.linear(h, w, b)
-    ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, targets,
-                         ignore_index=IGNORE)
     live = (targets != IGNORE).nonzero().squeeze(1).tolist()
-    kl = sum(sparse_kl_loss(logits[i : i + 1], dense[i][0][None], dense[i][1][None],
-                            None if tail is None else tail[i : i + 1],
-                            temperature=temperature, reduction="sum", impl="torch")
-             for i in live) / len(live)
-    loss = ce + gamma * kl
-    grads = torch.autograd.grad(loss * scale, leaves)
-    return loss.detach(), ce.detach(), kl.detach(), grads
+
+    def kl(logits):
+        return sum(sparse_kl_loss(logits[i : i + 1], dense[i][0][None], dense[i][1][None],
+                                  None if tail is None else tail[i : i + 1],
+                                  temperature=temperature, reduction="sum", impl="torch")
+                   for i in live) / len(live)
+
+    return _unfused(hidden, weight, bias, targets, kl, gamma, scale)
 
 
 # name: (temperature, use_tail)
