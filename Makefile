@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-ingest system-corpus clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-ingest system-corpus clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -93,6 +93,12 @@ test-fast: setup
 bench-kernel: setup
 	$(PY) -m ddk.stages.bench_sparse_kl
 	$(PY) -m ddk.stages.bench_fused_linear_kl
+
+# Stage one on a GPU: the hf capture (chunked teacher head) against the teacher's bare
+# forward at Qwen2.5-1.5B and -7B shapes (random init), peak memory, batch_rows=auto on an
+# emulated 80 GB GPU, the codec's tokens/s per thread. CUDA only (~2 min on an H200).
+bench-capture: setup
+	$(PY) -m ddk.stages.bench_capture $(ARGS)
 
 # One real-shaped student's whole training step: fused vs unfused LM head, CPT vs cached KD
 # (qwen2-0.5b on CUDA, a tiny one on CPU). ARGS="--preset qwen2-1.5b --json runs/bench/step.json"

@@ -114,8 +114,16 @@ class TeacherConfig:
     path: str = ""
     # "auto": vllm when importable, else hf. "vllm" fails loudly when vLLM is missing.
     backend: str = "auto"
-    dtype: str = "float32"  # capture dtype: float32 | bfloat16 | float16
-    batch_rows: int = 32
+    # Capture dtype: float32 | bfloat16 | float16, or "auto": the dtype the checkpoint is
+    # stored in (config.json), as a real teacher is served. A bf16 teacher's logits carry
+    # its own rounding, up to |z| * 2^-9 (0.06 nats at z = 30): see the README's precision.
+    dtype: str = "auto"
+    # Rows per teacher forward (hf backend). "auto": on a GPU, as many as fit the free
+    # memory (measured by two probe forwards at the corpus's seq_len); 32 on CPU.
+    batch_rows: int | str = "auto"
+    # Positions per chunk of the teacher's LM head (hf backend); 0: ~1 GiB of logits and
+    # fp32 work per chunk (pipeline/teachers/hf.py).
+    chunk_tokens: int = 0
     # vLLM only.
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -215,6 +223,10 @@ class DistillConfig:
     checkpoint_every: int = 200  # steps; a checkpoint is also written at the last step
     keep_checkpoints: int = 2
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    # Checkpoint every decoder layer (torch.utils.checkpoint, non-reentrant): a layer keeps
+    # only its input for the backward and recomputes its forward there, about a third more
+    # compute for a micro-batch several times larger (`make bench-step` measures both).
+    activation_checkpointing: bool = False
     kl_impl: str = "auto"  # "auto" (triton on CUDA, torch chunked on CPU) | "triton" | "torch"
     # "fused": the LM head runs chunk by chunk inside the loss, the [tokens, V] logits never
     # exist (kernels/fused_linear_kl.py); "unfused": the model's full logits, then CE +
@@ -294,6 +306,8 @@ def _has_all_defaults(cls: type) -> bool:
 def _coerce(value: Any, default: Any, where: str) -> Any:
     if default is None:
         return value
+    if default == "auto" and isinstance(value, int) and not isinstance(value, bool):
+        return value  # an "auto" field takes an explicit number too (teacher.batch_rows)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -368,8 +382,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cache.rows_per_shard = {cfg.cache.rows_per_shard}: must be >= 1")
     if cfg.teacher.backend not in ("auto", "vllm", "hf"):
         raise ConfigError(f"teacher.backend: '{cfg.teacher.backend}' is not one of auto, vllm, hf")
-    if cfg.teacher.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of float32, bfloat16, float16")
+    if cfg.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"teacher.dtype: '{cfg.teacher.dtype}' is not one of auto, float32, bfloat16, float16")
+    if cfg.teacher.batch_rows != "auto" and not (isinstance(cfg.teacher.batch_rows, int) and cfg.teacher.batch_rows >= 1):
+        raise ConfigError(f"teacher.batch_rows = {cfg.teacher.batch_rows!r}: must be \"auto\" or an integer >= 1 (rows per teacher forward)")
+    if cfg.teacher.chunk_tokens < 0:
+        raise ConfigError(f"teacher.chunk_tokens = {cfg.teacher.chunk_tokens}: must be >= 0 (positions per LM-head chunk; 0 = auto)")
     if cfg.cache.workers < 1:
         raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
     if cfg.cache.rows_per_row_group < 0:

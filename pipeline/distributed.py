@@ -7,7 +7,9 @@ runs exactly as it did before multi-process training existed.
 
 Gradient synchronisation is PyTorch's own: DistributedDataParallel (`parallel = "ddp"`)
 or FSDP2's `fully_shard` per decoder layer and then the root (`parallel = "fsdp2"`).
-Nothing here averages gradients by hand.
+Nothing here averages gradients by hand. When stage two computes in bf16 (CUDA), FSDP2
+runs torchtitan's mixed precision: bf16 parameters and all-gathers, gradients reduced in
+fp32, fp32 master shards for the optimizer (`fsdp_mixed_precision`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .student import autocast_context
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -85,8 +88,38 @@ def _comm_device() -> torch.device:
 # the model
 
 
-def wrap_model(model: torch.nn.Module, parallel: str, env: DistEnv, device: str) -> torch.nn.Module:
-    """DDP or FSDP2 around the student; the model itself when the world has one rank."""
+def _fsdp2():
+    """(fully_shard, MixedPrecisionPolicy): public since torch 2.6, under _composable before."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def fsdp_mixed_precision(param_dtype: torch.dtype | None) -> tuple[dict, dict]:
+    """fully_shard's keyword arguments for (each decoder layer, the root).
+
+    param_dtype None (fp32 training): none, FSDP2 gathers and reduces the fp32 parameters.
+    bf16 (as torchtitan): parameters cast to bf16 once per all-gather (half the traffic
+    and the unsharded memory), gradients reduce-scattered in fp32 into the fp32 shards the
+    optimizer steps. The root does not cast its forward inputs: they are the token ids and
+    the teacher's CacheBatch, whose fp32 log-probs must reach the loss unrounded (each
+    layer still casts its inputs, the hidden states, to bf16).
+    """
+    if param_dtype is None:
+        return {}, {}
+    _, policy = _fsdp2()
+    return ({"mp_policy": policy(param_dtype=param_dtype, reduce_dtype=torch.float32)},
+            {"mp_policy": policy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)})
+
+
+def wrap_model(model: torch.nn.Module, parallel: str, env: DistEnv, device: str,
+               param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """DDP or FSDP2 around the student; the model itself when the world has one rank.
+    param_dtype: the dtype training computes in (bf16 under autocast, None for fp32);
+    FSDP2 gathers parameters in it (`fsdp_mixed_precision`), DDP keeps fp32 replicas and
+    leaves the casting to autocast."""
     if not env.enabled:
         return model
     if parallel == "ddp":
@@ -98,24 +131,26 @@ def wrap_model(model: torch.nn.Module, parallel: str, env: DistEnv, device: str)
     if parallel == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
 
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6 kept FSDP2 under _composable
-            from torch.distributed._composable.fsdp import fully_shard
-
         mesh = init_device_mesh(device, (env.world_size,))
-        # HF names its decoder-layer classes in _no_split_modules; sharding each one lets FSDP
-        # gather one layer's parameters at a time instead of the whole model
-        layer_types = set(getattr(model, "_no_split_modules", None) or ())
-        layers = [m for m in model.modules() if type(m).__name__ in layer_types]
-        if not layers:
-            raise ConfigError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules; "
-                             "FSDP2 needs them to shard per layer: use distill.parallel = \"ddp\"")
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return shard_model(model, mesh, param_dtype)
     raise ConfigError(f"distill.parallel: '{parallel}' is not one of {', '.join(PARALLEL)}")
+
+
+def shard_model(model: torch.nn.Module, mesh, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2 in place: fully_shard per decoder layer, then the root, over `mesh`."""
+    fully_shard, _ = _fsdp2()
+    layer_mp, root_mp = fsdp_mixed_precision(param_dtype)
+    # HF names its decoder-layer classes in _no_split_modules; sharding each one lets FSDP
+    # gather one layer's parameters at a time instead of the whole model
+    layer_types = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules; "
+                          "FSDP2 needs them to shard per layer: use distill.parallel = \"ddp\"")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, **layer_mp)
+    fully_shard(model, mesh=mesh, **root_mp)
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -156,6 +191,16 @@ def all_reduce_mean(values, env: DistEnv) -> list[float]:
     return (t / env.world_size).tolist()
 
 
+def all_reduce_mean_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean over ranks of a small device tensor, left on the device: no host
+    synchronisation (the training step reads its metrics once, after this)."""
+    if not env.enabled:
+        return t
+    comm = t.to(_comm_device(), torch.float64)
+    dist.all_reduce(comm)
+    return (comm / env.world_size).to(t.device)
+
+
 def all_reduce_sum(array: np.ndarray, env: DistEnv) -> np.ndarray:
     if not env.enabled:
         return array
@@ -181,10 +226,13 @@ def check_identical(array: np.ndarray, env: DistEnv, what: str) -> None:
 
 
 @torch.no_grad()
-def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32) -> dict[str, np.ndarray]:
+def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32,
+                      precision: str = "fp32") -> dict[str, np.ndarray]:
     """Mean next-token CE of every row of `keys`, per domain, in key order. Each rank
     evaluates keys[rank::world_size] and the per-row vectors are all-reduced, so every
-    rank gets the same numbers. `model` is a StudentLM (or DDP / FSDP2 around one)."""
+    rank gets the same numbers. `model` is a StudentLM (or DDP / FSDP2 around one).
+    precision: distill.precision, so that evaluation runs under training's autocast
+    (bf16 on CUDA with "auto"; fp32 on CPU, as before)."""
     net = unwrap(model)  # DDP's forward would be a collective; FSDP2's must be (it gathers weights)
     net.eval()
     out = {}
@@ -192,6 +240,7 @@ def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batc
         losses = np.zeros(len(domain_keys))
         mine = list(range(len(domain_keys)))[env.rank :: env.world_size]
         rows = reader.token_rows([domain_keys[j] for j in mine] or domain_keys[:1])
+        counted = []  # per-row losses left on the device, read once per domain
         # every rank runs as many forwards as the largest share needs: an FSDP2 forward
         # all-gathers parameters, so a rank that stopped early would leave the others waiting
         for b in range(math.ceil(math.ceil(len(domain_keys) / env.world_size) / batch_rows)):
@@ -199,14 +248,19 @@ def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batc
             padding = not mine or len(chunk) == 0
             if padding:  # a forward for the others' sake, its loss not counted
                 chunk = rows[:1]
-            row_loss = net(chunk.to(device)).double().cpu().numpy()
+            with autocast_context(precision, device):
+                row_loss = net(chunk.to(device))
             if not padding:
-                losses[mine[b * batch_rows : b * batch_rows + len(chunk)]] = row_loss
+                counted.append(row_loss)
+        if counted:
+            losses[mine[: sum(len(r) for r in counted)]] = torch.cat(counted).double().cpu().numpy()
         out[domain] = all_reduce_sum(losses, env)
     return out
 
 
-def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32) -> dict[str, float]:
+def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32,
+                  precision: str = "fp32") -> dict[str, float]:
     """Mean next-token CE per domain over `keys` (rows hold equal token counts, so the
     mean of the row means is the token-weighted mean)."""
-    return {d: float(r.mean()) if r.size else 0.0 for d, r in domain_row_losses(model, reader, keys, env, device, batch_rows).items()}
+    return {d: float(r.mean()) if r.size else 0.0
+            for d, r in domain_row_losses(model, reader, keys, env, device, batch_rows, precision=precision).items()}

@@ -32,20 +32,28 @@ LOSS_IMPLS = ("fused", "unfused")
 class Objective:
     gamma: float  # KL weight; 0 = CE only (cpt)
     temperature: float = 1.0
-    use_tail: bool = True  # the teacher's tail bucket (only meaningful at T = 1)
+    # The teacher's tail bucket (only meaningful at T = 1). Stage two turns it off for a
+    # sampled support, whose tail is -inf everywhere: the same numbers, without the tail terms.
+    use_tail: bool = True
     loss_impl: str = "fused"  # "fused" | "unfused"
     kl_impl: str = "auto"  # "auto" | "triton" | "torch": the kernel inside either path
 
 
 @dataclass
 class LossParts:
+    """The loss and its two terms. ce and kl are detached fp32 scalars left on the device:
+    reading them (.item()) is a host synchronisation, which the training loop does once
+    per optimizer step for all its micro-batches together (stages/distill.py)."""
+
     loss: torch.Tensor  # what backward() sees
-    ce: float
-    kl: float  # 0.0 when the KL is off (cpt)
+    ce: torch.Tensor
+    kl: torch.Tensor  # 0 when the KL is off (cpt)
 
 
 def _teacher_inputs(batch: CacheBatch, obj: Objective, device) -> tuple:
-    """[N, k] support ids and log-probs and the [N] tail, flattened over (row, position)."""
+    """[N, k] support ids and log-probs and the [N] tail, flattened over (row, position).
+    The tail is None when the objective leaves it out: at T != 1, and for a sampled
+    support, whose tail is -inf everywhere (the kernels then skip the tail terms)."""
     if obj.gamma == 0.0:
         return None, None, None
     k = batch.topk_ids.shape[-1]
@@ -60,10 +68,10 @@ def unfused_loss(logits: torch.Tensor, batch: CacheBatch, obj: Objective) -> Los
     targets = batch.input_ids[:, 1:].reshape(-1).to(logits.device)
     ce = F.cross_entropy(flat.float(), targets)
     if obj.gamma == 0.0:
-        return LossParts(ce, ce.item(), 0.0)
+        return LossParts(ce, ce.detach(), torch.zeros((), device=ce.device))
     ids, logprobs, tail = _teacher_inputs(batch, obj, logits.device)
     kl = sparse_kl_loss(flat, ids, logprobs, tail, temperature=obj.temperature, reduction="mean", impl=obj.kl_impl)
-    return LossParts(ce + obj.gamma * kl, ce.item(), kl.item())
+    return LossParts(ce + obj.gamma * kl, ce.detach(), kl.detach().float())
 
 
 def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: CacheBatch,
@@ -76,4 +84,4 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         hidden.reshape(b * length, h), weight, targets, ids, logprobs, tail,
         gamma=obj.gamma, temperature=obj.temperature, bias=bias, impl=obj.kl_impl,
     )
-    return LossParts(loss, ce.item(), kl.item())
+    return LossParts(loss, ce, kl)

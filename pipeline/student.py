@@ -15,6 +15,12 @@ parameter gathering happen as with the HF model's own forward.
 Heads that are not a plain linear map of the decoder's output (final-logit soft-capping,
 scaled logits, ...) would make the fused loss silently wrong: `StudentLM` checks, once,
 that `decoder(x) @ W^T (+ b)` reproduces the model's own logits, and refuses otherwise.
+
+Also here, what a training step is made of besides the loss: the precision stage two
+computes in (`autocast_context`: bf16 autocast over fp32 master weights on a CUDA device,
+plain fp32 on CPU, for training and evaluation alike), per-layer activation
+checkpointing (`set_activation_checkpointing`) and the optimizer (`build_optimizer`:
+AdamW, fused on CUDA, no weight decay on norms, biases and embeddings).
 """
 
 from __future__ import annotations
@@ -34,6 +40,75 @@ EVAL_CHUNK_TOKENS = 512
 # Config attributes of HF models whose logits are not hidden @ W^T (+ b); named in the
 # refusal so the user knows why (the numeric check below catches the unnamed ones).
 HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The dtype stage two computes in under autocast (distill.precision), or None for
+    plain fp32: "auto" is bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    if precision == "bf16" or (precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(precision: str, device: str):
+    """The autocast stage two trains AND evaluates under (the same one: a 7B student
+    evaluated in fp32 would take twice the time and memory of its training forward)."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        return torch.autocast(device_type=device, dtype=dtype)
+    return torch.autocast(device_type=device, enabled=False)
+
+
+def set_activation_checkpointing(lm: nn.Module, enabled: bool) -> None:
+    """Per-decoder-layer activation checkpointing of a HF model, on or off.
+
+    HF's own mechanism (transformers' GradientCheckpointingLayer): in training mode each
+    decoder layer runs under torch.utils.checkpoint (non-reentrant), so its forward keeps
+    only the layer's input for the backward and is recomputed there; evaluation (eval
+    mode, no grad) runs as without. Parameter names, and so state dicts and checkpoints,
+    are unchanged. Under FSDP2 the layer's unshard hooks run inside the checkpoint, which
+    FSDP2 supports (it skips its pre-forward logic during the recompute).
+    """
+    if enabled == getattr(lm, "is_gradient_checkpointing", False):
+        return  # already so (enabling twice would hook the embeddings twice)
+    if enabled:
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(lm).__name__} does not support gradient checkpointing; set distill.activation_checkpointing = false")
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
+        # enable also hooked the input embeddings (their output requires grad); one hook per
+        # enable, so drop it: toggling (bench-step's arms share one model) must not pile them up
+        if hasattr(lm, "disable_input_require_grads"):
+            lm.disable_input_require_grads()
+
+
+def no_decay(module: nn.Module, param: torch.Tensor) -> bool:
+    """Parameters AdamW does not decay: norm weights and biases (every parameter of fewer
+    than 2 dimensions) and embeddings (so also an LM head tied to them; an untied head is
+    a linear map like the others and decays)."""
+    return param.ndim < 2 or isinstance(module, nn.Embedding)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """AdamW's two groups: [decayed, not decayed (`no_decay`)], each parameter once (tied
+    ones by identity). decay_all: one group, everything decayed (how runs were trained
+    before the split; a resumed run keeps the grouping it started with)."""
+    params = list(dict.fromkeys(model.parameters()))
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    exempt = {id(p) for m in model.modules() for p in m.parameters(recurse=False) if no_decay(m, p)}
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, decay_all: bool = False) -> torch.optim.AdamW:
+    """Stage two's AdamW (betas 0.9, 0.95) over the parameters the optimizer must see (the
+    wrapped ones: FSDP2 replaces them with shards). Fused (one kernel for all parameters)
+    when they all live on a CUDA device; elsewhere torch's default (foreach), as before."""
+    groups = param_groups(model, weight_decay, decay_all)
+    fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
 
 
 class StudentLM(nn.Module):
@@ -82,12 +157,16 @@ class StudentLM(nn.Module):
         if self.objective.loss_impl == "unfused":
             logits = self.lm(input_ids=ids[:, :-1], use_cache=False).logits.float()
             return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
-        hidden = self._decoder(input_ids=ids[:, :-1], use_cache=False).last_hidden_state.float()
+        # Under autocast (bf16 on CUDA) the head runs in its dtype, as the training loss's
+        # fused head does, and the softmax in fp32; without it (CPU) all in fp32.
+        device_type = ids.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+        hidden = self._decoder(input_ids=ids[:, :-1], use_cache=False).last_hidden_state.to(dtype)
         b, length, h = hidden.shape
         flat, targets = hidden.reshape(-1, h), ids[:, 1:].reshape(-1)
-        weight = self._head.weight.float()
-        bias = None if self._head.bias is None else self._head.bias.float()
-        nll = torch.cat([F.cross_entropy(F.linear(flat[i : i + EVAL_CHUNK_TOKENS], weight, bias),
+        weight = self._head.weight.to(dtype)
+        bias = None if self._head.bias is None else self._head.bias.to(dtype)
+        nll = torch.cat([F.cross_entropy(F.linear(flat[i : i + EVAL_CHUNK_TOKENS], weight, bias).float(),
                                          targets[i : i + EVAL_CHUNK_TOKENS], reduction="none")
                          for i in range(0, flat.shape[0], EVAL_CHUNK_TOKENS)])
         return nll.reshape(b, length).mean(1)
@@ -99,9 +178,10 @@ class StudentLM(nn.Module):
             ids = torch.arange(8, device=self._head.weight.device)[None] % self.lm.config.vocab_size
             was_training = self.training
             self.lm.eval()
-            reference = self.lm(input_ids=ids, use_cache=False).logits.float()
-            mine = F.linear(self._decoder(input_ids=ids, use_cache=False).last_hidden_state.float(), self._head.weight.float(),
-                            None if self._head.bias is None else self._head.bias.float())
+            with torch.autocast(ids.device.type, enabled=False):  # in fp32, wherever the wrapper is built
+                reference = self.lm(input_ids=ids, use_cache=False).logits.float()
+                mine = F.linear(self._decoder(input_ids=ids, use_cache=False).last_hidden_state.float(), self._head.weight.float(),
+                                None if self._head.bias is None else self._head.bias.float())
             self.lm.train(was_training)
             if torch.allclose(reference, mine, rtol=1e-4, atol=1e-4 * max(1.0, reference.abs().max().item())):
                 return

@@ -925,7 +925,12 @@ def run(args) -> dict:
           f"seq_len {reader.seq_len})\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"{m['cuda_device'] or 'no CUDA device'}, load average {m['load_average_at_start'][0]}")
 
+    # The "auto" settings as the capture resolved them: the cache's teacher dtype, and the
+    # rows per forward the worker would pick on this machine.
+    cfg.teacher.dtype = reader.manifest["teacher"]["dtype"]
     teacher = HFTeacher(str(cfg.teacher_path()), reader.k, dtype=cfg.teacher.dtype, device=device)
+    if cfg.teacher.batch_rows == "auto":
+        cfg.teacher.batch_rows = teacher.fit_batch_rows(reader.seq_len)
     with tempfile.TemporaryDirectory(prefix="ddk-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if "P1" in parts:

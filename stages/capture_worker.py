@@ -52,10 +52,15 @@ def _start_engine(plan: CachePlan, capture: dict):
             dtype=plan.teacher["dtype"], tensor_parallel_size=t["tensor_parallel_size"], gpu_memory_utilization=t["gpu_memory_utilization"],
             cpu_kvcache_gib=t["cpu_kvcache_gib"], enforce_eager=t["enforce_eager"], seed=capture["seed"],
         )
-    from ..pipeline.teachers.hf import HFTeacher
+    from ..pipeline.teachers.hf import SAMPLER, HFTeacher
 
     c = plan.codec
-    return HFTeacher(plan.teacher["path"], plan.k, dtype=plan.teacher["dtype"], support=c["support"], sample_seed=c["sample_seed"])
+    if c["support"] == "sampled" and c.get("sampler") != SAMPLER:
+        raise CacheError(f"this cache's plan records the sampler {c.get('sampler', 'multinomial-per-row (ddk before 2026-12)')!r}, "
+                         f"this ddk draws with {SAMPLER!r}: its shards are read as they are, but finishing it would mix two "
+                         f"draw procedures; capture into a new cache.out_dir (or finish it with the ddk that began it)")
+    return HFTeacher(plan.teacher["path"], plan.k, dtype=plan.teacher["dtype"], support=c["support"], sample_seed=c["sample_seed"],
+                     vocab_bound=c["vocab_size"], chunk_tokens=t.get("chunk_tokens", 0))
 
 
 def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
@@ -69,9 +74,14 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
     codec = TopKCodec.from_params(c)
     writer = TopKShardWriter(codec, c["parquet_zstd_level"],
                              c["rows_per_row_group"], capture["encode_threads"])
-    # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
-    batch_rows = capture["teacher"]["batch_rows"] if capture["backend"] == "hf" else max(s.rows for s in todo)
     backend = make_backend(plan, capture)
+    # vLLM schedules its own batches: hand it a whole shard. HF runs batch_rows at a time.
+    batch_rows = max(s.rows for s in todo)
+    if capture["backend"] == "hf":
+        batch_rows = capture["teacher"]["batch_rows"]
+        if batch_rows == "auto":
+            batch_rows = backend.fit_batch_rows(plan.seq_len)
+            print(f"teacher.batch_rows = auto: {batch_rows} rows of {plan.seq_len} tokens per forward", flush=True)
     tokens, t_start = 0, time.perf_counter()
     # The next shard's teacher forward overlaps this shard's encode + write (a second
     # thread, which encodes rows on cache.encode_threads threads of its own: zstd and most
@@ -107,13 +117,15 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
 
         for spec in todo:
             rows = read_rows(rows_path(cache_dir / INGEST_DIR, spec.domain, spec.split), plan.seq_len, spec.row_start, spec.row_end)
-            topk = _concat([backend.topk(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)])
+            topk = _concat([_forward(backend, rows[i : i + batch_rows], batch_rows, spec.file) for i in range(0, len(rows), batch_rows)])
+            # Padded teacher ids folded into the tail in this shard (hf backend, padded teachers only).
+            fold = backend.take_folded() if hasattr(backend, "take_folded") else None
             # top-p: the exact top-k stays the reference the distortion is measured against.
             stored, reference = (top_p_support(topk, c["top_p"]), topk) if c["top_p"] else (topk, None)
             if pending is not None:
                 finish(pending)
             pending = (pool.submit(writer.write, cache_dir / spec.file, spec.domain, spec.split, spec.row_start,
-                                   np.asarray(rows), stored, reference), spec)
+                                   np.asarray(rows), stored, reference, {"vocab_fold": fold} if fold else None), spec)
         if pending is not None:
             finish(pending)
         bar.close()
@@ -127,6 +139,19 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
             write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype})
         except OSError:  # a full disk: the throughput note is not worth masking the real error
             pass
+
+
+def _forward(backend, rows: np.ndarray, batch_rows: int, shard: str) -> TopK:
+    """One teacher forward; out of GPU memory, a one-line error naming the knob and a value
+    that fits (half the rows; the shards written so far are complete and kept)."""
+    try:
+        return backend.topk(rows)
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(e).lower():
+            raise
+        raise CacheError(f"{shard}: the teacher ran out of GPU memory on {len(rows)} rows per forward; pass "
+                         f"--set teacher.batch_rows={max(1, batch_rows // 2)} (or teacher.batch_rows=auto) and re-run: "
+                         f"the shards already written are kept and only the missing ones are made") from None
 
 
 def _concat(parts: list[TopK]) -> TopK:

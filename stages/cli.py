@@ -319,6 +319,11 @@ def summarize(m: dict, cache_dir) -> str:
                  + (f"{kl:.2e} nats per position" if kl is not None else
                     "0 in expectation (a sampled support is unbiased; its cost is variance)" if support == "sampled" else
                     "not measured (shards written before ddk recorded it)"))
+    fold = m.get("vocab_fold")
+    if fold:
+        lines.append(f"  padding    teacher has {fold['teacher_rows']:,} rows for {fold['id_bound']:,} tokenizer ids; ids >= "
+                     f"{fold['id_bound']:,} folded into the tail: mass at {fold['folded_positions']:,} of {fold['positions']:,} "
+                     f"positions (mean {fold['mean_mass']:.2e}, max {fold['max_mass']:.2e}), in the top-k at {fold['in_top_k']:,}")
     cap = m.get("capture")
     if cap and cap.get("tokens_per_s"):
         lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,8 @@ from ..pipeline.objective import LossParts, Objective
 from ..pipeline.progress import progress
 from ..pipeline.run_identity import cache_identity, student_identity
 from ..pipeline.scheduler import DomainScheduler, IntervalSampler
-from ..pipeline.student import StudentLM
-from ..pipeline.teachers.identity import tokenizer_sha256
+from ..pipeline.student import StudentLM, autocast_context, autocast_dtype, build_optimizer, set_activation_checkpointing
+from ..pipeline.teachers.identity import tokenizer_difference
 
 
 class TrainingError(RuntimeError):
@@ -79,9 +79,20 @@ def load_student(cfg: Config, reader: TopKCacheReader, device: str):
         hint = "run `make teacher-cache` (it builds the tiny models)" if not cfg.distill.student else "point distill.student at a HF model directory"
         raise ConfigError(f"no student model at {path}; {hint}")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer_sha256(tokenizer) != reader.manifest["tokenizer"]["sha256"]:
+    # Compared: what changes ids (pipeline/teachers/identity.py), so an Instruct teacher's
+    # cache teaches its base sibling; special-token roles and chat templates may differ.
+    recorded = reader.manifest["tokenizer"]
+    differs = tokenizer_difference(recorded, tokenizer)
+    if differs is not None and "parts" not in recorded:
         raise CacheError(
-            f"student {path} uses another tokenizer than the cache {reader.dir} was made with; "
+            f"student {path} may use another tokenizer than the cache {reader.dir}: the cache records its tokenizer the old "
+            f"way (one hash of the vocabulary and the special-token map, which also differs between an Instruct and a base "
+            f"checkpoint of one family and cannot say what differs); rebuild the cache with this version (ddk teacher-cache "
+            f"into a new cache.out_dir) to compare what changes ids, or distill a student with the teacher's tokenizer files"
+        )
+    if differs is not None:
+        raise CacheError(
+            f"student {path} uses another tokenizer than the cache {reader.dir} was made with; it differs in: {differs}; "
             f"distill a student that shares the teacher's tokenizer, or rebuild the cache with a matching teacher"
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
@@ -99,13 +110,6 @@ def lr_at(step: int, cfg) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress_frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
-
-def autocast_context(precision: str, device: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device, enabled=False)
 
 
 class MetricsLog:
@@ -191,7 +195,8 @@ def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
 # cache or student: those two are checked by content hash instead). Every other field
 # changes the run and must match the checkpoint's.
 RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "debug_rank_logs", "precision",
-                          "kl_impl", "loss_impl", "parallel", "cache_dir", "student", "reader_cache_mb", "prefetch_batches")
+                          "kl_impl", "loss_impl", "parallel", "cache_dir", "student", "reader_cache_mb", "prefetch_batches",
+                          "activation_checkpointing")
 
 
 # [distill] fields added after runs were first recorded, with the value that reproduces
@@ -242,7 +247,8 @@ class Trainer:
         self.reader = reader = TopKCacheReader(cfg.cache_path(), max_cache_bytes=d.reader_cache_mb << 20)
         self.prefetch: BatchPrefetcher | None = None  # the current interval's micro-batches, decoded ahead
         model, self.tokenizer = load_student(cfg, reader, device)
-        if reader.manifest["codec"].get("support") == "sampled" and d.temperature != 1.0 and d.mode != "cpt":
+        sampled = reader.manifest["codec"].get("support") == "sampled"
+        if sampled and d.temperature != 1.0 and d.mode != "cpt":
             raise ConfigError(f"distill.temperature = {d.temperature}, but {reader.dir} holds a sampled support: its draw counts "
                               f"are unbiased for the teacher at T = 1 only (tempering them biases the target); use T = 1")
         self.out = out = Path(d.out_dir)
@@ -263,7 +269,10 @@ class Trainer:
                                          d.discrepancy_temperature, d.smooth_initial, d.weight_floor, d.weight_cap)
         self.sampler = IntervalSampler(rows, seed=d.seed)
         self.gamma = 0.0 if d.mode == "cpt" else d.gamma
-        self.objective = Objective(self.gamma, d.temperature, d.use_tail and d.temperature == 1.0, d.loss_impl, d.kl_impl)
+        # A sampled support holds all of the teacher's mass (its tail is -inf everywhere): the
+        # loss is the same without the tail bucket, so the kernels skip the tail terms.
+        self.objective = Objective(self.gamma, d.temperature, d.use_tail and d.temperature == 1.0 and not sampled,
+                                   d.loss_impl, d.kl_impl)
         # The scheduler steers by validation; results are reported on the held-out test rows.
         self.val_keys = split_keys(reader, "val", d.eval_rows)
         self.test_keys = split_keys(reader, "test")
@@ -276,9 +285,15 @@ class Trainer:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).to(device)
-        # The optimizer must see the wrapped parameters (FSDP2 replaces them with shards).
-        self.model = distributed.wrap_model(StudentLM(model, self.objective), d.parallel, env, device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.95))
+        set_activation_checkpointing(model, d.activation_checkpointing)
+        # The optimizer must see the wrapped parameters (FSDP2 replaces them with shards);
+        # FSDP2 gathers them in the dtype training computes in (bf16 on CUDA).
+        self.model = distributed.wrap_model(StudentLM(model, self.objective), d.parallel, env, device,
+                                            param_dtype=autocast_dtype(d.precision, device))
+        # AdamW without weight decay on norms, biases and embeddings; a run resumed from a
+        # checkpoint of one group (trained before that split) keeps decaying them all.
+        self.optimizer = build_optimizer(self.model, d.lr, d.weight_decay,
+                                         decay_all=ckpt is not None and _one_param_group(ckpt))
         self.state = {"step": 0, "interval_index": -1, "interval_keys": [], "interval_pos": 0, "before": None,
                       "before_test": None, "identity": self.identity}
         if ckpt is not None:
@@ -287,8 +302,8 @@ class Trainer:
             self.sampler.load_state_dict(self.state["sampler"])
             log(f"resuming from {ckpt} at step {self.state['step']}")
         if self.state["before"] is None:
-            self.state["before"] = distributed.domain_losses(self.model, reader, self.val_keys, env, device)
-            self.state["before_test"] = distributed.domain_losses(self.model, reader, self.test_keys, env, device)
+            self.state["before"] = distributed.domain_losses(self.model, reader, self.val_keys, env, device, precision=d.precision)
+            self.state["before_test"] = distributed.domain_losses(self.model, reader, self.test_keys, env, device, precision=d.precision)
         resume_step = self.state["step"] if ckpt else None
         self.metrics = MetricsLog(out / "metrics.jsonl", resume_step) if env.is_main else _NoLog()
         # distill.debug_rank_logs: what each rank computed and trained on (the distributed tests read it).
@@ -316,7 +331,8 @@ class Trainer:
         """
         step, state = self.step, self.state
         self.close_prefetch()  # the last interval's batches are all taken; its keys are replaced below
-        student_loss = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device)
+        student_loss = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device,
+                                                 precision=self.d.precision)
         student_ppl = np.array([perplexity(student_loss[dom]) for dom in self.domains])
         weights = self.scheduler.update(step, student_ppl, self.teacher_ppl)
         distributed.check_identical(weights, self.env, f"domain weights at step {step}")
@@ -344,8 +360,23 @@ class Trainer:
         return self.prefetch.next()
 
     def _load_batch(self, my_keys: list) -> CacheBatch:
+        """One micro-batch decoded (on a prefetch thread); on CUDA also pinned there, so that
+        its copy to the GPU (_to_device) is asynchronous."""
         batch_keys = [(dom, "train", row) for dom, row in my_keys]
-        return self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys)
+        batch = self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys)
+        if self.device == "cuda":
+            batch = CacheBatch(*(t.pin_memory() for t in _batch_tensors(batch)))
+        return batch
+
+    def _to_device(self, batch: CacheBatch) -> CacheBatch:
+        """The micro-batch's tensors the loss reads, on the training device: copies queued
+        behind the GPU's work without waiting for it (the host memory is pinned). The tail
+        only when the objective uses it; the teacher's target log-prob never (evaluation's)."""
+        if self.device == "cpu":
+            return batch
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return CacheBatch(move(batch.input_ids), move(batch.topk_ids), move(batch.topk_logprobs), batch.target_logprob,
+                          move(batch.tail_logmass) if self.objective.use_tail else batch.tail_logmass)
 
     def close_prefetch(self) -> None:
         """Stop decoding ahead: at an interval's end, the run's end, or when the run fails."""
@@ -354,34 +385,55 @@ class Trainer:
             self.prefetch = None
 
     def micro_step(self, batch: CacheBatch) -> LossParts:
-        """Forward (the loss, fused with the LM head by default) of one micro-batch."""
+        """Forward (the loss, fused with the LM head by default) of one micro-batch on the device."""
         with autocast_context(self.d.precision, self.device):
-            return self.model(batch.input_ids[:, :-1].to(self.device), batch)
+            return self.model(batch.input_ids[:, :-1], batch)
 
     def optimizer_step(self) -> None:
+        """grad_accum micro-batches, forward and backward, then clipping and AdamW.
+
+        Host synchronisations: reading a device value (.item(), .tolist(), bool(tensor))
+        makes the host wait until the GPU has run everything queued, and the GPU then
+        idles while the host queues the next kernels. So the step reads its numbers once:
+        each micro-batch's [loss, ce, kl] is summed on the device, the sums are averaged
+        over the ranks there, and read together with the gradient norm after the last
+        backward, before AdamW (a NaN on any rank stops every rank, the weights not
+        updated). Within a micro-batch nothing here reads the device: its tensors were
+        pinned on a prefetch thread and are copied asynchronously (_to_device). What the
+        forward calls still reads, once per micro-batch each: the fused loss's check of the
+        ids' range (kernels/fused_linear_kl.py) and transformers' packed-sequence detection
+        (masking_utils, at the decoder's start); each costs the GPU the time the host takes
+        to queue the next few kernels, well under 1 % of a real micro-batch.
+        distill.debug_rank_logs (tests only) reads each micro-batch's loss as well.
+        """
         d, env, step = self.d, self.env, self.step
         lr = lr_at(step, d)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
-        ce_sum = kl_sum = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss, ce, kl] over the micro-batches
         for micro in range(d.grad_accum):
             my_keys, batch = self.next_micro_batch()
             with distributed.grad_sync(self.model, micro == d.grad_accum - 1):
-                parts = self.micro_step(batch)
-                # The global mean (ranks hold equal row counts), and a NaN on one rank stops all of them.
-                loss_all, ce_all, kl_all = distributed.all_reduce_mean([parts.loss.item(), parts.ce, parts.kl], env)
-                if not math.isfinite(loss_all):
-                    self.metrics.close()
-                    good = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
-                    raise TrainingError(f"loss became {loss_all} at step {step} (ce {ce_all}, kl {kl_all}); training stopped, {good}; lower distill.lr or check the cache with `ddk cache verify`")
+                parts = self.micro_step(self._to_device(batch))
                 (parts.loss / d.grad_accum).backward()
-            ce_sum += ce_all / d.grad_accum
-            kl_sum += kl_all / d.grad_accum
-            self.ranks_log.write({"kind": "micro", "step": step, "micro": micro, "rows": my_keys, "loss": parts.loss.item(), "global_loss": loss_all})
+            sums += torch.stack([t.detach().to(torch.float64) for t in (parts.loss, parts.ce, parts.kl)])
+            if d.debug_rank_logs:
+                mine = parts.loss.item()
+                self.ranks_log.write({"kind": "micro", "step": step, "micro": micro, "rows": my_keys, "loss": mine,
+                                      "global_loss": distributed.all_reduce_mean([mine], env)[0]})
         # grad_clip = 0 turns clipping off (the norm is still measured and logged).
         max_norm = d.grad_clip if d.grad_clip > 0 else math.inf
-        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        # The global means (ranks hold equal row counts) and the norm: the step's one read.
+        means = distributed.all_reduce_mean_tensor(sums / d.grad_accum, env)
+        loss_all, ce_sum, kl_sum, grad_norm = torch.cat([means, norm.detach().reshape(1).to(means)]).tolist()
+        if not math.isfinite(loss_all):
+            self.metrics.close()
+            good = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+            raise TrainingError(f"loss became {loss_all} at step {step} (ce {ce_sum}, kl {kl_sum}); training stopped, {good}; "
+                                f"lower distill.lr or check the cache with `ddk cache verify`")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step = step + 1
@@ -412,8 +464,9 @@ class Trainer:
         self.metrics.close()
         self.ranks_log.close()
         d, state, domains = self.d, self.state, self.domains
-        after = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device)
-        after_test_rows = distributed.domain_row_losses(self.model, self.reader, self.test_keys, self.env, self.device)
+        after = distributed.domain_losses(self.model, self.reader, self.val_keys, self.env, self.device, precision=d.precision)
+        after_test_rows = distributed.domain_row_losses(self.model, self.reader, self.test_keys, self.env, self.device,
+                                                        precision=d.precision)
         teacher_test_rows = cache_teacher_row_losses(self.reader, self.test_keys)
         results = {
             "mode": self.label,
@@ -461,6 +514,18 @@ class _NoLog:
 
     def close(self) -> None:
         pass
+
+
+def _one_param_group(ckpt: Path) -> bool:
+    """Whether the checkpoint's AdamW had a single parameter group: a run started before
+    norms, biases and embeddings were exempt from weight decay (it resumes as it began)."""
+    blob = torch.load(ckpt / "trainer.pt", weights_only=False, mmap=True)  # mapped: only the group lists are read
+    return len(blob["optimizer"]["param_groups"]) == 1
+
+
+def _batch_tensors(batch: CacheBatch) -> tuple:
+    """A CacheBatch's tensors in field order (dataclasses.astuple would deep-copy them)."""
+    return tuple(getattr(batch, f.name) for f in fields(batch))
 
 
 def _tokens_only(reader: TopKCacheReader, keys) -> CacheBatch:

@@ -37,7 +37,8 @@ from ..pipeline.cache.schema import SPLITS, format_version
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.evaluate import format_table
 from ..pipeline.ingest import INGEST_DIR, IngestedDomain, ingest_corpus
-from ..pipeline.teachers.identity import model_vocab_size, tokenizer_sha256, weights_sha256
+from ..pipeline.teachers.identity import carry_legacy_identity, model_vocab_size, tokenizer_identity, weights_sha256
+from ..pipeline.teachers.hf import SAMPLER, checkpoint_dtype
 from ..pipeline.teachers.vllm import vllm_available
 from .capture_worker import CAPTURE_FILE, WORK_DIR, run_capture
 
@@ -74,24 +75,35 @@ def resolve_backend(name: str, support: str = "topk") -> str:
 def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CachePlan:
     """The plan's corpus-independent part (checked before ingesting): the teacher and
     tokenizer identities (hashed here, once per run), k, the codec; no domains yet."""
-    vocab = model_vocab_size(teacher_dir)
+    rows = model_vocab_size(teacher_dir)
+    # The id space a cache stores is the tokenizer's: a teacher padded beyond it (Qwen2.5-7B:
+    # 152,064 rows, 151,665 ids) has ids no text maps to, which a smaller student of the
+    # family (151,936 rows) may lack. Their mass is folded into the tail at capture.
+    vocab = len(tokenizer)
+    if vocab > rows:
+        raise ConfigError(f"{teacher_dir}: tokenizer has {vocab} tokens but the model's vocab_size is {rows}; the directory mixes two models")
     if cfg.cache.k > vocab:
         raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
-    if len(tokenizer) > vocab:
-        raise ConfigError(f"{teacher_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; the directory mixes two models")
+    if vocab < rows and backend == "vllm":
+        raise ConfigError(f"{teacher_dir}: the teacher has {rows} embedding rows for {vocab} tokenizer ids; folding the padded ids "
+                          f"into the tail is implemented for the hf backend only (vLLM's top-k may return them): pass "
+                          f"--set teacher.backend=hf")
     if cfg.cache.support == "sampled" and backend != "hf":
         raise ConfigError(f"cache.support = 'sampled' (the default) draws from the teacher's full distribution, which the {backend} "
                           f"backend does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf, or "
                           f"--set cache.support=topk to capture a top-k cache with vLLM")
     return CachePlan(
         format_version=format_version(cfg.cache.support, cfg.cache.top_p),
-        teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend, "dtype": cfg.teacher.dtype},
-        tokenizer={"sha256": tokenizer_sha256(tokenizer), "vocab_size": vocab},
+        teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend,
+                 "vocab_rows": rows, "dtype": checkpoint_dtype(teacher_dir) if cfg.teacher.dtype == "auto" else cfg.teacher.dtype},
+        # sha256 over what changes ids, plus per-part hashes and the added tokens to name a difference
+        tokenizer={**tokenizer_identity(tokenizer), "vocab_size": vocab},
         k=cfg.cache.k,
         seq_len=cfg.corpus.seq_len,
         codec={"vocab_size": vocab, "k": cfg.cache.k, "logprob_step": cfg.cache.logprob_step, "logprob_floor": DEFAULT_LOGPROB_FLOOR, "parquet_zstd_level": cfg.cache.parquet_zstd_level,
                "logprob_quantizer": cfg.cache.logprob_quantizer, "sqrt_prob_levels": cfg.cache.sqrt_prob_levels,
                "support": cfg.cache.support, "top_p": cfg.cache.top_p, "sample_seed": cfg.cache.sample_seed,
+               **({"sampler": SAMPLER} if cfg.cache.support == "sampled" else {}),
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
         domains={},
         shards=[],
@@ -221,7 +233,11 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     # k, and an existing cache's teacher, tokenizer, k and codec against this config.
     early = make_plan(cfg, teacher_dir, tokenizer, backend)
     if (cache_dir / PLAN_FILE).exists():
-        check_compatible(CachePlan.load(cache_dir), early, cache_dir, skip=("domains", "shards"))
+        existing = CachePlan.load(cache_dir)
+        # A cache begun before the per-part tokenizer identity keeps its recorded entry
+        # (and the ingest keyed by it) when this tokenizer reproduces its hash.
+        early = dataclasses.replace(early, tokenizer=carry_legacy_identity(existing.tokenizer, early.tokenizer, tokenizer))
+        check_compatible(existing, early, cache_dir, skip=("domains", "shards"))
 
     def ingest(need_rows: bool) -> list[IngestedDomain]:
         return ingest_corpus(cfg.corpus, base_dir, tokenizer, cache_dir / INGEST_DIR, early.tokenizer["sha256"], need_rows=need_rows, log=log)

@@ -107,6 +107,16 @@ def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path, skip:
         # disk, so a resumed cache keeps its one-row-group-per-shard layout (and its bytes),
         # and the reader reads it; refusing would only force a rebuild.
         b["codec"] = {**b["codec"], "rows_per_row_group": None}
+    if "vocab_rows" not in a["teacher"]:
+        # Begun before padded ids were folded: its id space was the teacher's rows (the
+        # plan on disk, which the workers capture with, keeps it so).
+        rows = b["teacher"].pop("vocab_rows", None)
+        b["codec"] = {**b["codec"], "vocab_size": rows}
+        b["tokenizer"] = {**b["tokenizer"], "vocab_size": rows}
+    if a["codec"].get("support") == "sampled" and "sampler" not in a["codec"]:
+        # Sampled before the draw procedure was recorded (one multinomial per row): a
+        # complete cache stays usable; resuming one is refused by the capture worker.
+        b["codec"] = {k: v for k, v in b["codec"].items() if k != "sampler"}
     for key in a:
         if key not in skip and a[key] != b.get(key):
             detail = _first_difference(a[key], b.get(key), key)
@@ -149,6 +159,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
     max_err, clamped, total_bytes = 0.0, 0, 0
     distortion, positions = 0.0, 0  # None once a shard predates the measure (or for a sampled support)
     entries = 0  # stored support entries; None once a shard predates the count
+    fold = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
     # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
     nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
     for spec in plan.shards:
@@ -164,6 +175,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         else:
             distortion = None
         entries = None if entries is None or "support_entries" not in info else entries + info["support_entries"]
+        for key, value in (info.get("vocab_fold") or {}).items():
+            fold[key] = max(fold[key], value) if key == "mass_max" else fold[key] + value
         domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
@@ -200,6 +213,12 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         "bytes_per_token": total_bytes / max(tokens, 1),
         "domains": domains,
     }
+    rows = plan.teacher.get("vocab_rows", plan.codec["vocab_size"])
+    if rows > plan.codec["vocab_size"]:
+        # The teacher's padded ids (rows the tokenizer never emits), folded into the tail.
+        manifest["vocab_fold"] = {"teacher_rows": rows, "id_bound": plan.codec["vocab_size"], "positions": fold["positions"],
+                                  "folded_positions": fold["folded_positions"], "in_top_k": fold["in_support"],
+                                  "mean_mass": fold["mass_sum"] / max(fold["positions"], 1), "max_mass": fold["mass_max"]}
     if stats:
         manifest["capture"] = stats
     write_json_atomic(cache_dir / MANIFEST_FILE, manifest)

@@ -79,8 +79,9 @@ class TopKShardWriter:
         return ids_blobs, lp_blobs, max(errors), sum(clamps), None if None in distortion else sum(distortion)
 
     def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK,
-              reference: TopK | None = None) -> dict:
-        """reference: the exact top-k `topk` was truncated from (cache.top_p), for the distortion."""
+              reference: TopK | None = None, extra_info: dict | None = None) -> dict:
+        """reference: the exact top-k `topk` was truncated from (cache.top_p), for the distortion;
+        extra_info: more keys for the shard's metadata (the teacher's folded padded ids)."""
         n, width = rows.shape
         positions = width - 1
         ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk, reference)
@@ -110,6 +111,7 @@ class TopKShardWriter:
             # nats, summed over rows x positions (pipeline/cache/fidelity.py); None: a sampled support
             "kl_distortion_sum": distortion,
             "support_entries": int((topk.ids >= 0).sum()),  # stored (id, value) pairs
+            **(extra_info or {}),
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         path.parent.mkdir(parents=True, exist_ok=True)

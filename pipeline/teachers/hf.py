@@ -1,67 +1,257 @@
-"""transformers backend: a plain forward pass plus torch.topk. Runs everywhere.
+"""transformers backend: the teacher's decoder, then its LM head applied in chunks of
+positions. Runs everywhere.
 
-The tail mass is exact: the logsumexp of the logits outside the top-k, in fp32, minus
-the full-vocabulary logsumexp (no subtraction of probabilities near 1).
+Why chunks: a batch of B rows of L tokens has [B, L, V] logits (at V = 151936, 8 x 2048
+tokens: 5 GB in bf16, 10 GB as fp32, and the tail's scatter copied that again). Running
+the decoder to its final hidden states [B*L, H] and then, per chunk of c positions,
+logits = h_c W^T in the model's dtype -> top-k, exact tail, target log-prob (or the
+sampled draws), keeps the capture's peak at the decoder's plus one chunk, whatever B is
+(kernels/teacher_head.py has the per-chunk arithmetic and its precision).
 
-support = "sampled" (pipeline/teachers/support.py): instead of the top-k, k draws with
-replacement from the full softmax of each position, on the device the logits are on,
-from a generator seeded per row by its tokens and cache.sample_seed; returned as the
+Same bytes as the unchunked capture where the chunk's matmul rounds as the whole batch's
+did (tests/test_teacher_head.py: the tiny config, chunks that split rows); in general a
+GEMM's rounding depends on its shape, in the last bit of the logits, and so did the
+unchunked capture's on teacher.batch_rows: neither was ever batch-invariant to the bit.
+
+The chunked head is used when it reproduces the model's own logits: checked once at load
+on a short probe row (a head with soft-capping or a logit scale, e.g. Gemma 2 or Cohere,
+fails the check). Otherwise the model's full logits are computed per batch and a line
+says so: correct, but with the [B, L, V] memory above.
+
+support = "sampled" (pipeline/teachers/support.py): k draws with replacement from the full
+softmax of each position by inverse CDF (kernels/teacher_head.py), with uniforms from one
+torch.Generator per row seeded by its tokens and cache.sample_seed: the same draws for the
+same row whatever the batching or chunking, on the same device type. Returned as the
 distinct ids with log(count / k) and no tail (the target sums to 1).
+
+vocab_bound: the tokenizer's length when the teacher has more embedding rows than ids
+(Qwen2.5-7B: 152,064 rows for 151,665 ids). Ids at or above it are folded into the tail
+(top-k) or left out of the draws (sampled); `folded` counts how often and how much.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+from torch import nn
 
-from .support import draws_to_support, row_seed
+from ...kernels.teacher_head import sample_chunk, topk_chunk
 from .base import TeacherBackend, TopK
+from .support import draws_to_support, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The sampled support's draw procedure, recorded in the plan (codec.sampler): a cache is
+# resumed only with the procedure it was begun with.
+SAMPLER = "inverse-cdf"
+# Logit bytes one chunk may take (its logits in the model's dtype plus the fp32 work the
+# chunk's arithmetic needs), and the bounds of the chunk in positions.
+CHUNK_BYTES = 1 << 30
+CHUNK_MIN, CHUNK_MAX = 64, 8192
+# teacher.batch_rows = "auto" on a GPU: the share of free memory the batch may take
+# (the rest absorbs fragmentation and the allocator's rounding), and the bounds.
+AUTO_MEMORY_SHARE = 0.85
+AUTO_ROWS_MAX = 256
+AUTO_ROWS_CPU = 32
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype a HF checkpoint is stored in (config.json's `torch_dtype`, or `dtype` in
+    transformers 5), as one of DTYPES; float32 when the config names none."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text_cfg = cfg.get("text_config", cfg)
+    name = str(text_cfg.get("dtype") or text_cfg.get("torch_dtype") or cfg.get("dtype") or cfg.get("torch_dtype")
+               or "float32").removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"{model_dir}/config.json: dtype {name!r} is not one of {', '.join(DTYPES)}; set teacher.dtype")
+    return name
+
+
+def chunk_tokens_for(vocab: int, dtype: torch.dtype, support: str, fused_stats: bool) -> int:
+    """Positions per head chunk so that its logits and fp32 work fit CHUNK_BYTES: the
+    logits in the model's dtype, plus an fp32 [c, V] buffer for sampling (exp, then the
+    cumulative sum in place) or for the torch top-k path (its fp32 copy and logsumexp
+    temporaries: 8 bytes); the Triton top-k path reads the logits once and needs none."""
+    extra = 4 if support == "sampled" else (0 if fused_stats else 8)
+    per_position = vocab * (torch.finfo(dtype).bits // 8 + extra)
+    c = CHUNK_BYTES // per_position
+    return int(min(CHUNK_MAX, max(CHUNK_MIN, c // CHUNK_MIN * CHUNK_MIN)))
 
 
 class HFTeacher(TeacherBackend):
     name = "hf"
 
     def __init__(self, path: str, k: int, dtype: str = "float32", device: str | None = None,
-                 support: str = "topk", sample_seed: int = 0):
+                 support: str = "topk", sample_seed: int = 0, vocab_bound: int | None = None,
+                 chunk_tokens: int = 0, impl: str = "auto"):
         from transformers import AutoModelForCausalLM
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
-        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        self._setup(model, k, support, sample_seed, vocab_bound, chunk_tokens, impl)
+
+    @classmethod
+    def from_model(cls, model, k: int, support: str = "topk", sample_seed: int = 0,
+                   vocab_bound: int | None = None, chunk_tokens: int = 0, impl: str = "auto") -> "HFTeacher":
+        """A teacher around a model already in memory (benchmarks build random-init ones)."""
+        self = cls.__new__(cls)
+        self._setup(model.eval(), k, support, sample_seed, vocab_bound, chunk_tokens, impl)
+        return self
+
+    def _setup(self, model, k, support, sample_seed, vocab_bound, chunk_tokens, impl):
+        self.model = model
+        self.device = str(next(model.parameters()).device)
+        self.dtype = str(model.dtype).removeprefix("torch.")
         self.k = k
         self.support = support
         self.sample_seed = sample_seed
+        self.impl = impl
+        head = model.get_output_embeddings()
+        self.vocab = head.weight.shape[0]
+        self.vocab_bound = self.vocab if vocab_bound is None else min(vocab_bound, self.vocab)
+        fused = impl == "triton" or (impl == "auto" and self.device.startswith("cuda"))
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused)
+        self.folded = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
+        self.chunked = self._head_reproduces_logits()
+        if not self.chunked:
+            print(f"teacher: {type(model).__name__}'s LM head is not a plain linear map of its final hidden states "
+                  f"(checked on a probe row); computing its full [rows, seq, {self.vocab}] logits per batch "
+                  f"(more memory than the chunked head: lower teacher.batch_rows if it runs out)", flush=True)
+
+    @torch.no_grad()
+    def _head_reproduces_logits(self) -> bool:
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or not hasattr(self.model, "get_decoder"):
+            return False
+        ids = torch.arange(1, 17, device=self.device)[None] % self.vocab_bound
+        want = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        got = head(self._final_hidden(ids)[0]).float()
+        # Rounding of a differently shaped matmul in the model's dtype: well below this.
+        tol = 1e-3 if self.model.dtype == torch.float32 else 5e-2
+        return got.shape == want.shape and bool(((got - want).abs() <= tol * (1 + want.abs())).all())
+
+    def _final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
+    def _chunk_step(self, positions: int) -> int:
+        """chunk_tokens, evened out over the batch so that no chunk is a small remainder
+        (a GEMM of a few rows rounds differently and runs slowly)."""
+        chunks = -(-positions // self.chunk_tokens)
+        return -(-positions // chunks)
+
+    def _chunks(self, ids: torch.Tensor):
+        """(positions slice, logits [c, V] in the model's dtype) over all B*L positions."""
+        if not self.chunked:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            flat = logits.reshape(-1, logits.shape[-1])
+            step = self._chunk_step(flat.shape[0])
+            for r0 in range(0, flat.shape[0], step):
+                yield slice(r0, r0 + step), flat[r0: r0 + step]
+            return
+        hidden = self._final_hidden(ids)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        w, b = head.weight, head.bias
+        step = self._chunk_step(flat.shape[0])
+        buf = torch.empty(step, self.vocab, dtype=w.dtype, device=flat.device)
+        for r0 in range(0, flat.shape[0], step):
+            h = flat[r0: r0 + step]
+            out = buf[: h.shape[0]]
+            if b is None:
+                torch.mm(h, w.t(), out=out)
+            else:
+                torch.addmm(b, h, w.t(), out=out)
+            yield slice(r0, r0 + h.shape[0]), out
 
     @torch.no_grad()
     def topk(self, rows: np.ndarray) -> TopK:
         ids = torch.as_tensor(np.array(rows, dtype=np.int64), device=self.device)
-        logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits.float()  # [B, L, V]
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        target = torch.gather(logits, -1, ids[:, 1:, None]).squeeze(-1) - lse.squeeze(-1)
-        if self.support == "sampled":
-            return self._sampled(rows, logits, lse, target)
-        top_vals, top_ids = torch.topk(logits, self.k, dim=-1)
-        rest = logits.scatter(-1, top_ids, float("-inf"))
-        tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - lse).squeeze(-1)
+        b, length = ids.shape[0], ids.shape[1] - 1
+        targets = ids[:, 1:].reshape(-1)
+        uniforms = self._uniforms(rows, length) if self.support == "sampled" else None
+        parts = []
+        for r, logits in self._chunks(ids[:, :-1]):
+            if uniforms is None:
+                parts.append(topk_chunk(logits, targets[r], self.k, self.vocab_bound, self.impl))
+            else:
+                parts.append(sample_chunk(logits, targets[r], uniforms[r], self.vocab_bound))
+        out = [torch.cat(field) for field in zip(*parts)]
+        return self._topk_batch(out, b, length) if uniforms is None else self._sampled_batch(out, b, length)
+
+    def _uniforms(self, rows: np.ndarray, length: int) -> torch.Tensor:
+        """[B * L, k] uniforms, each row's from its own generator (seeded by the row)."""
+        per_row = []
+        for row in rows:
+            gen = torch.Generator(device=self.device).manual_seed(row_seed(row, self.sample_seed))
+            per_row.append(torch.rand((length, self.k), generator=gen, device=self.device))
+        return torch.cat(per_row)
+
+    def _count_folded(self, folded_logmass: torch.Tensor, in_support: torch.Tensor | None) -> None:
+        if self.vocab_bound == self.vocab:
+            return
+        mass = folded_logmass.double().exp()
+        stats = torch.stack([(mass > 0).sum().double(), mass.sum(), mass.max(),
+                             torch.zeros((), dtype=torch.float64, device=mass.device) if in_support is None
+                             else in_support.sum().double()]).tolist()
+        f = self.folded
+        f["positions"] += mass.numel()
+        f["folded_positions"] += int(stats[0])
+        f["mass_sum"] += stats[1]
+        f["mass_max"] = max(f["mass_max"], stats[2])
+        f["in_support"] += int(stats[3])
+
+    def take_folded(self) -> dict | None:
+        """The folded-id counts since the last call (None for a teacher without padded ids):
+        positions, positions with any folded mass, positions where a padded id would have
+        been in the top-k, and the folded mass summed and at its largest."""
+        if self.vocab_bound == self.vocab:
+            return None
+        out = dict(self.folded)
+        self.folded = {key: 0 * value for key, value in out.items()}
+        return out
+
+    def _topk_batch(self, out, b, length) -> TopK:
+        ids, logprobs, target, tail, folded, in_topk = out
+        self._count_folded(folded, in_topk)
+        shape = (b, length)
         return TopK(
-            ids=top_ids.to(torch.int32).cpu().numpy(),
-            logprobs=(top_vals - lse).cpu().numpy().astype(np.float32),
-            target_logprob=target.cpu().numpy().astype(np.float32),
-            tail_logmass=tail.cpu().numpy().astype(np.float32),
+            ids=ids.to(torch.int32).cpu().numpy().reshape(*shape, -1),
+            logprobs=logprobs.cpu().numpy().astype(np.float32).reshape(*shape, -1),
+            target_logprob=target.cpu().numpy().astype(np.float32).reshape(shape),
+            tail_logmass=tail.cpu().numpy().astype(np.float32).reshape(shape),
         )
 
-    def _sampled(self, rows, logits, lse, target) -> TopK:
-        draws = []
-        for b in range(logits.shape[0]):
-            gen = torch.Generator(device=self.device).manual_seed(row_seed(rows[b], self.sample_seed))
-            probs = (logits[b] - lse[b]).exp_()  # [L, V] fp32
-            draws.append(torch.multinomial(probs, self.k, replacement=True, generator=gen).cpu().numpy())
-        sup_ids, sup_lp = draws_to_support(np.stack(draws), self.k)
-        b, length = target.shape
-        return TopK(ids=sup_ids, logprobs=sup_lp, target_logprob=target.cpu().numpy().astype(np.float32),
+    def _sampled_batch(self, out, b, length) -> TopK:
+        draws, target, folded = out
+        self._count_folded(folded, None)
+        sup_ids, sup_lp = draws_to_support(draws.sort(-1).values.cpu().numpy().reshape(b, length, -1), self.k)
+        return TopK(ids=sup_ids, logprobs=sup_lp, target_logprob=target.cpu().numpy().astype(np.float32).reshape(b, length),
                     tail_logmass=np.full((b, length), -np.inf, np.float32))
+
+    @torch.no_grad()
+    def fit_batch_rows(self, seq_len: int) -> int:
+        """teacher.batch_rows = "auto": on a GPU, the rows of seq_len tokens that fit
+        AUTO_MEMORY_SHARE of the free memory, from two probe captures (1 and 3 rows): the
+        peak grows linearly in rows (the decoder's activations), on top of a constant
+        (one head chunk). On CPU, AUTO_ROWS_CPU."""
+        if not self.device.startswith("cuda"):
+            return AUTO_ROWS_CPU
+        folded = dict(self.folded)  # the probes are not corpus positions
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        base = torch.cuda.memory_allocated()
+        peaks = []
+        for rows in (1, 3):
+            torch.cuda.reset_peak_memory_stats()
+            self.topk(np.zeros((rows, seq_len + 1), dtype=np.int64))
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        per_row = max(1, (peaks[1] - peaks[0]) / 2)
+        fixed = max(0.0, peaks[0] - per_row)
+        self.folded = folded
+        torch.cuda.empty_cache()
+        return int(max(1, min(AUTO_ROWS_MAX, (AUTO_MEMORY_SHARE * free - fixed) // per_row)))
 
     def close(self) -> None:
         del self.model

@@ -69,7 +69,8 @@ def top_p_support(topk: TopK, top_p: float) -> TopK:
 
 def draws_to_support(draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """draws [..., k] sampled token ids -> (distinct ids [..., k] ascending, -1 padded;
-    log(count / k) [..., k], -inf padded)."""
+    log(count / k) [..., k], -inf padded). Counts are the run lengths of the sorted draws:
+    every row starts a run, so over the flattened array a run ends where the next begins."""
     draws = np.sort(np.asarray(draws, dtype=np.int64), axis=-1)
     if draws.shape[-1] != k:
         raise ValueError(f"expected {k} draws per position, got {draws.shape[-1]}")
@@ -78,14 +79,15 @@ def draws_to_support(draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     new = np.ones(flat.shape, bool)
     new[:, 1:] = flat[:, 1:] != flat[:, :-1]  # the first draw of each distinct id
     slot = np.cumsum(new, axis=1) - 1  # its slot in the output
-    counts = np.zeros(flat.shape, np.int64)
-    np.add.at(counts, (np.repeat(np.arange(flat.shape[0]), k), slot.reshape(-1)), 1)
-    ids = np.full(flat.shape, -1, np.int64)
-    rows, cols = np.nonzero(new)
-    ids[rows, slot[rows, cols]] = flat[rows, cols]
-    with np.errstate(divide="ignore"):
-        lp = np.log(counts / k)
-    return ids.reshape(shape).astype(np.int32), lp.reshape(shape).astype(np.float32)
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, new.size))
+    rows, cols = np.divmod(starts, k)
+    out_slots = slot[rows, cols]
+    ids = np.full(flat.shape, -1, np.int32)
+    lp = np.full(flat.shape, -np.inf, np.float32)
+    ids[rows, out_slots] = flat[rows, cols]
+    lp[rows, out_slots] = np.log(counts / k)
+    return ids.reshape(shape), lp.reshape(shape)
 
 
 def row_seed(row: np.ndarray, seed: int) -> int:

@@ -1,0 +1,89 @@
+"""A teacher padded beyond the student within one family (Qwen2.5-7B: 152,064 rows, the
+0.5B: 151,936, the tokenizer: 151,851 ids here), end to end on Qwen's tokenizer: the cache
+stores ids below the tokenizer's length, folds the padded ids' mass into the tail (counted
+in the manifest and by `ddk cache inspect`), and the smaller student distils from it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddk.pipeline.cache.reader import TopKCacheReader
+from ddk.pipeline.config import load_config
+from ddk.stages.cli import main as cli
+from ddk.stages.distill import distill
+from ddk.stages.teacher_cache import teacher_cache
+
+QUIET = lambda *_: None  # noqa: E731
+TEACHER_ROWS, STUDENT_ROWS, TOKENIZER_LEN = 152_064, 151_936, 151_851
+PADDED_ID = 152_000  # a row no text maps to, given a frequent token's output row
+
+
+@pytest.fixture(scope="module")
+def padded_pair(tmp_path_factory):
+    """(config overrides, root): tiny Qwen2 models on Qwen's tokenizer, the teacher's
+    embedding and head resized to 152,064 rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("padded")
+    base = [f"models.out_dir={json.dumps(str(root / 'models'))}", "corpus.max_train_rows=4", "corpus.val_rows=2",
+            "corpus.test_rows=2", "corpus.seq_len=32", "corpus.builtin_chars_per_domain=60000",
+            "models.teacher.pretrain_steps=6", "models.student.pretrain_steps=2", "models.teacher.hidden_size=64",
+            "models.teacher.num_layers=1", "models.teacher.num_heads=1", "models.teacher.intermediate_size=128",
+            "models.student.hidden_size=64", "models.student.num_heads=1", "models.student.intermediate_size=128",
+            "models.tie_word_embeddings=false"]
+    cfg = load_config("configs/qwen-vocab.toml", base)
+    from ddk.pipeline.corpus import load_domains
+    from ddk.pipeline.tiny_models import make_tiny_models
+
+    make_tiny_models(cfg.models, load_domains(cfg.corpus), cfg.corpus)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "models" / "teacher")
+    teacher.resize_token_embeddings(TEACHER_ROWS, mean_resizing=False)
+    with torch.no_grad():
+        frequent = 220  # " " in Qwen's vocabulary: its output row is large on this corpus
+        teacher.lm_head.weight[PADDED_ID] = teacher.lm_head.weight[frequent] * 1.5
+    teacher.save_pretrained(root / "teacher-padded")
+    AutoTokenizer.from_pretrained(root / "models" / "teacher").save_pretrained(root / "teacher-padded")
+    overrides = base + [f"teacher.path={json.dumps(str(root / 'teacher-padded'))}", "teacher.backend=hf",
+                        f"cache.out_dir={json.dumps(str(root / 'cache'))}", "cache.rows_per_shard=8",
+                        f"distill.out_dir={json.dumps(str(root / 'run'))}", "distill.steps=2", "distill.batch_rows=2",
+                        "distill.interval=1"]
+    return overrides, root
+
+
+def test_a_padded_teacher_caches_tokenizer_ids_and_folds_the_rest(padded_pair):
+    overrides, root = padded_pair
+    cfg = load_config("configs/qwen-vocab.toml", overrides)
+    m = teacher_cache(cfg, log=QUIET)
+    assert m["teacher"]["vocab_rows"] == TEACHER_ROWS
+    assert m["codec"]["vocab_size"] == m["tokenizer"]["vocab_size"] == TOKENIZER_LEN
+    fold = m["vocab_fold"]
+    assert fold["teacher_rows"] == TEACHER_ROWS and fold["id_bound"] == TOKENIZER_LEN
+    assert fold["positions"] == m["tokens"]  # every predicted position of every shard
+    assert fold["in_top_k"] > 0 and 0 < fold["mean_mass"] <= fold["max_mass"] < 1
+    reader = TopKCacheReader(cfg.cache.out_dir)
+    keys = [(d, "train", 0) for d in m["domains"]]
+    batch = reader.batch(keys)
+    assert int(batch.topk_ids.max()) < TOKENIZER_LEN
+    # The stored distribution (kept + tail) still sums to one: the folded mass is in the tail.
+    total = torch.logsumexp(torch.cat([batch.topk_logprobs.double(), batch.tail_logmass.double()[..., None]], -1), -1)
+    assert torch.allclose(total, torch.zeros_like(total), atol=2e-3)
+    out = CliRunner().invoke(cli, ["cache", "inspect", cfg.cache.out_dir])
+    assert out.exit_code == 0, out.output
+    assert f"teacher has {TEACHER_ROWS:,} rows for {TOKENIZER_LEN:,} tokenizer ids" in out.output
+
+
+def test_the_smaller_student_of_the_family_distils_from_it(padded_pair):
+    from transformers import AutoConfig
+
+    overrides, root = padded_pair
+    cfg = load_config("configs/qwen-vocab.toml", overrides + ["distill.mode=kd"])
+    teacher_cache(cfg, log=QUIET)  # complete: nothing to do
+    assert AutoConfig.from_pretrained(cfg.student_path()).vocab_size == STUDENT_ROWS
+    result = distill(cfg, log=QUIET)
+    assert result["steps"] == 2
+    assert all(math.isfinite(v) for v in result["test"]["student_after_loss"].values())
