@@ -22,9 +22,34 @@ Memory. At V = 151936 and 8192 tokens the bf16 logits alone are 2.5 GB, the fp32
 the CE takes 5 GB and their gradients as much again. Here tokens are processed in
 chunks of c rows: z_c = h_c W^T (a matmul), one pass computes the chunk's CE and KL and
 overwrites z_c with g_c in place (z_c is not needed afterwards), then dh_c = g_c W and
-dW += g_c^T h_c (fp32 accumulator). Beyond the gradients dh [N, H] and dW [V, H] and a
-few [N]-sized row vectors, the extra memory is O(c V), whatever N is; c defaults to
-~256 MiB of fp32 logits.
+dW += g_c^T h_c. Beyond the gradients dh [N, H] and dW [V, H] (fp32) and a few
+[N]-sized row vectors, the extra memory is one [c, V] buffer in the compute dtype, O(c V)
+whatever N is.
+
+dW is accumulated by the GEMM itself: for bf16/fp16 operands on CUDA,
+torch.addmm(dW, g_c^T, h_c, out_dtype=float32, out=dW) reads and writes the fp32
+accumulator in cuBLAS's epilogue, so there is neither a [V, H] product per chunk nor a
+separate elementwise pass over dW (on an H200 at 4096 x 128256, that `add_` was 41 % of
+the fused head's GPU time at the old 520-token chunk). Where torch has no such op (CPU,
+torch < 2.8), a probe made once per device type and dtype picks the old path: the
+product rounded to the compute dtype, then added into the fp32 accumulator.
+
+Chunk size: the memory/time trade. Each chunk costs a fixed read and write of the fp32
+dW accumulator (8 V H bytes, at memory bandwidth) next to its 6 c V H matmul FLOPs, so
+small chunks leave the GEMMs waiting on memory. Measured on an H200 (bf16, N = 8192,
+k = 64, still with the separate `add_`): at H x V = 4096 x 128256 a chunk of 520 tokens
+(the old default: 256 MiB counted as fp32, while the buffer is really bf16) took
+77.5 ms, 1024 60.0, 2048 52.8, 4096 48.3 (unfused 52.2 ms, Liger's fused KL 43.0); at
+1536 x 151936, 440 -> 41.4, 1024 29.1, 2048 26.6, 4096 24.1 (unfused 35.8). The floor is
+the three bf16 GEMMs alone: ~33 ms at 4096 x 128256, ~8.5 ms at 896 x 151936. So on
+CUDA the default (``default_chunk_tokens``) is CUDA_TOKENS_PER_SM tokens per SM (4224 on
+the 132 SMs of an H100/H200: more SMs run a chunk's GEMMs faster but not the
+accumulator's read and write, so the chunk grows with them), capped so that the buffer,
+counted in its real dtype, stays under min(CUDA_CHUNK_BYTES_MAX, device memory /
+CUDA_CHUNK_MEMORY_SHARE): 1.08 GB of bf16 at V = 128256, 1.28 GB at 151936 (fp32 logits
+at 151936 hit the 2 GiB cap at 3528 tokens), against 14-17 GB of logits and gradients
+unfused. On CPU (the torch path, which works on an fp32 copy of the chunk) the chunk's
+fp32 logits are kept under CPU_CHUNK_BYTES. ``chunk_tokens`` overrides either.
 
 Why the gradient is computed in the forward (as in Liger-Kernel's fused linear
 cross-entropy): the backward would need the chunk logits again, so it would redo the
@@ -37,10 +62,12 @@ hidden, weight nor bias requires a gradient, only the losses are computed.
 Implementations: on CUDA the matmuls are cuBLAS (torch) and each chunk's loss and
 gradient come from one Triton kernel, one program per row, that streams the row twice
 (an online logsumexp with the support gathered; then the gradient written over the
-logits), with the numerics of kernels/sparse_kl.py: log-space combination, fp64 sums,
-the student tail as the difference of bit-identical exp terms and an exact re-sum when
-its share is tiny. The torch implementation (CPU, and the reference anywhere) runs the
-same chunk loop with the loss and gradient from torch ops.
+logits), with the numerics of kernels/sparse_kl.py: log-space combination, the student
+tail as the difference of bit-identical exp terms and an exact re-sum when its share is
+tiny. That difference needs the row's sums in fp64 (see _fused_ce_kl_kernel); without the
+tail bucket (tail_logmass=None: sampled caches, T != 1, CE only) they are fp32. The torch
+implementation (CPU, and the reference anywhere) runs the same chunk loop with the loss
+and gradient from torch ops.
 
 Autocast: under torch.autocast the matmuls run in the autocast dtype, as nn.Linear's
 would (h, W, b cast, logits in that dtype); the loss arithmetic is fp32 in every case,
@@ -49,6 +76,7 @@ and the gradients come back in the inputs' own dtypes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -62,9 +90,9 @@ from .sparse_kl import (
     GPU_BWD_BLOCK_V,
     GPU_FWD_BLOCK_V,
     GPU_NUM_WARPS,
+    INTERPRETER_BLOCK_V,
     LOG_P_TAIL_MIN,
     _backward_row_terms,
-    _block_v,
     _put_support,
     _support_slots,
     _teacher_log_probs,
@@ -73,16 +101,54 @@ from .sparse_kl import (
 )
 
 
-# fp32 bytes of one chunk of logits when chunk_tokens is None: small next to the [N, V]
-# buffers it replaces, large enough that the three matmuls per chunk stay efficient.
-CHUNK_LOGITS_BYTES = 256 << 20
+# Default chunk sizes (chunk_tokens=None); the module docstring gives the measured trade.
+# CPU: bytes of one chunk's fp32 logits, the torch path's working copy.
+CPU_CHUNK_BYTES = 256 << 20
+# CUDA: tokens per SM: the chunk's matmul FLOPs then scale with the device's compute while
+# its fixed cost (one read and write of the fp32 dW accumulator) stays a few percent.
+CUDA_TOKENS_PER_SM = 32
+# CUDA: the chunk buffer, in the bytes it really takes, stays under both of these.
+CUDA_CHUNK_BYTES_MAX = 2 << 30
+CUDA_CHUNK_MEMORY_SHARE = 16  # at most total device memory / this
+# The torch path on CUDA keeps an fp32 working copy of the chunk and one fp32 temporary
+# next to the buffer: bytes per logit on top of the buffer's own.
+TORCH_PATH_EXTRA_BYTES = 8
 # Chunk sizes are rounded down to a multiple of this (tensor-core friendly matmul shapes).
 CHUNK_MULTIPLE = 8
 
+# The fused kernel streams a row in blocks of these many logits (sparse_kl.py's measured
+# choice); the interpreter costs per operation, so on CPU a whole row is one block.
+# Module constants, read at every launch, so that the tests can force many blocks per row.
+GPU_STATS_BLOCK_V = GPU_FWD_BLOCK_V
+GPU_GRAD_BLOCK_V = GPU_BWD_BLOCK_V
+INTERPRETER_STATS_BLOCK_V = INTERPRETER_BLOCK_V
+INTERPRETER_GRAD_BLOCK_V = INTERPRETER_BLOCK_V
 
-def default_chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take <= CHUNK_LOGITS_BYTES."""
-    rows = CHUNK_LOGITS_BYTES // (4 * vocab)
+
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(SM count, total memory in bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.total_memory
+
+
+def default_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu", use_triton: bool = True) -> int:
+    """Tokens per chunk when chunk_tokens is None (see the module docstring).
+
+    dtype is the compute dtype, the chunk buffer's (the autocast dtype under autocast);
+    use_triton says which path runs on CUDA (the torch path needs fp32 scratch too).
+    CPU: the chunk's fp32 logits take <= CPU_CHUNK_BYTES. CUDA: CUDA_TOKENS_PER_SM per SM,
+    fewer if the buffer would pass min(CUDA_CHUNK_BYTES_MAX, memory /
+    CUDA_CHUNK_MEMORY_SHARE).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        sms, total_memory = _device_facts(device)
+        per_logit = dtype.itemsize + (0 if use_triton else TORCH_PATH_EXTRA_BYTES)
+        cap = min(CUDA_CHUNK_BYTES_MAX, total_memory // CUDA_CHUNK_MEMORY_SHARE)
+        rows = min(CUDA_TOKENS_PER_SM * sms, cap // (per_logit * vocab))
+    else:
+        rows = CPU_CHUNK_BYTES // (4 * vocab)
     return max(CHUNK_MULTIPLE, rows // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
 
 
@@ -185,14 +251,15 @@ if triton is not None:
         ce_ptr, kl_ptr,
         V, K, ignore_index, inv_t, gamma_t, kl_scale, exact_tail_below, log_p_tail_min,
         HAS_KL: tl.constexpr, HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr,
-        WRITE_GRAD: tl.constexpr,
+        WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
         BLOCK_STATS: tl.constexpr, BLOCK_GRAD: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """One row: CE and KL (T^2-scaled) stored; with WRITE_GRAD, dloss/dz over z.
 
         ids must be sorted ascending within the row (the gradient pass walks them
         alongside the stream), padding (-1) first. log_q is tempered and masked on the
-        host, -inf at padding.
+        host, -inf at padding. ACC is the dtype of the row's sums: fp64 with the tail,
+        whose share is a difference of two sums, fp32 otherwise (see _acc_dtype).
         """
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_row
@@ -217,21 +284,20 @@ if triton is not None:
                 # target's when that is larger, which forces p_tail > 1 / (k + 1)): it
                 # moves only if an off-support logit beats it, so in the small-tail case
                 # each exp term of the stream is bit-identical to the one recomputed
-                # from z_s below and only the fp64 sums round (see sparse_kl.py).
+                # from z_s below and only the ACC sums round (see sparse_kl.py).
                 m = tl.maximum(m, tl.max(z_s, 0))
             # Pass 1: sum of exp(z - m) (and of exp(z / T - m / T) when tempered).
-            acc = tl.zeros([], dtype=tl.float64)
-            acc_u = tl.zeros([], dtype=tl.float64)
+            acc = tl.zeros([], dtype=ACC)
+            acc_u = tl.zeros([], dtype=ACC)
             for start in range(0, V, BLOCK_STATS):
                 off = start + tl.arange(0, BLOCK_STATS)
                 z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(z, 0))
-                acc = acc * tl.exp(m - m_new).to(tl.float64) + tl.sum(
-                    tl.exp(z - m_new).to(tl.float64), 0)
+                acc = acc * tl.exp(m - m_new).to(ACC) + tl.sum(tl.exp(z - m_new).to(ACC), 0)
                 if TEMPERED:
                     # Rounding is monotone: max(z / T) is m / T, so exp(...) <= 1 here too.
-                    acc_u = acc_u * tl.exp(m * inv_t - m_new * inv_t).to(tl.float64) + tl.sum(
-                        tl.exp(z * inv_t - m_new * inv_t).to(tl.float64), 0)
+                    acc_u = acc_u * tl.exp(m * inv_t - m_new * inv_t).to(ACC) + tl.sum(
+                        tl.exp(z * inv_t - m_new * inv_t).to(ACC), 0)
                 m = m_new
             log_sum = tl.log(acc.to(tl.float32))
             ce = (m - z_t) + log_sum
@@ -252,7 +318,7 @@ if triton is not None:
                 q_grad = tl.sum(q, 0)
                 ratio = 0.0
                 if HAS_TAIL:
-                    tail = acc - tl.sum(tl.exp(z_s - m).to(tl.float64), 0)
+                    tail = acc - tl.sum(tl.exp(z_s - m).to(ACC), 0)
                     share = (tl.maximum(tail, 0.0) / acc).to(tl.float32)
                     # Shares below the threshold are replaced by the exact re-sum.
                     log_pt = tl.log(tl.maximum(share, exact_tail_below))
@@ -310,6 +376,34 @@ if triton is not None:
         tl.store(kl_ptr + row, kl)
 
 
+def _acc_dtype(has_tail: bool):
+    """The dtype of the kernel's row sums.
+
+    With the tail, p_tail is the difference of two sums, over the row and over the support,
+    of bit-identical exp terms: it keeps the sums' absolute error, relative to the row's
+    sum. Measured at V = 151936 (blocks of 4096, logits ~ N(0, 2^2) with the support
+    lifted, 8 rows per point, against an exact fp64 sum): fp32 sums leave a relative
+    error in p_tail of 1.7e-6 at tail shares ~0.1, 4.5e-4 at ~1e-3, 7e-3 at ~5e-5, 0.76
+    at ~1e-6 and over 1 below; fp64 sums keep it under 7e-8 at every share above the
+    exact pass's 2^-30. Rows of a real student whose top-64 holds all but 1e-3 of its mass
+    are common, and sending them all to the exact re-sum would cost a third read of the
+    row. Without the tail the sums only give log S, where fp32 errs by <= 4.2e-7 in the
+    same measurement (the loss's own fp32 rounding): fp32 there. Through the kernel itself
+    (interpreter, blocks of 4096, V = 151936, the real-vocabulary test's rows, no tail,
+    T = 1 and 2), fp32 and fp64 sums gave the same errors against the fp64 reference:
+    loss, CE and KL within 6e-8 relative, gradients within 1.1e-6 of their largest entry.
+    """
+    return tl.float64 if has_tail else tl.float32
+
+
+def _fused_blocks(logits) -> tuple[int, int]:
+    """(BLOCK_STATS, BLOCK_GRAD) for this chunk, from the module constants."""
+    row = triton.next_power_of_2(logits.shape[1])
+    if logits.is_cuda:
+        return min(GPU_STATS_BLOCK_V, row), min(GPU_GRAD_BLOCK_V, row)
+    return min(INTERPRETER_STATS_BLOCK_V, row), min(INTERPRETER_GRAD_BLOCK_V, row)
+
+
 def _triton_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_grad):
     n, v = logits.shape
     t = opts.temperature
@@ -320,23 +414,54 @@ def _triton_chunk(logits, targets, teacher, inv_n, ce_out, kl_out, opts, write_g
     log_q = teacher.log_q if has_kl else ce_out
     log_q_tail = teacher.log_q_tail if has_tail else ce_out
     k = ids.shape[1] if has_kl else 1
+    block_stats, block_grad = _fused_blocks(logits)
     _fused_ce_kl_kernel[(n,)](
         logits, logits.stride(0), targets, ids, log_q, log_q_tail, inv_n,
         ce_out, kl_out,
         v, k, opts.ignore_index, 1.0 / t, opts.gamma * t, t * t,
         EXACT_TAIL_BELOW, LOG_P_TAIL_MIN,
         HAS_KL=has_kl, HAS_TAIL=has_tail, TEMPERED=t != 1.0, WRITE_GRAD=write_grad,
-        BLOCK_STATS=_block_v(logits, GPU_FWD_BLOCK_V), BLOCK_GRAD=_block_v(logits, GPU_BWD_BLOCK_V),
+        ACC=_acc_dtype(has_tail),
+        BLOCK_STATS=block_stats, BLOCK_GRAD=block_grad,
         BLOCK_K=max(16, triton.next_power_of_2(k)),
         num_warps=GPU_NUM_WARPS,
     )
 
 
-def _add_matmul(acc, a, b):
-    """acc += a @ b into the fp32 accumulator; a bf16/fp16 product is rounded to its dtype
-    once per chunk, and the sum over chunks is kept in fp32."""
+@functools.cache
+def _gemm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm and torch.mm take out_dtype=float32 for `dtype` operands here.
+
+    Decided once per device type and dtype by a probe on 2 x 2 matrices, checked against
+    the exact result (beta = 1 must accumulate), rather than per chunk: CUDA has the op
+    from torch 2.8 (some versions refuse an fp32 addend), CPU builds have none
+    (torch 2.13: NotImplementedError).
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
+    acc = torch.full((2, 2), 0.5, device=device_type)
+    product = torch.empty(2, 2, device=device_type)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        torch.mm(a, a, out_dtype=torch.float32, out=product)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    expected = torch.tensor([[7.0, 10.0], [15.0, 22.0]])
+    return bool(torch.equal(product.cpu(), expected) and torch.equal(acc.cpu(), expected + 0.5))
+
+
+def _add_matmul(acc, a, b, fp32_out):
+    """acc += a @ b into the fp32 accumulator.
+
+    fp32_out (_gemm_has_fp32_out): the GEMM reads and writes acc itself, its products
+    summed in fp32 and never rounded to a/b's dtype. Otherwise (CPU, older torch) a bf16/fp16
+    product is rounded to its dtype once per chunk into a [V, H] temporary, then added.
+    """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
+    elif fp32_out:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(torch.mm(a, b))
 
@@ -361,6 +486,7 @@ def _fused_pass(hidden, weight, bias, targets, teacher, opts):
     step = min(opts.chunk_tokens, max(n, 1))
     logits_buf = torch.empty(step, v, dtype=dt, device=hidden.device)
     chunk_fn = _triton_chunk if opts.use_triton else _torch_chunk
+    fp32_out = _gemm_has_fp32_out(hidden.device.type, dt)
     for r0 in range(0, n, step):
         r = slice(r0, r0 + step)
         xc = x[r]
@@ -375,10 +501,13 @@ def _fused_pass(hidden, weight, bias, targets, teacher, opts):
         if need_h:
             if dh.dtype == dt:
                 torch.mm(grad, w, out=dh[r])
+            elif fp32_out and dh.dtype == torch.float32:
+                # fp32 hidden under autocast: written by the GEMM, no bf16 temporary.
+                torch.mm(grad, w, out_dtype=torch.float32, out=dh[r])
             else:
                 dh[r] = torch.mm(grad, w)
         if need_w:
-            _add_matmul(dw, grad.t(), xc)
+            _add_matmul(dw, grad.t(), xc, fp32_out)
         if need_b:
             db.add_(grad.sum(0, dtype=torch.float32))
     grads = (dh,
@@ -484,6 +613,7 @@ def fused_linear_distill_loss(
     chunk_tokens: int | None = None,
     impl: str = "auto",
     ignore_index: int = -100,
+    check_ids: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CE(hidden @ weight.T + bias, targets) + gamma * sparse KL, without [N, V] logits.
 
@@ -500,15 +630,22 @@ def fused_linear_distill_loss(
         topk_logprobs: [N, k] teacher log-probs at T = 1 over the full vocabulary (-inf for
             zero mass); must be -inf at every padding slot.
         tail_logmass: [N] log(1 - sum_k p_teacher), the sum over the real slots; None
-            disables the tail bucket, which is also off when temperature != 1; -inf (the
-            support holds all the teacher's mass, e.g. sampled supports) makes it 0.
+            disables the tail bucket, which is also off when temperature != 1; -inf makes
+            its term 0. A support that holds all the teacher's mass (a sampled cache, q =
+            count / samples) should pass None: the same loss and gradient as -inf
+            everywhere, without the tail machinery (no support-sum difference, no exact
+            tail pass, fp32 row sums in the kernel).
         gamma: loss = CE_mean + gamma * KL_mean; 0 -> fused CE only.
         temperature: T as in ``sparse_kl_loss``: student log_softmax(z / T), teacher support
             renormalised at T, KL scaled by T^2. The CE always uses T = 1.
         bias: [V] optional LM-head bias.
-        chunk_tokens: tokens per chunk (None: ``default_chunk_tokens(V)``).
+        chunk_tokens: tokens per chunk (None: ``default_chunk_tokens``, sized for the
+            device; a smaller one saves memory, a larger one time, see the module
+            docstring).
         impl: "triton", "torch", or "auto" (triton on CUDA, torch elsewhere).
         ignore_index: the target id of masked positions.
+        check_ids: refuse out-of-range targets and support ids (one host sync); False when
+            the caller checked them on the host (stage two: the cache reader).
 
     Returns:
         (loss, ce_mean, kl_mean): fp32 scalars; only ``loss`` carries a gradient (to
@@ -523,7 +660,8 @@ def fused_linear_distill_loss(
         impl = "triton" if hidden.is_cuda and triton is not None else "torch"
     use_kl = gamma > 0
     vocab = weight.shape[0]
-    _check_ids_in_vocab(targets, topk_ids if use_kl else None, vocab, ignore_index)
+    if check_ids:  # one host sync; callers that checked the ids on the host skip it
+        _check_ids_in_vocab(targets, topk_ids if use_kl else None, vocab, ignore_index)
 
     teacher = None
     if use_kl:
@@ -540,13 +678,16 @@ def fused_linear_distill_loss(
     grad_on = torch.is_grad_enabled()
     needs_grad = tuple(grad_on and t is not None and t.requires_grad
                        for t in (hidden, weight, bias))
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    use_triton = impl == "triton"
     opts = _Options(
         gamma=float(gamma),
         temperature=float(temperature),
-        chunk_tokens=chunk_tokens or default_chunk_tokens(vocab),
-        use_triton=impl == "triton",
+        chunk_tokens=chunk_tokens or default_chunk_tokens(vocab, compute_dtype, hidden.device,
+                                                          use_triton),
+        use_triton=use_triton,
         ignore_index=ignore_index,
-        compute_dtype=torch.get_autocast_dtype(device_type) if autocast else hidden.dtype,
+        compute_dtype=compute_dtype,
         needs_grad=needs_grad,
     )
     hidden = hidden.contiguous()

@@ -30,8 +30,9 @@ kernel pair (CUDA, or CPU under ``TRITON_INTERPRET=1``) and a chunked plain-torc
 (CPU training, and the reference the kernel is tested against). Neither keeps an
 [N, V] fp32 buffer: the forward saves only per-row statistics, the backward re-reads
 the logits and writes the gradient (in the logits' dtype) straight into its output.
-Arithmetic is fp32 whatever the logits' dtype (the kernel sums the row in fp64; fp64
-logits are computed in fp64 on the torch path).
+Arithmetic is fp32 whatever the logits' dtype (with the tail the kernel sums the row in
+fp64, for the tail's difference of sums; fp64 logits are computed in fp64 on the torch
+path).
 """
 
 from __future__ import annotations
@@ -234,10 +235,12 @@ if triton is not None:
         logits_ptr, stride_row, ids_ptr, log_q_ptr, q_sum_ptr,
         loss_ptr, row_max_ptr, log_sum_ptr, tail_share_ptr,
         V, K, inv_t,
-        HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr,
+        HAS_TAIL: tl.constexpr, TEMPERED: tl.constexpr, ACC: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Support terms of the loss, row max, log-sum-exp, tail share of the sum."""
+        """Support terms of the loss, row max, log-sum-exp, tail share of the sum. ACC is
+        the dtype of the row's sum: fp64 with the tail, whose share is a difference of two
+        sums, fp32 otherwise (see fused_linear_kl._acc_dtype for the measured errors)."""
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_row
         q_sum = tl.load(q_sum_ptr + row)
@@ -258,21 +261,20 @@ if triton is not None:
             # The running max starts at the support's max and moves only if an
             # off-support logit beats every support logit, which forces
             # p_tail > 1 / (k + 1). Otherwise each exp term of the stream is bit-identical
-            # to the one recomputed from z_s below, and only the fp64 sums round.
+            # to the one recomputed from z_s below, and only the ACC sums round.
             m = tl.max(z_s, 0)
-            acc = tl.zeros([], dtype=tl.float64)
+            acc = tl.zeros([], dtype=ACC)
             for start in range(0, V, BLOCK_V):
                 off = start + tl.arange(0, BLOCK_V)
                 z = tl.load(z_row + off, mask=off < V, other=-float("inf")).to(tl.float32)
                 if TEMPERED:
                     z = z * inv_t
                 m_new = tl.maximum(m, tl.max(z, 0))
-                acc = acc * tl.exp(m - m_new).to(tl.float64) + tl.sum(
-                    tl.exp(z - m_new).to(tl.float64), 0)
+                acc = acc * tl.exp(m - m_new).to(ACC) + tl.sum(tl.exp(z - m_new).to(ACC), 0)
                 m = m_new
             log_sum = tl.log(acc.to(tl.float32))
             if HAS_TAIL:
-                tail = acc - tl.sum(tl.exp(z_s - m).to(tl.float64), 0)
+                tail = acc - tl.sum(tl.exp(z_s - m).to(ACC), 0)
                 share = (tl.maximum(tail, 0.0) / acc).to(tl.float32)
             logp_s = tl.where(k_mask, (z_s - m) - log_sum, 0.0)
             log_q = tl.load(log_q_ptr + row * K + k_off, mask=k_mask, other=-float("inf"))
@@ -389,7 +391,7 @@ def _triton_forward(logits, topk_ids, log_q, log_q_tail, inv_t):
         logits, logits.stride(0), topk_ids, log_q, q_sum,
         loss, row_max, log_sum, tail_share,
         v, k, inv_t,
-        HAS_TAIL=has_tail, TEMPERED=inv_t != 1.0,
+        HAS_TAIL=has_tail, TEMPERED=inv_t != 1.0, ACC=tl.float64 if has_tail else tl.float32,
         BLOCK_V=_block_v(logits, GPU_FWD_BLOCK_V), BLOCK_K=max(16, triton.next_power_of_2(k)),
         num_warps=GPU_NUM_WARPS,
     )

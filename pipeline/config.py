@@ -165,6 +165,9 @@ class CacheConfig:
     encode_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     # Independent capture processes over disjoint shard ranges (one vLLM engine each).
     workers: int = 1
+    # Several `ddk teacher-cache` ranks (torchrun, srun, --rank/--world-size): how long
+    # ranks 1.. wait for rank 0 to pin plan.json and ingest the corpus before giving up.
+    rank_wait_seconds: float = 86400.0
 
     def row_group_rows(self, seq_len: int) -> int:
         """Rows per row group as written: the configured number, or ROW_GROUP_TOKENS' worth."""
@@ -228,6 +231,9 @@ class DistillConfig:
     # compute for a micro-batch several times larger (`make bench-step` measures both).
     activation_checkpointing: bool = False
     kl_impl: str = "auto"  # "auto" (triton on CUDA, torch chunked on CPU) | "triton" | "torch"
+    # Tokens per chunk of the fused LM head (loss_impl = "fused"); 0: chosen for the device
+    # (CUDA: 32 per SM, capped by memory; kernels/fused_linear_kl.py has the measured trade).
+    chunk_tokens: int = 0
     # "fused": the LM head runs chunk by chunk inside the loss, the [tokens, V] logits never
     # exist (kernels/fused_linear_kl.py); "unfused": the model's full logits, then CE +
     # sparse KL on them (the reference, for comparison).
@@ -390,6 +396,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"teacher.chunk_tokens = {cfg.teacher.chunk_tokens}: must be >= 0 (positions per LM-head chunk; 0 = auto)")
     if cfg.cache.workers < 1:
         raise ConfigError(f"cache.workers = {cfg.cache.workers}: must be >= 1")
+    if not cfg.cache.rank_wait_seconds > 0:
+        raise ConfigError(f"cache.rank_wait_seconds = {cfg.cache.rank_wait_seconds}: must be > 0 (seconds ranks 1.. wait for rank 0's ingest)")
     if cfg.cache.rows_per_row_group < 0:
         raise ConfigError(f"cache.rows_per_row_group = {cfg.cache.rows_per_row_group}: must be >= 0 (rows per Parquet row group, e.g. 8; "
                           f"0 = {ROW_GROUP_TOKENS} tokens' worth)")
@@ -419,6 +427,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("distill.no_smoothing and distill.equal_sampling are two different ablations; pick one")
     if d.kd_domains not in ("proportional", "uniform"):
         raise ConfigError(f"distill.kd_domains: '{d.kd_domains}' is not one of proportional, uniform")
+    if d.chunk_tokens < 0:
+        raise ConfigError(f"distill.chunk_tokens = {d.chunk_tokens}: must be >= 0 (tokens per fused-head chunk; 0 = chosen for the device)")
     if d.steps < 1 or d.batch_rows < 1 or d.grad_accum < 1:
         raise ConfigError("distill.steps, distill.batch_rows and distill.grad_accum must be >= 1")
     if d.temperature <= 0:

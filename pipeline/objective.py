@@ -37,6 +37,11 @@ class Objective:
     use_tail: bool = True
     loss_impl: str = "fused"  # "fused" | "unfused"
     kl_impl: str = "auto"  # "auto" | "triton" | "torch": the kernel inside either path
+    chunk_tokens: int = 0  # tokens per chunk of the fused head; 0: its default for the device
+    # The batches' ids were checked on the host (TopKCacheReader.batch, against the cache's
+    # id space, which load_student checks the student's rows cover): the fused loss then
+    # skips its own device-side check, a host synchronisation per micro-step.
+    ids_checked: bool = False
 
 
 @dataclass
@@ -83,5 +88,6 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     loss, ce, kl = fused_linear_distill_loss(
         hidden.reshape(b * length, h), weight, targets, ids, logprobs, tail,
         gamma=obj.gamma, temperature=obj.temperature, bias=bias, impl=obj.kl_impl,
+        chunk_tokens=obj.chunk_tokens or None, check_ids=not obj.ids_checked,
     )
     return LossParts(loss, ce, kl)

@@ -196,7 +196,7 @@ def _distill(cfg: Config, resume: bool, log, env: DistEnv) -> dict:
 # changes the run and must match the checkpoint's.
 RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "debug_rank_logs", "precision",
                           "kl_impl", "loss_impl", "parallel", "cache_dir", "student", "reader_cache_mb", "prefetch_batches",
-                          "activation_checkpointing")
+                          "activation_checkpointing", "chunk_tokens")
 
 
 # [distill] fields added after runs were first recorded, with the value that reproduces
@@ -272,7 +272,7 @@ class Trainer:
         # A sampled support holds all of the teacher's mass (its tail is -inf everywhere): the
         # loss is the same without the tail bucket, so the kernels skip the tail terms.
         self.objective = Objective(self.gamma, d.temperature, d.use_tail and d.temperature == 1.0 and not sampled,
-                                   d.loss_impl, d.kl_impl)
+                                   d.loss_impl, d.kl_impl, d.chunk_tokens, ids_checked=True)
         # The scheduler steers by validation; results are reported on the held-out test rows.
         self.val_keys = split_keys(reader, "val", d.eval_rows)
         self.test_keys = split_keys(reader, "test")

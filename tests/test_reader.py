@@ -300,3 +300,16 @@ def test_row_groups_default_to_a_token_budget():
     assert auto.rows_per_row_group == 0 and ROW_GROUP_TOKENS == 16384
     assert [auto.row_group_rows(s) for s in (2048, 128, 64, 100_000)] == [8, 128, 256, 1]
     assert CacheConfig(rows_per_row_group=4).row_group_rows(2048) == 4
+
+
+def test_ids_outside_the_vocabulary_are_refused_on_the_host(cache):
+    """The reader checks every id against the cache's id space (so the loss kernels can skip
+    their device-side check, a host sync per micro-step): a vocabulary smaller than the
+    ids actually stored is refused, naming the rows and the fix."""
+    reader = TopKCacheReader(cache)
+    keys = _all_keys()[:3]
+    batch = reader.batch(keys)
+    largest = max(int(batch.input_ids.max()), int(batch.topk_ids.max()))
+    reader.vocab_size = largest  # one short of holding the largest id
+    with pytest.raises(CacheError, match=r"outside \[0, .*cache verify"):
+        reader.batch(keys)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddk.kernels.teacher_head import sample_chunk, topk_chunk, topk_chunk_torch
+from ddk.kernels.teacher_head import block_topk, sample_chunk, topk_chunk, topk_chunk_torch
 from ddk.pipeline.config import load_config
 from ddk.pipeline.teachers.base import TopK
 from ddk.pipeline.teachers.hf import HFTeacher, chunk_tokens_for
+from ddk.pipeline.teachers.support import draws_to_support, draws_to_support_torch
 from ddk.stages.teacher_cache import teacher_cache
 
 from triton_params import TRITON_SKIP
@@ -160,3 +161,42 @@ def test_chunk_size_follows_the_logit_bytes():
     assert fused > sampled > torch_path >= 64
     assert fused * v * 2 <= 1 << 30 and sampled * v * 6 <= 1 << 30 and torch_path * v * 10 <= 1 << 30
     assert chunk_tokens_for(320, torch.float32, "topk", fused_stats=False) == 8192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, bound", [(4096, 4096), (4096, 4001), (1000, 1000), (300, 300)])
+def test_block_top_k_keeps_the_top_k_values(dtype, vocab, bound):
+    """Values equal to torch.topk's (ties included: the coarse logits tie often), ids below
+    the bound and holding those values; the top-k spread over many blocks, or packed in one."""
+    k = 16
+    z = _logits_with_ties(40, vocab, dtype)
+    z[1, 64:80] = 100  # the whole top-k in one block
+    z[2, bound - 3:bound] = 90  # in the partial last block below the bound
+    vals, ids = block_topk(z, k, bound)
+    ref = torch.topk(z[:, :bound], k, dim=-1).values
+    assert torch.equal(vals, ref)
+    assert bool((ids < bound).all()) and torch.equal(z.gather(1, ids), vals)
+    assert all(len(set(r.tolist())) == k for r in ids)
+
+
+def test_draw_counts_on_the_device_equal_the_host_ones():
+    rng = np.random.default_rng(0)
+    for high in (3, 40, 5000):  # few distinct ids (long runs) to all distinct
+        draws = rng.integers(0, high, (300, 64))
+        ids, lp = draws_to_support_torch(torch.as_tensor(draws), 64)
+        ref_ids, ref_lp = draws_to_support(draws, 64)
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_array_equal(lp.numpy(), ref_lp)
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_maxima_kernel_matches_amax(dtype):
+    from ddk.kernels.teacher_head import TOPK_BLOCK, _block_maxima
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab = 151936 if device == "cuda" else 4096  # the interpreter is slow
+    z = torch.randn(37 if device == "cuda" else 3, vocab, device=device).to(dtype)
+    for blocks in (vocab // TOPK_BLOCK, 40, 33):
+        ref = z[:, : blocks * TOPK_BLOCK].unflatten(1, (-1, TOPK_BLOCK)).amax(-1)
+        assert torch.equal(_block_maxima(z, blocks), ref)

@@ -281,6 +281,11 @@ class TopKCacheReader:
         if self.codec.ragged:  # drop the columns that are padding everywhere in this batch
             width = max(int((ids >= 0).sum(axis=-1).max()), 1)
             ids, lps = ids[..., :width], lps[..., :width]
+        # Every id below the cache's id space, checked here on the host (numpy, no device
+        # sync): stage two's loss kernels then skip their own check (Objective.ids_checked).
+        if max(int(input_ids.max()), int(ids.max())) >= self.vocab_size or int(input_ids.min()) < 0:
+            raise CacheError(f"{self.dir}: rows {keys[0]}..{keys[-1]} hold token ids outside [0, {self.vocab_size}) "
+                             f"(the cache's vocabulary); run `ddk cache verify {self.dir}`")
         return CacheBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, ids, lps, target, tail)))
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from ...kernels.teacher_head import sample_chunk, topk_chunk
 from .base import TeacherBackend, TopK
-from .support import draws_to_support, row_seed
+from .support import draws_to_support_torch, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The sampled support's draw procedure, recorded in the plan (codec.sampler): a cache is
@@ -226,32 +226,40 @@ class HFTeacher(TeacherBackend):
     def _sampled_batch(self, out, b, length) -> TopK:
         draws, target, folded = out
         self._count_folded(folded, None)
-        sup_ids, sup_lp = draws_to_support(draws.sort(-1).values.cpu().numpy().reshape(b, length, -1), self.k)
-        return TopK(ids=sup_ids, logprobs=sup_lp, target_logprob=target.cpu().numpy().astype(np.float32).reshape(b, length),
+        sup_ids, sup_lp = draws_to_support_torch(draws, self.k)
+        return TopK(ids=sup_ids.cpu().numpy().reshape(b, length, -1), logprobs=sup_lp.cpu().numpy().reshape(b, length, -1),
+                    target_logprob=target.cpu().numpy().astype(np.float32).reshape(b, length),
                     tail_logmass=np.full((b, length), -np.inf, np.float32))
 
     @torch.no_grad()
     def fit_batch_rows(self, seq_len: int) -> int:
         """teacher.batch_rows = "auto": on a GPU, the rows of seq_len tokens that fit
-        AUTO_MEMORY_SHARE of the free memory, from two probe captures (1 and 3 rows): the
-        peak grows linearly in rows (the decoder's activations), on top of a constant
-        (one head chunk). On CPU, AUTO_ROWS_CPU."""
+        AUTO_MEMORY_SHARE of the free memory. The decoder's activations grow linearly in
+        rows: their growth per row is measured by two probe forwards of the decoder alone
+        (1 and 3 rows; a whole capture of few rows peaks in the head's chunk instead, which
+        hides that growth), and one probe capture of one row gives the rest (the chunk).
+        On CPU, AUTO_ROWS_CPU."""
         if not self.device.startswith("cuda"):
             return AUTO_ROWS_CPU
         folded = dict(self.folded)  # the probes are not corpus positions
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
         base = torch.cuda.memory_allocated()
-        peaks = []
-        for rows in (1, 3):
+
+        def peak(fn) -> int:
             torch.cuda.reset_peak_memory_stats()
-            self.topk(np.zeros((rows, seq_len + 1), dtype=np.int64))
-            peaks.append(torch.cuda.max_memory_allocated() - base)
-        per_row = max(1, (peaks[1] - peaks[0]) / 2)
-        fixed = max(0.0, peaks[0] - per_row)
+            fn()
+            return torch.cuda.max_memory_allocated() - base
+
+        probe = lambda rows: np.zeros((rows, seq_len + 1), dtype=np.int64)  # noqa: E731
+        # A head that is not chunked computes its full logits with the decoder: probe both.
+        forward = self._final_hidden if self.chunked else (lambda ids: self.model(input_ids=ids, use_cache=False).logits)
+        decoder = [peak(lambda r=r: forward(torch.as_tensor(probe(r)[:, :-1], device=self.device))) for r in (1, 3)]
+        per_row = max(1.0, (decoder[1] - decoder[0]) / 2)
+        one_row = peak(lambda: self.topk(probe(1)))
         self.folded = folded
         torch.cuda.empty_cache()
-        return int(max(1, min(AUTO_ROWS_MAX, (AUTO_MEMORY_SHARE * free - fixed) // per_row)))
+        return int(max(1, min(AUTO_ROWS_MAX, (AUTO_MEMORY_SHARE * free - one_row) // per_row + 1)))
 
     def close(self) -> None:
         del self.model

@@ -90,6 +90,27 @@ def draws_to_support(draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return ids.reshape(shape), lp.reshape(shape)
 
 
+def draws_to_support_torch(draws, k: int):
+    """draws_to_support on the device the draws are on (torch tensors [N, k] -> ids [N, k]
+    int32 ascending, -1 padded; log(count / k) [N, k] float32, -inf padded): the same
+    arrays, with the counts scattered into each distinct id's slot, so that only the
+    support crosses to the host. The log-probs come from a table of log(c / k) computed
+    as draws_to_support computes them (numpy, float64, then float32)."""
+    import torch
+
+    if draws.shape[-1] != k:
+        raise ValueError(f"expected {k} draws per position, got {draws.shape[-1]}")
+    d = draws.sort(-1).values
+    new = torch.ones_like(d, dtype=torch.bool)
+    new[:, 1:] = d[:, 1:] != d[:, :-1]
+    slot = new.cumsum(1) - 1
+    counts = torch.zeros_like(d).scatter_add_(1, slot, torch.ones_like(d))
+    ids = torch.full_like(d, -1).scatter_(1, slot, d)  # a run's draws all write its id
+    with np.errstate(divide="ignore"):
+        table = np.log(np.arange(k + 1) / k).astype(np.float32)  # table[0] = -inf: padding
+    return ids.to(torch.int32), torch.as_tensor(table, device=d.device)[counts]
+
+
 def row_seed(row: np.ndarray, seed: int) -> int:
     """A row's sampling seed: its tokens and cache.sample_seed, so a resumed or re-batched
     capture draws the same tokens for the same row."""
