@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-ingest system-corpus clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-gpu bench-ingest system-corpus clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -99,6 +99,13 @@ bench-kernel: setup
 # emulated 80 GB GPU, the codec's tokens/s per thread. CUDA only (~2 min on an H200).
 bench-capture: setup
 	$(PY) -m ddk.stages.bench_capture $(ARGS)
+
+# The real pipeline on a GPU: random-init Qwen2 1.5B teacher and 0.5B student written with
+# save_pretrained on Qwen's tokenizer, then `ddk teacher-cache`, `ddk distill` (cpt, kd) and
+# `ddk eval` as processes; stage one vs the bare forward, KD vs CPT tokens/s, peak memory,
+# wall times. CUDA only (~4 min on an H200).
+bench-gpu: setup
+	$(PY) -m ddk.stages.bench_gpu $(ARGS)
 
 # One real-shaped student's whole training step: fused vs unfused LM head, CPT vs cached KD
 # (qwen2-0.5b on CUDA, a tiny one on CPU). ARGS="--preset qwen2-1.5b --json runs/bench/step.json"

@@ -63,10 +63,12 @@ def _start_engine(plan: CachePlan, capture: dict):
                      vocab_bound=c["vocab_size"], chunk_tokens=t.get("chunk_tokens", 0))
 
 
-def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0) -> None:
+def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_file: str = CAPTURE_FILE) -> None:
+    """`capture_file`: the capture settings, relative to cache_dir (one per rank when
+    several `ddk teacher-cache` ranks share the directory)."""
     cache_dir = Path(cache_dir)
     plan = CachePlan.load(cache_dir)
-    capture = json.loads((cache_dir / CAPTURE_FILE).read_text())
+    capture = json.loads((cache_dir / capture_file).read_text())
     todo = [plan.shards[i] for i in shard_ids if not shard_done(cache_dir, plan.shards[i])]
     if not todo:
         return
@@ -186,11 +188,12 @@ def main() -> None:
     ap.add_argument("cache_dir")
     ap.add_argument("--shards", required=True, help="comma-separated shard indices of plan.json")
     ap.add_argument("--worker", type=int, default=0)
+    ap.add_argument("--capture", default=CAPTURE_FILE, help="capture settings file, relative to cache_dir")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     args = ap.parse_args()
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
-    run_capture(Path(args.cache_dir), [int(s) for s in args.shards.split(",") if s], args.worker)
+    run_capture(Path(args.cache_dir), [int(s) for s in args.shards.split(",") if s], args.worker, args.capture)
 
 
 if __name__ == "__main__":

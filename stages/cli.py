@@ -63,6 +63,7 @@ def main():
                 ddk corpus          domain sizes of the configured corpus
                 ddk cache inspect   manifest summary, bytes/token, fidelity
                 ddk cache verify    checksums, schema, decodability
+                ddk cache merge     manifest of shards written by several ranks
     """
 
 
@@ -132,20 +133,29 @@ def corpus_cmd(config_path, overrides):
 
 @main.command("teacher-cache")
 @config_options
+@click.option("--rank", type=int, default=None, help="This process's rank among several sharing cache.out_dir (default: RANK, "
+              "else SLURM_PROCID in an srun step, else 0).")
+@click.option("--world-size", type=int, default=None, help="How many ranks (default: WORLD_SIZE, else SLURM_NTASKS in an srun step, else 1).")
 @friendly_errors
-def teacher_cache_cmd(config_path, overrides):
+def teacher_cache_cmd(config_path, overrides, rank, world_size):
     """Stage one: run the teacher over the corpus and write the top-k cache.
 
     Teacher forcing, no generation: every position of every packed row gets the
     teacher's top-k ids and logprobs, its logprob of the actual next token and the
     exact tail mass, compressed into immutable Parquet shards per domain with a
     manifest. Re-running resumes a killed run and is a no-op on a complete cache.
-    """
-    from .teacher_cache import teacher_cache
 
+    On several nodes, start one per node (torchrun, srun, or --rank/--world-size) on a
+    shared cache.out_dir: rank 0 ingests the corpus, shard i is written by rank
+    i % world size, and the last rank to finish writes the manifest.
+    """
+    from .teacher_cache import resolve_rank, teacher_cache
+
+    me = resolve_rank(rank, world_size)
     cfg = _load(config_path, overrides)
-    manifest = teacher_cache(cfg, log=click.echo)
-    click.echo(summarize(manifest, cfg.cache.out_dir))
+    manifest = teacher_cache(cfg, log=click.echo, rank=me.rank, world_size=me.world)
+    if manifest is not None:
+        click.echo(summarize(manifest, cfg.cache.out_dir))
 
 
 @main.command("distill")
@@ -258,7 +268,7 @@ def compare_cmd(config_path, overrides, modes, seeds, out_dir, vs_cache):
 
 @main.group("cache")
 def cache_group():
-    """Inspect or verify a teacher cache directory."""
+    """Inspect, verify or merge a teacher cache directory."""
 
 
 @cache_group.command("inspect")
@@ -287,6 +297,18 @@ def verify_cmd(cache_dir, no_decode):
             click.echo(p, err=True)
         raise click.ClickException(f"{len(problems)} problem(s) in {cache_dir}; delete the named shards and re-run `ddk teacher-cache` with the cache's config to rewrite them")
     click.echo(f"{cache_dir}: all shards present, checksums and schema match")
+
+
+@cache_group.command("merge")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@friendly_errors
+def merge_cmd(cache_dir):
+    """Write CACHE_DIR's manifest once every planned shard is present (e.g. after ranks of
+    `ddk teacher-cache` finished apart); otherwise name the missing shards."""
+    from .teacher_cache import merge_cache
+
+    m = merge_cache(Path(cache_dir), log=click.echo)
+    click.echo(summarize(m, cache_dir))
 
 
 def summarize(m: dict, cache_dir) -> str:

@@ -6,6 +6,13 @@ disk (pipeline/ingest.py: memory independent of the corpus, resumable), pin a pl
 shards that do not exist yet (they memory-map the rows), then index what was written. A
 killed run resumes where it stopped, in the ingest or the capture; a complete cache is
 left alone.
+
+On several nodes (torchrun, srun, or `--rank/--world-size`), every rank runs this same
+command on one shared cache.out_dir: rank 0 ingests the corpus and pins the plan, the
+others wait for it on disk; shard i is captured by rank i % world size only; each rank
+then leaves a done-marker in `_work/ranks/`, and the rank that finds every marker and every
+shard present builds the manifest, once (an O_EXCL lock file). There is no other
+communication between ranks: everything is files on the shared directory.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -36,7 +45,7 @@ from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR
 from ..pipeline.cache.schema import SPLITS, format_version
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.evaluate import format_table
-from ..pipeline.ingest import INGEST_DIR, IngestedDomain, ingest_corpus
+from ..pipeline.ingest import INGEST_DIR, ROWS_FILE, IngestedDomain, ingest_corpus, rows_path
 from ..pipeline.teachers.identity import carry_legacy_identity, model_vocab_size, tokenizer_identity, weights_sha256
 from ..pipeline.teachers.hf import SAMPLER, checkpoint_dtype
 from ..pipeline.teachers.vllm import vllm_available
@@ -176,18 +185,22 @@ def _visible_gpus() -> list[str]:
 
 
 def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], gpus: list[str], log=print,
-                tensor_parallel_size: int = 1) -> None:
-    """One process per worker over disjoint shard subsets. vLLM always runs in a child process."""
+                tensor_parallel_size: int = 1, worker_base: int = 0, capture_file: str = CAPTURE_FILE) -> None:
+    """One process per worker over disjoint shard subsets. vLLM always runs in a child process.
+    worker_base: the first worker's number (its stats file and progress bar; rank * workers
+    under several ranks); capture_file: the capture settings, relative to cache_dir."""
     if backend == "hf" and workers == 1:
-        run_capture(cache_dir, todo, worker=0)
+        run_capture(cache_dir, todo, worker=worker_base, capture_file=capture_file)
         return
     procs = []
     for w in range(workers):
         mine = todo[w::workers]
         if not mine:
             continue
-        cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(w), "--shards", ",".join(map(str, mine)),
-               "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "ddk.stages.capture_worker", str(cache_dir), "--worker", str(worker_base + w),
+               "--shards", ",".join(map(str, mine)), "--parent-pid", str(os.getpid())]
+        if capture_file != CAPTURE_FILE:
+            cmd += ["--capture", capture_file]
         env = dict(os.environ)
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO/WARNING lines drown the progress bar
         if workers > 1 and len(gpus) >= workers * tensor_parallel_size:
@@ -214,7 +227,11 @@ def run_workers(cache_dir: Path, backend: str, workers: int, todo: list[int], gp
         log(f"capture worker {w} exited with status {rc}; checking its shards")
 
 
-def teacher_cache(cfg: Config, log=print) -> dict:
+def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Stage one, as one process (world_size 1) or as `rank` of `world_size` processes
+    sharing cache.out_dir. Returns the manifest; under several ranks, None on a rank that
+    finished its shards before the others (the last one to finish builds the manifest)."""
+    me = RankInfo(rank, world_size)
     base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
     cache_dir = Path(cfg.cache.out_dir)
     check_cache_dir(cache_dir)
@@ -224,6 +241,12 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     if gpus and engines_need > len(gpus):
         raise ConfigError(f"cache.workers = {cfg.cache.workers} x teacher.tensor_parallel_size = {cfg.teacher.tensor_parallel_size} "
                           f"needs {engines_need} GPUs, {len(gpus)} are visible; lower cache.workers (one engine per GPU)")
+    if me.rank > 0:
+        # Rank 0 builds the tiny models (when teacher.path is unset) and ingests the corpus
+        # before it pins plan.json: nothing here runs before that exists.
+        log(f"{me}: waiting for rank 0 to ingest the corpus and pin {cache_dir / PLAN_FILE}")
+        _wait(lambda: (cache_dir / PLAN_FILE).exists(), me, f"rank 0 to ingest the corpus and pin the cache's plan, {cache_dir / PLAN_FILE}",
+              cfg.cache.rank_wait_seconds)
     teacher_dir = ensure_teacher(cfg, base_dir, log)
 
     from transformers import AutoTokenizer
@@ -238,6 +261,8 @@ def teacher_cache(cfg: Config, log=print) -> dict:
         # (and the ingest keyed by it) when this tokenizer reproduces its hash.
         early = dataclasses.replace(early, tokenizer=carry_legacy_identity(existing.tokenizer, early.tokenizer, tokenizer))
         check_compatible(existing, early, cache_dir, skip=("domains", "shards"))
+    if me.rank > 0:
+        return _capture_rank(cfg, me, cache_dir, existing, backend, gpus, log)
 
     def ingest(need_rows: bool) -> list[IngestedDomain]:
         return ingest_corpus(cfg.corpus, base_dir, tokenizer, cache_dir / INGEST_DIR, early.tokenizer["sha256"], need_rows=need_rows, log=log)
@@ -259,7 +284,10 @@ def teacher_cache(cfg: Config, log=print) -> dict:
     log(
         f"{cache_dir}: {'resuming, ' if state == 'resume' else ''}{len(todo)} of {len(plan.shards)} shards to write "
         f"({tokens:,} tokens), backend {backend}, k={plan.k}, {cfg.cache.workers} worker(s)"
+        + (f" per rank, {me.world} ranks" if me.world > 1 else "")
     )
+    if me.world > 1:
+        return _capture_rank(cfg, me, cache_dir, plan, backend, gpus, log)
     write_json_atomic(cache_dir / CAPTURE_FILE, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed,
                                                  "encode_threads": cfg.cache.encode_threads})
     t0 = time.time()
@@ -285,3 +313,323 @@ def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
         f.unlink()
     return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None,
             "engine_dtype": ",".join(sorted(dtypes))}  # as each engine reported it (checked against teacher.dtype)
+
+
+# ---------------------------------------------------------------- several ranks
+
+RANKS_DIR = f"{WORK_DIR}/ranks"  # rank-<r>-of-<w>.json done-markers and the merge lock
+MERGE_LOCK = f"{RANKS_DIR}/merge.lock"
+POLL_SECONDS = 1.0  # how often a waiting rank looks at the shared directory
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world: int = 1
+    source: str = ""  # where the numbers came from, for the log
+
+    def __post_init__(self):
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ConfigError(f"rank {self.rank} of world size {self.world}{f' (from {self.source})' if self.source else ''}: "
+                              f"the rank must be in 0..world size - 1")
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.world}"
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None, environ=None) -> RankInfo:
+    """This process's rank: --rank/--world-size, else torchrun's RANK/WORLD_SIZE, else
+    Slurm's SLURM_PROCID/SLURM_NTASKS inside an srun step, else 0 of 1.
+
+    Slurm's variables count only inside a job step (SLURM_STEP_ID set): a batch script's
+    own shell also sees SLURM_PROCID=0 and SLURM_NTASKS=n, and a `ddk teacher-cache` run
+    there directly is one process, not rank 0 of n."""
+    env = os.environ if environ is None else environ
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("--rank and --world-size go together: pass both (or neither, to take them from torchrun or srun)")
+        return RankInfo(rank, world_size, "--rank/--world-size")
+
+    def number(name: str) -> int:
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ConfigError(f"{name} = {env[name]!r} is not an integer") from None
+
+    if "WORLD_SIZE" in env or "RANK" in env:
+        if not ("WORLD_SIZE" in env and "RANK" in env):
+            raise ConfigError("RANK and WORLD_SIZE must be set together (as torchrun does), or pass --rank and --world-size")
+        return RankInfo(number("RANK"), number("WORLD_SIZE"), "RANK/WORLD_SIZE")
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    # 0xfffffffa and above are Slurm's special steps (batch script, extern, interactive)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and step is not None and step.isdigit() and int(step) < 0xFFFFFFFA:
+        return RankInfo(number("SLURM_PROCID"), number("SLURM_NTASKS"), "SLURM_PROCID/SLURM_NTASKS")
+    return RankInfo(0, 1, "")
+
+
+def _wait(ready, me: RankInfo, what: str, timeout: float):
+    """Poll `ready()` until it returns something truthy (returned); past `timeout` seconds,
+    a CacheError naming what was awaited and where."""
+    t0 = time.monotonic()
+    while True:
+        result = ready()
+        if result:
+            return result
+        if time.monotonic() - t0 > timeout:
+            raise CacheError(
+                f"{me}: waited {timeout:g} s (cache.rank_wait_seconds) for {what}; is rank 0 running with the same config and "
+                f"cache.out_dir on a filesystem every rank sees? If its ingest is only slow, raise cache.rank_wait_seconds")
+        time.sleep(POLL_SECONDS)
+
+
+def _manifest_complete(cache_dir: Path) -> bool:
+    """manifest.json exists and every shard it lists is there (it may vanish meanwhile: rank 0
+    drops a stale manifest)."""
+    try:
+        return (cache_dir / MANIFEST_FILE).exists() and _manifest_shards_intact(cache_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def _rows_ready(cache_dir: Path, plan: CachePlan, domain: str):
+    """The ingested rows of `domain` as the plan describes them, or None: rows.json (written
+    after the rows) with the plan's tokens_sha256, and the three .rows files. Returns the
+    rows.json identity (inode, mtime) to check later that it was not re-made meanwhile."""
+    f = cache_dir / INGEST_DIR / domain / ROWS_FILE
+    ident = _file_id(f)
+    try:
+        rows = json.loads(f.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if ident is None or rows.get("tokens_sha256") != plan.domains[domain]["tokens_sha256"]:
+        return None
+    if not all(rows_path(cache_dir / INGEST_DIR, domain, split).exists() for split in SPLITS):
+        return None
+    return ident
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _capture_rank(cfg: Config, me: RankInfo, cache_dir: Path, plan: CachePlan, backend: str, gpus: list[str], log) -> dict | None:
+    """One rank's part: the planned shards i with i % world == rank that are missing, on
+    cache.workers engines; then its done-marker and, if it is the last, the manifest."""
+    mine = list(range(me.rank, len(plan.shards), me.world))
+    if me.rank > 0 and _manifest_complete(cache_dir):
+        log(f"{cache_dir}: cache complete; nothing to do for {me}")
+        return load_manifest(cache_dir)
+    # Only this rank writes these shards: the list cannot shrink while it waits below.
+    todo = [i for i in mine if not shard_done(cache_dir, plan.shards[i])]
+    domains = sorted({plan.shards[i].domain for i in todo})
+
+    def ready():
+        """The rows of every domain this rank's missing shards come from, as rank 0 ingested them."""
+        ids = {d: _rows_ready(cache_dir, plan, d) for d in domains}
+        return ("rows", ids) if all(ids.values()) else None
+
+    state = ready()
+    if state is None:
+        where = f"{cache_dir / INGEST_DIR}/{{{','.join(domains)}}}/{ROWS_FILE}"
+        if me.rank == 0:  # it has just ingested them: the directory changed under it
+            raise CacheError(f"{me}: the ingested rows are missing or do not match {cache_dir / PLAN_FILE} ({where}); re-run")
+        log(f"{me}: waiting for rank 0 to ingest the rows of its shards ({where})")
+        state = _wait(ready, me, f"rank 0 to ingest the corpus rows of its shards: {where} matching {cache_dir / PLAN_FILE}, "
+                                 f"and the .rows files beside it", cfg.cache.rank_wait_seconds)
+    rows_ids = state[1]
+    log(f"{me}{f' ({me.source})' if me.source else ''}: {len(todo)} of its {len(mine)} shards (shard i % {me.world} == {me.rank}) "
+        f"to write, {cfg.cache.workers} worker(s)")
+    capture_file = f"{WORK_DIR}/capture-rank-{me.rank}.json"
+    write_json_atomic(cache_dir / capture_file, {"teacher": cfg.teacher.__dict__, "backend": backend, "seed": cfg.corpus.seed,
+                                                 "encode_threads": cfg.cache.encode_threads})
+    t0 = time.time()
+    if todo:
+        run_workers(cache_dir, backend, cfg.cache.workers, todo, gpus, log, cfg.teacher.tensor_parallel_size,
+                    worker_base=me.rank * cfg.cache.workers, capture_file=capture_file)
+    stats = _rank_stats(cache_dir, me.rank * cfg.cache.workers, cfg.cache.workers)
+    # rows.json is replaced only when rank 0 re-makes a domain's rows (a changed corpus under
+    # a pinned plan, which it then refuses); the .rows files alone are dropped once the
+    # manifest is built.
+    changed = [d for d, ident in rows_ids.items() if _file_id(cache_dir / INGEST_DIR / d / ROWS_FILE) != ident]
+    if changed:
+        # What this rank wrote from those rows may not be the planned rows.
+        for i in todo:
+            if plan.shards[i].domain in changed:
+                (cache_dir / plan.shards[i].file).unlink(missing_ok=True)
+        raise CacheError(f"{me}: the ingested rows of {', '.join(changed)} in {cache_dir / INGEST_DIR} were re-made while this rank "
+                         f"read them (the corpus or its config changed since {cache_dir / PLAN_FILE} was pinned); this rank's shards "
+                         f"of them were deleted: re-run every rank with the cache's original config, or use a new cache.out_dir")
+    missing = [plan.shards[i].file for i in mine if not shard_done(cache_dir, plan.shards[i])]
+    if missing:
+        raise CacheError(f"{cache_dir}: {me}: {len(missing)} of its shards were not written (first: {missing[0]}); see the worker "
+                         f"output above, then re-run (this rank alone, or every rank) to resume")
+    marker = cache_dir / RANKS_DIR / f"rank-{me.rank}-of-{me.world}.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"rank": me.rank, "world_size": me.world, "host": socket.gethostname(), "pid": os.getpid(),
+                               "shards": len(mine), "written": len(todo), "wall_seconds": round(time.time() - t0, 2),
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backend": backend, **stats})
+    return _merge_if_last(cache_dir, plan, me, log)
+
+
+def _rank_stats(cache_dir: Path, first: int, workers: int) -> dict:
+    """This rank's workers' throughput notes (read and removed): tokens, busiest worker's seconds, dtypes."""
+    tokens, busy, dtypes = 0, 0.0, set()
+    for w in range(first, first + workers):
+        f = cache_dir / WORK_DIR / "stats" / f"worker-{w}.json"
+        if f.exists():
+            s = json.loads(f.read_text())
+            tokens, busy = tokens + s["tokens"], max(busy, s["seconds"])
+            dtypes.add(s["engine_dtype"])
+            f.unlink()
+    return {"tokens": tokens, "seconds": busy, "engine_dtype": sorted(dtypes)}
+
+
+def _markers(cache_dir: Path, world: int | None = None) -> list[Path]:
+    d = cache_dir / RANKS_DIR
+    if not d.exists():
+        return []
+    return sorted(d.glob(f"rank-*-of-{world}.json" if world else "rank-*-of-*.json"))
+
+
+def _merged_stats(cache_dir: Path, backend: str, world: int | None = None) -> dict | None:
+    """The manifest's capture note from the ranks' done-markers (None without any)."""
+    ranks = []
+    for f in _markers(cache_dir, world):
+        try:
+            ranks.append(json.loads(f.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    if not ranks:
+        return None
+    tokens = sum(r.get("tokens", 0) for r in ranks)
+    busy = max(r.get("seconds", 0.0) for r in ranks)  # the ranks run side by side
+    return {"backend": backend, "tokens": tokens, "wall_seconds": max(r.get("wall_seconds", 0.0) for r in ranks),
+            "tokens_per_s": round(tokens / busy, 1) if busy else None,
+            "engine_dtype": ",".join(sorted({d for r in ranks for d in r.get("engine_dtype", [])})), "ranks": len(ranks)}
+
+
+def _take_lock(cache_dir: Path, who: str) -> tuple[Path | None, dict]:
+    """Create the merge lock exclusively (O_EXCL: on a shared directory exactly one creator
+    wins). Returns (its path, {}) when taken, else (None, the holder's note). A lock left by
+    a dead process of this host is removed and taken; one of another host cannot be checked."""
+    lock = cache_dir / MERGE_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    note = {"host": socket.gethostname(), "pid": os.getpid(), "who": who, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text()
+                holder = json.loads(text or "{}")
+            except (FileNotFoundError, json.JSONDecodeError):
+                holder = {}  # being written, or just released: taken by someone else
+            if holder.get("host") == note["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                _break_lock(lock, text)  # its holder died mid-merge
+                continue
+            return None, holder
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(note))
+        return lock, {}
+    return None, {}
+
+
+def _break_lock(lock: Path, dead: str) -> None:
+    """Remove the lock whose content is `dead`, and only that one: moved aside atomically,
+    then checked; a fresh lock taken meanwhile by another process is put back."""
+    aside = lock.with_name(f"{lock.name}.broken-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another process broke it first
+    if aside.read_text() != dead:
+        try:
+            os.link(aside, lock)  # not ours to break: back in place (unless a third took the name)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_message(cache_dir: Path, holder: dict) -> str:
+    who = f"{holder.get('who', 'a process')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')})"
+    return (f"{cache_dir / MERGE_LOCK} is held by {who}, which is building {cache_dir / MANIFEST_FILE}; if that process "
+            f"is gone, delete the lock file and run `ddk cache merge {cache_dir}`")
+
+
+def _build_locked(cache_dir: Path, plan: CachePlan, lock: Path, world: int | None) -> dict:
+    """Under the lock: the manifest (unless another merger finished first), then the rows and
+    the markers go (the rows duplicate the shards; a complete cache needs neither)."""
+    try:
+        if _manifest_complete(cache_dir):
+            return load_manifest(cache_dir)
+        manifest = build_manifest(cache_dir, plan, stats=_merged_stats(cache_dir, plan.teacher["backend"], world))
+        drop_planned_rows(cache_dir, plan)
+        for f in _markers(cache_dir):
+            f.unlink(missing_ok=True)
+        return manifest
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def drop_planned_rows(cache_dir: Path, plan: CachePlan) -> None:
+    """drop_ingested_rows for the plan's domains (a rank that did not ingest has no list)."""
+    for domain in plan.domains:
+        for split in SPLITS:
+            rows_path(cache_dir / INGEST_DIR, domain, split).unlink(missing_ok=True)
+
+
+def _merge_if_last(cache_dir: Path, plan: CachePlan, me: RankInfo, log) -> dict | None:
+    """Build the manifest if every rank's marker and every shard is there, once: the first
+    rank to take the lock builds it, one that finds the lock taken or the others unfinished
+    leaves it to them."""
+    if _manifest_complete(cache_dir):
+        return load_manifest(cache_dir)
+    absent = [r for r in range(me.world) if not (cache_dir / RANKS_DIR / f"rank-{r}-of-{me.world}.json").exists()]
+    missing = [s.file for s in plan.shards if not shard_done(cache_dir, s)]
+    if absent or missing:
+        log(f"{me}: its shards are done; {len(missing)} shards of other ranks still to come"
+            + (f" (ranks {', '.join(map(str, absent))} not finished)" if absent else "")
+            + f": the last rank to finish builds {cache_dir / MANIFEST_FILE} (or run `ddk cache merge {cache_dir}` once all shards exist)")
+        return None
+    lock, holder = _take_lock(cache_dir, str(me))
+    if lock is None:
+        log(f"{me}: its shards are done; {_lock_message(cache_dir, holder)}")
+        return None
+    log(f"{me}: every rank is done; building {cache_dir / MANIFEST_FILE}")
+    return _build_locked(cache_dir, plan, lock, me.world)
+
+
+def merge_cache(cache_dir: Path, log=print) -> dict:
+    """`ddk cache merge`: the manifest of a cache whose shards were written by several ranks
+    (or runs), once every planned shard is present; else a CacheError naming the missing."""
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / PLAN_FILE).exists():
+        raise CacheError(f"{cache_dir / PLAN_FILE} not found: not a ddk cache (or its rank 0 never pinned the plan); run `ddk teacher-cache` first")
+    plan = CachePlan.load(cache_dir)
+    if _manifest_complete(cache_dir):
+        log(f"{cache_dir}: {MANIFEST_FILE} is already complete")
+        return load_manifest(cache_dir)
+    missing = [(i, s.file) for i, s in enumerate(plan.shards) if not shard_done(cache_dir, s)]
+    if missing:
+        names = ", ".join(f for _, f in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise CacheError(f"{cache_dir}: {len(missing)} of {len(plan.shards)} planned shards are missing: {names} (plan indices "
+                         f"{', '.join(str(i) for i, _ in missing[:20])}{' ...' if len(missing) > 20 else ''}; shard i is rank "
+                         f"i % world size's); run `ddk teacher-cache` with the cache's config (every rank, or those ranks) to write them")
+    lock, holder = _take_lock(cache_dir, "ddk cache merge")
+    if lock is None:
+        raise CacheError(_lock_message(cache_dir, holder))
+    return _build_locked(cache_dir, plan, lock, None)
