@@ -22,7 +22,6 @@ teacher is near-uniform: bytes/token measured on it mean nothing, so none are pr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipeline.atomic import write_json_atomic
 from ..pipeline.teachers.hf import HFTeacher
 from .bench import describe_machine
 from .bench_codec import encode_throughput
@@ -47,13 +47,15 @@ SHAPES = {
 GOALS = {"topk": 0.95, "sampled": 0.90}  # capture / bare forward (the issue's goals)
 
 
-def build_teacher(shape: str, seq_len: int, device: str) -> torch.nn.Module:
+def build_teacher(shape: str, seq_len: int, device: str, vocab: int = VOCAB, **config) -> torch.nn.Module:
+    """A random-init Qwen2ForCausalLM of SHAPES[shape] in bf16 on `device` (config: more
+    Qwen2Config fields, e.g. the tokenizer's eos id)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, inter, layers, heads, kv = SHAPES[shape]
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(seq_len + 1, 32768),
-                      tie_word_embeddings=False, attn_implementation="sdpa")
+                      tie_word_embeddings=False, attn_implementation="sdpa", **config)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -193,10 +195,9 @@ def main(argv=None) -> None:
     rate = codec["threads"][1]["encode"]["tokens_per_s"]
     print(f"\ncodec (top-k, CPU, one thread): {rate:,.0f} tokens/s encode at V={VOCAB}, k={args.k}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"results: {path}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.json), result)
+        print(f"results: {args.json}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,28 +33,17 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .bench_capture import SHAPES
+from ..pipeline.atomic import write_json_atomic
+from .bench_capture import SHAPES, build_teacher
 
 GOALS = {"stage_one_vs_bare": 0.9, "kd_vs_cpt": 0.95}  # the issue's goals
 
 
-def save_model(shape: tuple, vocab: int, out: Path, tokenizer, device: str) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    hidden, inter, layers, heads, kv = shape
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                      tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
+def save_model(shape: str, vocab: int, out: Path, tokenizer, device: str) -> None:
+    model = build_teacher(shape, 2048, device, vocab, bos_token_id=tokenizer.eos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del model
@@ -162,7 +150,7 @@ def main(argv=None) -> None:
         tokenizer = qwen_tokenizer(work / "tokenizer")
         for role, shape in (("teacher", args.teacher), ("student", args.student)):
             if not (work / role / "config.json").exists():
-                save_model(SHAPES[shape], QWEN2_EMBEDDING_SIZE, work / role, tokenizer, device)
+                save_model(shape, QWEN2_EMBEDDING_SIZE, work / role, tokenizer, device)
         result["models_s"] = time.perf_counter() - t0
         config = work / "bench-gpu.toml"
         config.write_text(f"""
@@ -221,10 +209,9 @@ keep_checkpoints = 1
         print(f"{key.replace('_', ' ')}: {got:.3f} (goal >= {goal}: {'met' if got >= goal else 'NOT met'})")
     print(f"(teacher bare forward {bare:,.0f} tokens/s over the same rows, batches of {args.teacher_batch_rows})")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
-        print(f"results: {path}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.json), json.loads(json.dumps(result, default=str)))
+        print(f"results: {args.json}")
 
 
 if __name__ == "__main__":

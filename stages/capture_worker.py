@@ -51,6 +51,7 @@ def _start_engine(plan: CachePlan, capture: dict):
             plan.teacher["path"], plan.k, plan.seq_len + 2,  # prompt of L + 1 tokens + 1 generated
             dtype=plan.teacher["dtype"], tensor_parallel_size=t["tensor_parallel_size"], gpu_memory_utilization=t["gpu_memory_utilization"],
             cpu_kvcache_gib=t["cpu_kvcache_gib"], enforce_eager=t["enforce_eager"], seed=capture["seed"],
+            vocab_bound=plan.codec["vocab_size"] if plan.codec.get("fold_padded") else None,
         )
     from ..pipeline.teachers.hf import SAMPLER, HFTeacher
 

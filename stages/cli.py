@@ -350,11 +350,11 @@ def summarize(m: dict, cache_dir) -> str:
     if cap and cap.get("tokens_per_s"):
         lines.append(f"  capture    {cap['tokens']:,} tokens at {cap['tokens_per_s']:,.0f} tokens/s ({cap['backend']}), wall {cap['wall_seconds']} s")
     lines.append(f"  {'domain':<12}{'train rows':>11}{'val rows':>9}{'test rows':>10}{'shards':>7}{'bytes':>13}"
-                 f"{'teacher val loss':>18}{'ppl':>9}{'test loss':>11}{'ppl':>9}")
+                 f"{'teacher val loss':>18}{'ppl':>10}{'test loss':>11}{'ppl':>10}")
     for name, d in m["domains"].items():
         size = sum(s["bytes"] for s in d["shards"])
         lines.append(f"  {name:<12}{d['train_rows']:>11}{d['val_rows']:>9}{d['test_rows']:>10}{len(d['shards']):>7}{size:>13,}"
-                     f"{d['teacher_val_loss']:>18.4f}{d['teacher_val_ppl']:>9.2f}{d['teacher_test_loss']:>11.4f}{d['teacher_test_ppl']:>9.2f}")
+                     f"{d['teacher_val_loss']:>18.4f} {d['teacher_val_ppl']:>9.2f}{d['teacher_test_loss']:>11.4f} {d['teacher_test_ppl']:>9.2f}")
     return "\n".join(lines)
 
 

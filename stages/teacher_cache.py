@@ -93,16 +93,15 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
         raise ConfigError(f"{teacher_dir}: tokenizer has {vocab} tokens but the model's vocab_size is {rows}; the directory mixes two models")
     if cfg.cache.k > vocab:
         raise ConfigError(f"cache.k = {cfg.cache.k} exceeds the teacher's vocabulary ({vocab} tokens); lower cache.k")
-    if vocab < rows and backend == "vllm":
-        raise ConfigError(f"{teacher_dir}: the teacher has {rows} embedding rows for {vocab} tokenizer ids; folding the padded ids "
-                          f"into the tail is implemented for the hf backend only (vLLM's top-k may return them): pass "
-                          f"--set teacher.backend=hf")
+    # vLLM returns a fixed top-k that may hold padded ids: they are folded after the fact,
+    # which leaves fewer than k entries at those positions (a ragged support, format 3).
+    fold_padded = vocab < rows and backend == "vllm"
     if cfg.cache.support == "sampled" and backend != "hf":
         raise ConfigError(f"cache.support = 'sampled' (the default) draws from the teacher's full distribution, which the {backend} "
                           f"backend does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf, or "
                           f"--set cache.support=topk to capture a top-k cache with vLLM")
     return CachePlan(
-        format_version=format_version(cfg.cache.support, cfg.cache.top_p),
+        format_version=format_version(cfg.cache.support, cfg.cache.top_p, fold_padded),
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend,
                  "vocab_rows": rows, "dtype": checkpoint_dtype(teacher_dir) if cfg.teacher.dtype == "auto" else cfg.teacher.dtype},
         # sha256 over what changes ids, plus per-part hashes and the added tokens to name a difference
@@ -113,6 +112,7 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
                "logprob_quantizer": cfg.cache.logprob_quantizer, "sqrt_prob_levels": cfg.cache.sqrt_prob_levels,
                "support": cfg.cache.support, "top_p": cfg.cache.top_p, "sample_seed": cfg.cache.sample_seed,
                **({"sampler": SAMPLER} if cfg.cache.support == "sampled" else {}),
+               **({"fold_padded": True} if fold_padded else {}),
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
         domains={},
         shards=[],

@@ -313,3 +313,21 @@ def test_ids_outside_the_vocabulary_are_refused_on_the_host(cache):
     reader.vocab_size = largest  # one short of holding the largest id
     with pytest.raises(CacheError, match=r"outside \[0, .*cache verify"):
         reader.batch(keys)
+
+
+def test_a_plan_from_before_the_padded_id_fold_stays_resumable(cache, tmp_path):
+    """A cache begun before the id space became the tokenizer's recorded the teacher's rows
+    as its vocabulary (and no teacher.vocab_rows): this version's plan of the same teacher
+    (rows > tokenizer ids, a vLLM fold) is accepted, since its workers keep capturing with
+    the plan on disk; a real change of vocabulary is still refused."""
+    import dataclasses
+
+    old = CachePlan.load(cache)
+    rows = old.codec["vocab_size"]
+    new = dataclasses.replace(old, format_version=3, teacher={**old.teacher, "vocab_rows": rows},
+                              tokenizer={**old.tokenizer, "vocab_size": rows - 5},
+                              codec={**old.codec, "vocab_size": rows - 5, "fold_padded": True})
+    check_compatible(old, new, tmp_path)
+    other = dataclasses.replace(new, teacher={**new.teacher, "vocab_rows": rows + 64})
+    with pytest.raises(CacheError, match="vocab_size"):
+        check_compatible(old, other, tmp_path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -87,3 +89,23 @@ def test_the_smaller_student_of_the_family_distils_from_it(padded_pair):
     result = distill(cfg, log=QUIET)
     assert result["steps"] == 2
     assert all(math.isfinite(v) for v in result["test"]["student_after_loss"].values())
+
+
+def test_padded_ids_in_a_fixed_top_k_are_folded_into_the_tail():
+    """vLLM's path: a top-k batch with ids past the bound keeps the rest most likely first,
+    pads the freed slots (-1 / -inf) and moves their mass to the tail; the total is 1."""
+    from ddk.pipeline.teachers.base import TopK
+    from ddk.pipeline.teachers.support import fold_padded_ids
+
+    lp = np.log(np.array([[[0.5, 0.2, 0.1, 0.05]], [[0.4, 0.3, 0.2, 0.05]]], np.float64))
+    ids = np.array([[[7, 152_000, 3, 151_900]], [[1, 2, 3, 4]]], np.int32)
+    tail = np.log(1 - np.exp(lp).sum(-1))
+    topk = TopK(ids=ids, logprobs=lp.astype(np.float32), target_logprob=np.zeros((2, 1), np.float32),
+                tail_logmass=tail.astype(np.float32))
+    out, stats = fold_padded_ids(topk, bound=151_851)
+    assert out.ids[0, 0].tolist() == [7, 3, -1, -1] and out.ids[1, 0].tolist() == [1, 2, 3, 4]
+    assert np.isneginf(out.logprobs[0, 0, 2:]).all()
+    np.testing.assert_allclose(np.exp(out.tail_logmass[0, 0]), 1 - 0.5 - 0.1, rtol=1e-6)
+    assert out.tail_logmass[1, 0] == topk.tail_logmass[1, 0]
+    assert stats["positions"] == 2 and stats["in_support"] == 1
+    np.testing.assert_allclose(stats["mass_sum"], 0.25, rtol=1e-6)

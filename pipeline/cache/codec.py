@@ -199,7 +199,7 @@ class TopKCodec:
         return cls(vocab_size=c["vocab_size"], k=c["k"], logprob_step=c["logprob_step"], logprob_floor=c["logprob_floor"],
                    logprob_quantizer="counts" if support == "sampled" else c.get("logprob_quantizer", "fixed"),
                    sqrt_prob_levels=c.get("sqrt_prob_levels", 255),
-                   ragged=support == "sampled" or bool(c.get("top_p", 0.0)))
+                   ragged=support == "sampled" or bool(c.get("top_p", 0.0)) or bool(c.get("fold_padded", False)))
 
     def __post_init__(self):
         if self.logprob_quantizer not in LOGPROB_QUANTIZERS:

@@ -107,11 +107,12 @@ def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path, skip:
         # disk, so a resumed cache keeps its one-row-group-per-shard layout (and its bytes),
         # and the reader reads it; refusing would only force a rebuild.
         b["codec"] = {**b["codec"], "rows_per_row_group": None}
-    if "vocab_rows" not in a["teacher"]:
+    if "vocab_rows" not in a["teacher"] and "vocab_rows" in b["teacher"]:
         # Begun before padded ids were folded: its id space was the teacher's rows (the
         # plan on disk, which the workers capture with, keeps it so).
         rows = b["teacher"].pop("vocab_rows", None)
-        b["codec"] = {**b["codec"], "vocab_size": rows}
+        b["codec"] = {k: v for k, v in b["codec"].items() if k != "fold_padded"} | {"vocab_size": rows}
+        b["format_version"] = a["format_version"]
         b["tokenizer"] = {**b["tokenizer"], "vocab_size": rows}
     if a["codec"].get("support") == "sampled" and "sampler" not in a["codec"]:
         # Sampled before the draw procedure was recorded (one multinomial per row): a

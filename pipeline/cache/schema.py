@@ -21,9 +21,10 @@ RAGGED_FORMAT_VERSION = 3
 READABLE_VERSIONS = (FORMAT_VERSION, RAGGED_FORMAT_VERSION)
 
 
-def format_version(support: str, top_p: float) -> int:
-    """The version a cache of this support is written as."""
-    return RAGGED_FORMAT_VERSION if support != "topk" or top_p else FORMAT_VERSION
+def format_version(support: str, top_p: float, fold_padded: bool = False) -> int:
+    """The version a cache of this support is written as (ragged: a variable number of
+    entries per position, as top-p, sampled, and vLLM's top-k with padded ids folded)."""
+    return RAGGED_FORMAT_VERSION if support != "topk" or top_p or fold_padded else FORMAT_VERSION
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -67,6 +67,29 @@ def top_p_support(topk: TopK, top_p: float) -> TopK:
     return TopK(ids=ids, logprobs=lp, target_logprob=topk.target_logprob, tail_logmass=tail)
 
 
+def fold_padded_ids(topk: TopK, bound: int) -> tuple[TopK, dict]:
+    """A top-k batch with every id >= bound (a padded embedding row no text maps to) moved
+    into the tail bucket: its slot becomes padding (id -1, log-prob -inf; the batch is then
+    a ragged support, most likely first) and its mass joins tail_logmass, so the stored
+    distribution still sums to 1. Returns the batch and the counts the manifest reports
+    (vLLM's path; the hf backend folds inside its chunked head)."""
+    pad = topk.ids >= bound
+    lp = topk.logprobs.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        folded = np.log(np.where(pad, np.exp(lp), 0.0).sum(-1))  # -inf where nothing folds
+    mass = np.exp(folded)
+    stats = {"positions": int(pad.shape[0] * pad.shape[1]), "folded_positions": int(pad.any(-1).sum()),
+             "in_support": int(pad.any(-1).sum()), "mass_sum": float(mass.sum()), "mass_max": float(mass.max(initial=0.0))}
+    if not pad.any():
+        return topk, stats
+    kept_lp = np.where(pad, -np.inf, lp)
+    order = np.argsort(-kept_lp, axis=-1, kind="stable")
+    ids = np.take_along_axis(np.where(pad, -1, topk.ids), order, -1).astype(np.int32)
+    tail = np.logaddexp(topk.tail_logmass.astype(np.float64), folded)
+    return TopK(ids=ids, logprobs=np.take_along_axis(kept_lp, order, -1).astype(np.float32),
+                target_logprob=topk.target_logprob, tail_logmass=tail.astype(np.float32)), stats
+
+
 def draws_to_support(draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """draws [..., k] sampled token ids -> (distinct ids [..., k] ascending, -1 padded;
     log(count / k) [..., k], -inf padded). Counts are the run lengths of the sorted draws:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from .base import TeacherBackend, TopK, log1mexp
+from .support import fold_padded_ids
 
 
 def vllm_available() -> bool:
@@ -32,7 +33,7 @@ class VLLMTeacher(TeacherBackend):
 
     def __init__(self, path: str, k: int, max_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, cpu_kvcache_gib: int = 2, enforce_eager: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, vocab_bound: int | None = None):
         # Without this the CPU worker reserves 92 % of a NUMA node's memory for KV cache.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
         from vllm import LLM, SamplingParams
@@ -56,6 +57,10 @@ class VLLMTeacher(TeacherBackend):
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
         self.k = k
+        # Ids at or above the tokenizer's length (a padded embedding) are folded into the
+        # tail (support.fold_padded_ids); None when the teacher has no padded rows.
+        self.vocab_bound = vocab_bound
+        self.folded = None
 
     def topk(self, rows: np.ndarray) -> TopK:
         from vllm.inputs import TokensPrompt
@@ -77,12 +82,23 @@ class VLLMTeacher(TeacherBackend):
             lps[i] = np.asarray(flat.logprobs, dtype=np.float32).reshape(l, k + 1)
         top_lp = lps[:, :, 1:]
         kept = np.logaddexp.reduce(top_lp.astype(np.float64), axis=-1)
-        return TopK(
+        out = TopK(
             ids=ids[:, :, 1:].copy(),
             logprobs=top_lp.copy(),
             target_logprob=lps[:, :, 0].copy(),
             tail_logmass=log1mexp(kept).astype(np.float32),
         )
+        if self.vocab_bound is None:
+            return out
+        out, stats = fold_padded_ids(out, self.vocab_bound)
+        self.folded = stats if self.folded is None else {
+            key: max(v, stats[key]) if key == "mass_max" else v + stats[key] for key, v in self.folded.items()}
+        return out
+
+    def take_folded(self) -> dict | None:
+        """The padded-id counts since the last call (None without padded rows)."""
+        out, self.folded = self.folded, None
+        return out
 
     def close(self) -> None:
         # Shut the engine core and its workers down explicitly so nothing outlives us.
