@@ -220,6 +220,14 @@ class DistillConfig:
     smooth_initial: bool = False  # r_0 = alpha * Eq. 1 + (1 - alpha)/N instead of Eq. 1 alone
     weight_floor: float = 0.0  # every domain's weight kept >= floor (<= 1/N) ...
     weight_cap: float = 1.0  # ... and <= cap (>= 1/N)
+    # Which rule moves the weights (ddk mode; pipeline/scheduler.py): "paper" (Eq. 1-2),
+    # "prior-tilt" (Eq. 2 around KD's proportional mix instead of uniform), "progress" (a
+    # domain's weight follows the drop of its validation CE per data share spent on it),
+    # "gap-progress" (the CE gap times that progress). progress_floor: the share of the mix
+    # kept proportional (exploration); progress_ema: how much of the last progress is kept.
+    ddk_rule: str = "paper"
+    progress_floor: float = 0.2
+    progress_ema: float = 0.5
     interval: int = 0  # K in steps; 0 = interval_fraction * steps
     interval_fraction: float = 1 / 30
     eval_rows: int = 0  # validation rows per domain for the scheduler; 0 = all cached
@@ -458,6 +466,13 @@ def validate(cfg: Config) -> None:
                           f"(0 = use the fraction) and 0 < interval_fraction <= 1")
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha = {d.alpha}: must be in [0, 1]")
+    from .scheduler import RULES
+
+    if d.ddk_rule not in RULES:
+        raise ConfigError(f"distill.ddk_rule: '{d.ddk_rule}' is not one of {', '.join(RULES)}")
+    if not (0.0 <= d.progress_floor <= 1.0 and 0.0 <= d.progress_ema < 1.0):
+        raise ConfigError(f"distill.progress_floor = {d.progress_floor}, distill.progress_ema = {d.progress_ema}: "
+                          f"need 0 <= floor <= 1 and 0 <= ema < 1")
     if d.discrepancy not in ("ppl-ratio", "log-ratio"):
         raise ConfigError(f"distill.discrepancy: '{d.discrepancy}' is not one of ppl-ratio (the paper's Eq. 1), log-ratio")
     if not (d.discrepancy_temperature > 0 and math.isfinite(d.discrepancy_temperature)):

@@ -18,7 +18,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-MODES = ("ddk", "ddk-no-smoothing", "uniform", "proportional")
+MODES = ("ddk", "ddk-no-smoothing", "uniform", "proportional", "prior-tilt", "progress", "gap-progress")
+# The rules beyond the paper that weigh what a domain's data buys (distill.ddk_rule).
+RULES = ("paper", "prior-tilt", "progress", "gap-progress")
 
 # -----------------------------------------------------------------------------
 # input checks: the equations are only meaningful for positive, finite perplexities
@@ -181,6 +183,83 @@ def bound_weights(weights, floor: float = 0.0, cap: float = 1.0) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# rules beyond the paper: weigh what a domain's data buys, not only how far it lags
+
+
+def prior_tilt_update(r_t, student_ppl, teacher_ppl, prior, alpha: float = 0.5, kind: str = "ppl-ratio",
+                      temperature: float = 1.0) -> np.ndarray:
+    """DDK as a tilt of the baseline mix: Eq. 2 with its floor moved from uniform to the
+    prior pi (KD's corpus-proportional weights),
+
+        psi[i] = r_t[i] * exp(s[i]),   r_{t+1}[i] = alpha * psi[i] / sum_j psi[j] + (1 - alpha) * pi[i]
+
+    with s the discrepancy scores of Eq. 1 (or the log-ratio). Where Eq. 2 pulls every
+    domain toward 1/N, whatever its size, this keeps (1 - alpha) of the mix where KD has
+    it and moves only alpha by the gaps: a large domain keeps the data it needs."""
+    prior = _check_distribution(prior, np.asarray(prior).size, "prior")
+    r_t = _check_distribution(r_t, prior.size)
+    scores = discrepancy_scores(student_ppl, teacher_ppl, kind, temperature)
+    psi = r_t * _softmax(scores)  # r_t * exp(s), rescaled by a constant that cancels
+    return alpha * psi / psi.sum() + (1.0 - alpha) * prior
+
+
+def prior_tilt_initial(student_ppl, teacher_ppl, prior, alpha: float = 0.5, kind: str = "ppl-ratio",
+                       temperature: float = 1.0) -> np.ndarray:
+    """r_0 of the tilt: alpha * Eq. 1 + (1 - alpha) * pi (prior_tilt_update from r = pi would
+    weigh the scores by the prior twice)."""
+    prior = _check_distribution(prior, np.asarray(prior).size, "prior")
+    return alpha * discrepancy_factor(student_ppl, teacher_ppl, kind, temperature) + (1.0 - alpha) * prior
+
+
+def learning_progress(previous_ce, ce, shares) -> np.ndarray:
+    """Per domain, the drop of its validation CE (nats) over the last interval per unit of
+    the data share it got there:
+
+        g[i] = max(CE_{t-1}[i] - CE_t[i], 0) / share[i]
+
+    The reward of an online-data-mixing bandit (Albalak et al. 2023, "Efficient Online
+    Data Mixing For Language Model Pre-Training", arXiv 2312.02406, rewards a domain by its
+    loss; ADO, Jiang et al. 2024, arXiv 2410.11820, by the fitted rate its loss falls):
+    what the domain's data bought, not how far the domain lags. A rise (forgetting) is no
+    reward, and a share is never 0 here (the weights keep an exploration floor)."""
+    prev, now = np.asarray(previous_ce, np.float64), np.asarray(ce, np.float64)
+    shares = np.asarray(shares, np.float64)
+    if prev.shape != now.shape or shares.shape != now.shape:
+        raise ValueError(f"previous_ce, ce and shares must have one entry per domain, got shapes "
+                         f"{prev.shape}, {now.shape}, {shares.shape}")
+    if not (np.all(np.isfinite(prev)) and np.all(np.isfinite(now)) and np.all(shares > 0)):
+        raise ValueError("learning_progress needs finite CEs and positive shares")
+    return np.maximum(prev - now, 0.0) / shares
+
+
+def progress_weights(scores, prior, floor: float = 0.2) -> np.ndarray:
+    """Weights from non-negative scores with an exploration floor mixed in from the prior:
+
+        r[i] = floor * pi[i] + (1 - floor) * g[i] / sum_j g[j]      (r = pi when sum g = 0)
+
+    The floor is the bandit's exploration: every domain keeps data in proportion to KD's
+    mix, so its progress stays measured and a domain that stalled can return."""
+    prior = _check_distribution(prior, np.asarray(prior).size, "prior")
+    g = np.asarray(scores, np.float64)
+    if g.shape != prior.shape or np.any(g < 0) or not np.all(np.isfinite(g)):
+        raise ValueError(f"scores must be finite, >= 0 and one per domain, got {g.tolist()}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1], got {floor}")
+    if g.sum() <= 0:
+        return prior.copy()
+    return floor * prior + (1.0 - floor) * g / g.sum()
+
+
+def gap_times_progress(student_ppl, teacher_ppl, progress) -> np.ndarray:
+    """DDK's discrepancy times what data buys: g[i] = max(log lS[i] - log lT[i], 0) * progress[i]
+    (the log-ratio gap in nats, 0 where the student already matches the teacher). A lagging
+    domain gets data while its loss falls per token spent, and loses it when it stops."""
+    lS, lT = _check_ppl(student_ppl, teacher_ppl)
+    progress = np.asarray(progress, np.float64)
+    return np.maximum(np.log(lS) - np.log(lT), 0.0) * progress
+
+
+# -----------------------------------------------------------------------------
 # the scheduler: which rule applies when, and the record of what it decided
 
 
@@ -201,6 +280,10 @@ class DomainScheduler:
       "ddk-no-smoothing" the paper's "w/o FS": every update r_t = Eq. 1 directly.
       "uniform"          1/N forever (cpt, kd-uniform, the paper's "equal sampling").
       "proportional"     train row counts / total, fixed (corpus-proportional kd).
+      "prior-tilt"       Eq. 1-2 tilting the proportional mix (prior_tilt_initial, _update).
+      "progress"         the proportional mix at step 0, then progress_weights of the
+                         learning progress (EMA over intervals, progress_ema).
+      "gap-progress"     the same with gap_times_progress as the score.
 
     The fixed modes still accept `update` so that every mode records the same history
     (ratios over training are plotted for all of them), but their weights never move.
@@ -208,7 +291,8 @@ class DomainScheduler:
 
     def __init__(self, domains, mode: str = "ddk", interval: int = 1000, alpha: float = 0.5,
                  rows_per_domain: dict | None = None, discrepancy: str = "ppl-ratio", temperature: float = 1.0,
-                 smooth_initial: bool = False, weight_floor: float = 0.0, weight_cap: float = 1.0):
+                 smooth_initial: bool = False, weight_floor: float = 0.0, weight_cap: float = 1.0,
+                 progress_floor: float = 0.2, progress_ema: float = 0.5):
         self.domains = list(domains)
         if not self.domains:
             raise ValueError("DomainScheduler needs at least one domain")
@@ -232,8 +316,11 @@ class DomainScheduler:
         bound_weights(np.full(len(self.domains), 1.0 / len(self.domains)), self.weight_floor, self.weight_cap)  # checks the bounds
         self.num_updates = 0
         self.history: list[HistoryEntry] = []
+        self.progress_floor, self.progress_ema = float(progress_floor), float(progress_ema)
+        self.progress: list | None = None  # EMA of learning_progress (progress modes)
+        self.prior: np.ndarray | None = None  # KD's proportional mix (prior-based modes)
         n = len(self.domains)
-        if mode == "proportional":
+        if mode in ("proportional", "prior-tilt", "progress", "gap-progress"):
             if rows_per_domain is None:
                 raise ValueError("mode 'proportional' needs rows_per_domain={domain: train row count}")
             missing = [d for d in self.domains if d not in rows_per_domain]
@@ -243,6 +330,7 @@ class DomainScheduler:
             if np.any(counts < 0) or counts.sum() <= 0:
                 raise ValueError(f"rows_per_domain must be non-negative with a positive total, got {counts.tolist()}")
             self.weights = counts / counts.sum()
+            self.prior = self.weights.copy()
         else:
             # for ddk modes this is only a placeholder until the step-0 update (Eq. 1)
             self.weights = np.full(n, 1.0 / n)
@@ -286,7 +374,18 @@ class DomainScheduler:
             self.weights = discrepancy_factor(lS, lT, **how)
         elif self.mode == "ddk":
             self.weights = smooth_update(self.weights, lS, lT, self.alpha, **how)
-        if self.mode in ("ddk", "ddk-no-smoothing"):
+        elif self.mode == "prior-tilt":
+            self.weights = (prior_tilt_initial(lS, lT, self.prior, self.alpha, **how) if self.num_updates == 0
+                            else prior_tilt_update(self.weights, lS, lT, self.prior, self.alpha, **how))
+        elif self.mode in ("progress", "gap-progress") and self.num_updates > 0:
+            # the shares of the interval that just ended are the weights chosen at its start
+            step_progress = learning_progress(np.log(self.history[-1].student_ppl), np.log(lS), self.weights)
+            ema = step_progress if self.progress is None else (
+                self.progress_ema * np.asarray(self.progress) + (1 - self.progress_ema) * step_progress)
+            self.progress = ema.tolist()
+            scores = ema if self.mode == "progress" else gap_times_progress(lS, lT, ema)
+            self.weights = progress_weights(scores, self.prior, self.progress_floor)
+        if self.mode in ("ddk", "ddk-no-smoothing", "prior-tilt", "progress", "gap-progress"):
             self.weights = bound_weights(self.weights, self.weight_floor, self.weight_cap)
         # uniform / proportional: weights fixed at construction
         self.num_updates += 1
@@ -304,6 +403,9 @@ class DomainScheduler:
             "smooth_initial": self.smooth_initial,
             "weight_floor": self.weight_floor,
             "weight_cap": self.weight_cap,
+            "progress_floor": self.progress_floor,
+            "progress_ema": self.progress_ema,
+            "progress": self.progress,
             "num_updates": self.num_updates,
             "weights": self.weights.tolist(),
             "history": [h._asdict() for h in self.history],
@@ -325,6 +427,9 @@ class DomainScheduler:
         self.temperature = float(state.get("temperature", 1.0))
         self.smooth_initial = bool(state.get("smooth_initial", False))
         self.weight_floor, self.weight_cap = float(state.get("weight_floor", 0.0)), float(state.get("weight_cap", 1.0))
+        self.progress_floor = float(state.get("progress_floor", 0.2))
+        self.progress_ema = float(state.get("progress_ema", 0.5))
+        self.progress = state.get("progress")
         self.num_updates = int(state["num_updates"])
         self.weights = np.asarray(state["weights"], dtype=np.float64)
         self.history = [HistoryEntry(**h) for h in state["history"]]

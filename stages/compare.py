@@ -59,6 +59,11 @@ VARIANTS: list[tuple[str, list[str]]] = [
                             "distill.smooth_initial=true"]),
     # the paper's ratio with guardrails: r_0 smoothed, every domain in [0.1, 0.5]
     ("ddk-guarded", ["distill.mode=ddk", "distill.smooth_initial=true", "distill.weight_floor=0.1", "distill.weight_cap=0.5"]),
+    # what a domain's data buys (pipeline/scheduler.py, "rules beyond the paper"):
+    # Eq. 2 around KD's proportional mix; the learning-progress bandit; the gap times progress
+    ("ddk-prior-tilt", ["distill.mode=ddk", "distill.ddk_rule=prior-tilt"]),
+    ("ddk-progress", ["distill.mode=ddk", "distill.ddk_rule=progress"]),
+    ("ddk-gap-progress", ["distill.mode=ddk", "distill.ddk_rule=gap-progress"]),
 ]
 ALL_MODES = MODES + VARIANTS
 PAPER_BASES = ("ddk", "ddk-equal-sampling")  # what a variant is also paired against

@@ -53,7 +53,9 @@ class TrainingError(RuntimeError):
 def scheduler_mode(cfg: Config) -> str:
     d = cfg.distill
     if d.mode == "ddk":
-        return "uniform" if d.equal_sampling else ("ddk-no-smoothing" if d.no_smoothing else "ddk")
+        if d.equal_sampling or d.no_smoothing:
+            return "uniform" if d.equal_sampling else "ddk-no-smoothing"
+        return "ddk" if d.ddk_rule == "paper" else d.ddk_rule
     if d.mode == "kd" and d.kd_domains == "uniform":
         return "uniform"
     return "proportional"
@@ -202,7 +204,7 @@ RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "de
 # [distill] fields added after runs were first recorded, with the value that reproduces
 # what those runs did: a saved config without the field is read as having this value.
 ADDED_LATER = {"discrepancy": "ppl-ratio", "discrepancy_temperature": 1.0, "smooth_initial": False,
-               "weight_floor": 0.0, "weight_cap": 1.0}
+               "weight_floor": 0.0, "weight_cap": 1.0, "ddk_rule": "paper", "progress_floor": 0.2, "progress_ema": 0.5}
 
 
 def saved_config(config: dict) -> dict:
@@ -266,7 +268,8 @@ class Trainer:
         rows = {dom: reader.num_rows(dom, "train") for dom in domains}
         self.interval = DomainScheduler.interval_steps(d.steps, d.interval or None, None if d.interval else d.interval_fraction)
         self.scheduler = DomainScheduler(domains, scheduler_mode(cfg), self.interval, d.alpha, rows, d.discrepancy,
-                                         d.discrepancy_temperature, d.smooth_initial, d.weight_floor, d.weight_cap)
+                                         d.discrepancy_temperature, d.smooth_initial, d.weight_floor, d.weight_cap,
+                                         d.progress_floor, d.progress_ema)
         self.sampler = IntervalSampler(rows, seed=d.seed)
         self.gamma = 0.0 if d.mode == "cpt" else d.gamma
         # A sampled support holds all of the teacher's mass (its tail is -inf everywhere): the
