@@ -32,14 +32,13 @@ from torch import nn
 from .cache.reader import CacheBatch
 from .config import ConfigError
 from .objective import LossParts, Objective, fused_loss, unfused_loss
+# Config attributes of HF models whose logits are not hidden @ W^T (+ b), named in the
+# refusal so the user knows why (the numeric check below catches the unnamed ones).
+from .teachers.base import HEAD_TRANSFORMS
 
 # Tokens per chunk of the evaluation cross-entropy: fp32 logits of this many tokens at
 # V = 151936 are ~300 MB, whatever the batch.
 EVAL_CHUNK_TOKENS = 512
-
-# Config attributes of HF models whose logits are not hidden @ W^T (+ b); named in the
-# refusal so the user knows why (the numeric check below catches the unnamed ones).
-HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:

@@ -276,6 +276,10 @@ def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) ->
         drop_ingested_rows(ingested)  # made only to check the plan (a cache from before rows.json)
         log(f"{cache_dir}: cache complete and matches the config; nothing to do")
         return load_manifest(cache_dir)
+    # The plan pinned on disk is what the workers write with and what the manifest must
+    # describe: an older ddk's plan, accepted by check_compatible, differs from this one
+    # (e.g. its id space was the teacher's rows), and its shards were encoded by it.
+    plan = CachePlan.load(cache_dir)
     todo = [i for i, s in enumerate(plan.shards) if not shard_done(cache_dir, s)]
     if todo and not all(d.has_rows() for d in ingested):
         ingested = ingest(need_rows=True)

@@ -102,10 +102,47 @@ def test_padded_ids_in_a_fixed_top_k_are_folded_into_the_tail():
     tail = np.log(1 - np.exp(lp).sum(-1))
     topk = TopK(ids=ids, logprobs=lp.astype(np.float32), target_logprob=np.zeros((2, 1), np.float32),
                 tail_logmass=tail.astype(np.float32))
-    out, stats = fold_padded_ids(topk, bound=151_851)
+    out, stats = fold_padded_ids(topk, bound=151_851, targets=np.array([[5], [6]]))
     assert out.ids[0, 0].tolist() == [7, 3, -1, -1] and out.ids[1, 0].tolist() == [1, 2, 3, 4]
     assert np.isneginf(out.logprobs[0, 0, 2:]).all()
     np.testing.assert_allclose(np.exp(out.tail_logmass[0, 0]), 1 - 0.5 - 0.1, rtol=1e-6)
     assert out.tail_logmass[1, 0] == topk.tail_logmass[1, 0]
     assert stats["positions"] == 2 and stats["in_support"] == 1
     np.testing.assert_allclose(stats["mass_sum"], 0.25, rtol=1e-6)
+
+
+def test_a_position_whose_whole_top_k_is_padded_keeps_its_target():
+    from ddk.pipeline.teachers.base import TopK
+    from ddk.pipeline.teachers.support import fold_padded_ids
+
+    lp = np.log(np.array([[[0.6, 0.3]]]))
+    topk = TopK(ids=np.array([[[120, 101]]], np.int32), logprobs=lp.astype(np.float32),
+                target_logprob=np.log(np.array([[0.04]], np.float32)), tail_logmass=np.log(np.array([[0.1]], np.float32)))
+    out, stats = fold_padded_ids(topk, bound=100, targets=np.array([[7]]))
+    assert out.ids[0, 0].tolist() == [7, -1]
+    np.testing.assert_allclose(np.exp(out.logprobs[0, 0, 0]), 0.04, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(out.tail_logmass[0, 0]), 1 - 0.04, rtol=1e-6)  # 0.1 + 0.9 folded - 0.04
+    assert stats["in_support"] == 1
+
+
+def test_a_cache_begun_before_the_fold_resumes_readable(padded_pair, tmp_path):
+    """A plan pinned by an older ddk (id space = the teacher's rows, no teacher.vocab_rows)
+    is resumed with its own plan: the shards and the manifest agree, and the cache reads."""
+    import shutil
+
+    overrides, root = padded_pair
+    cfg = load_config("configs/qwen-vocab.toml", overrides)
+    teacher_cache(cfg, log=QUIET)
+    legacy = tmp_path / "cache"
+    shutil.copytree(cfg.cache.out_dir, legacy)
+    plan = json.loads((legacy / "plan.json").read_text())
+    del plan["teacher"]["vocab_rows"]
+    plan["codec"]["vocab_size"] = plan["tokenizer"]["vocab_size"] = TEACHER_ROWS
+    (legacy / "plan.json").write_text(json.dumps(plan))
+    for p in [legacy / "manifest.json", *legacy.rglob("*.parquet")]:
+        p.unlink()
+    m = teacher_cache(load_config("configs/qwen-vocab.toml", overrides + [f"cache.out_dir={json.dumps(str(legacy))}"]), log=QUIET)
+    assert m["codec"]["vocab_size"] == m["tokenizer"]["vocab_size"] == TEACHER_ROWS and "vocab_fold" not in m
+    reader = TopKCacheReader(legacy)
+    batch = reader.batch([(d, "train", 0) for d in m["domains"]])
+    assert batch.topk_ids.shape[0] == len(m["domains"])

@@ -254,8 +254,22 @@ class TopKCacheReader:
         return torch.from_numpy(out)
 
     def token_rows(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
-        """Only the token rows [B, L + 1] (CPT and evaluation need no teacher columns)."""
-        return self._column_rows(keys, "input_ids", self.seq_len + 1, np.int64)
+        """Only the token rows [B, L + 1] (CPT and evaluation need no teacher columns),
+        checked on the host against the cache's id space as `batch` checks its ids."""
+        rows = self._column_rows(keys, "input_ids", self.seq_len + 1, np.int64)
+        self._check_ids(keys, rows.numpy())
+        return rows
+
+    def _check_ids(self, keys, tokens: np.ndarray, support: np.ndarray | None = None) -> None:
+        """Every token id in [0, V) and every support id in [-1, V) (-1: padding), V the
+        cache's id space, on the host (numpy, no device sync): stage two's loss kernels then
+        skip their own check (Objective.ids_checked)."""
+        bad = int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size
+        if support is not None:
+            bad = bad or int(support.min()) < -1 or int(support.max()) >= self.vocab_size
+        if bad:
+            raise CacheError(f"{self.dir}: rows {keys[0]}..{keys[-1]} hold token ids outside [0, {self.vocab_size}) "
+                             f"(the cache's vocabulary); run `ddk cache verify {self.dir}`")
 
     def target_logprobs(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
         """Only the teacher's logprob of each actual next token [B, L]: no top-k decoding."""
@@ -281,11 +295,7 @@ class TopKCacheReader:
         if self.codec.ragged:  # drop the columns that are padding everywhere in this batch
             width = max(int((ids >= 0).sum(axis=-1).max()), 1)
             ids, lps = ids[..., :width], lps[..., :width]
-        # Every id below the cache's id space, checked here on the host (numpy, no device
-        # sync): stage two's loss kernels then skip their own check (Objective.ids_checked).
-        if max(int(input_ids.max()), int(ids.max())) >= self.vocab_size or int(input_ids.min()) < 0:
-            raise CacheError(f"{self.dir}: rows {keys[0]}..{keys[-1]} hold token ids outside [0, {self.vocab_size}) "
-                             f"(the cache's vocabulary); run `ddk cache verify {self.dir}`")
+        self._check_ids(keys, input_ids, ids)
         return CacheBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, ids, lps, target, tail)))
 
 

@@ -36,6 +36,12 @@ def log1mexp(x: np.ndarray) -> np.ndarray:
         return np.where(x > -np.log(2.0), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
 
 
+# Config fields of transforms some models apply to the LM head's output (Gemma 2's
+# soft-capping, Cohere's and Granite's logit scales, ...): with one set, logits are not
+# h W^T, and neither the teacher's chunked head nor the student's fused one may be used.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 class TeacherBackend:
     """Interface: `topk(rows)` on [B, L + 1] int token rows; `close()` frees the engine.
 

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ...kernels.teacher_head import sample_chunk, topk_chunk
-from .base import TeacherBackend, TopK
+
+from .base import HEAD_TRANSFORMS, TeacherBackend, TopK
 from .support import draws_to_support_torch, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,12 +70,13 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return name
 
 
-def chunk_tokens_for(vocab: int, dtype: torch.dtype, support: str, fused_stats: bool) -> int:
+def chunk_tokens_for(vocab: int, dtype: torch.dtype, support: str, fused_stats: bool, padded: bool = False) -> int:
     """Positions per head chunk so that its logits and fp32 work fit CHUNK_BYTES: the
     logits in the model's dtype, plus an fp32 [c, V] buffer for sampling (exp, then the
-    cumulative sum in place) or for the torch top-k path (its fp32 copy and logsumexp
-    temporaries: 8 bytes); the Triton top-k path reads the logits once and needs none."""
-    extra = 4 if support == "sampled" else (0 if fused_stats else 8)
+    cumulative sum in place; a second one when padded ids are cut off, see sample_chunk)
+    or for the torch top-k path (its fp32 copy and logsumexp temporaries: 8 bytes); the
+    Triton top-k path reads the logits once and needs none."""
+    extra = (8 if padded else 4) if support == "sampled" else (0 if fused_stats else 8)
     per_position = vocab * (torch.finfo(dtype).bits // 8 + extra)
     c = CHUNK_BYTES // per_position
     return int(min(CHUNK_MAX, max(CHUNK_MIN, c // CHUNK_MIN * CHUNK_MIN)))
@@ -112,7 +114,8 @@ class HFTeacher(TeacherBackend):
         self.vocab = head.weight.shape[0]
         self.vocab_bound = self.vocab if vocab_bound is None else min(vocab_bound, self.vocab)
         fused = impl == "triton" or (impl == "auto" and self.device.startswith("cuda"))
-        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused)
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused,
+                                                             padded=self.vocab_bound < self.vocab)
         self.folded = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
         self.chunked = self._head_reproduces_logits()
         if not self.chunked:
@@ -124,6 +127,10 @@ class HFTeacher(TeacherBackend):
     def _head_reproduces_logits(self) -> bool:
         head = self.model.get_output_embeddings()
         if not isinstance(head, nn.Linear) or not hasattr(self.model, "get_decoder"):
+            return False
+        # Transforms a config names (soft-capping, logit scales) are refused by name: near 0
+        # a soft-cap is close to the identity and a probe row alone could miss it.
+        if any(getattr(self.model.config, a, None) not in (None, 1, 1.0) for a in HEAD_TRANSFORMS):
             return False
         ids = torch.arange(1, 17, device=self.device)[None] % self.vocab_bound
         want = self.model(input_ids=ids, use_cache=False).logits[0].float()

@@ -67,12 +67,16 @@ def top_p_support(topk: TopK, top_p: float) -> TopK:
     return TopK(ids=ids, logprobs=lp, target_logprob=topk.target_logprob, tail_logmass=tail)
 
 
-def fold_padded_ids(topk: TopK, bound: int) -> tuple[TopK, dict]:
+def fold_padded_ids(topk: TopK, bound: int, targets: np.ndarray) -> tuple[TopK, dict]:
     """A top-k batch with every id >= bound (a padded embedding row no text maps to) moved
     into the tail bucket: its slot becomes padding (id -1, log-prob -inf; the batch is then
     a ragged support, most likely first) and its mass joins tail_logmass, so the stored
     distribution still sums to 1. Returns the batch and the counts the manifest reports
-    (vLLM's path; the hf backend folds inside its chunked head)."""
+    (vLLM's path; the hf backend folds inside its chunked head).
+
+    A position whose every entry is padded would keep none, which no support allows (1..k
+    entries): it keeps its actual next token (targets [B, L], always a tokenizer id) with
+    its log-prob instead, the rest of its mass in the tail."""
     pad = topk.ids >= bound
     lp = topk.logprobs.astype(np.float64)
     with np.errstate(divide="ignore"):
@@ -83,9 +87,19 @@ def fold_padded_ids(topk: TopK, bound: int) -> tuple[TopK, dict]:
     if not pad.any():
         return topk, stats
     kept_lp = np.where(pad, -np.inf, lp)
-    order = np.argsort(-kept_lp, axis=-1, kind="stable")
-    ids = np.take_along_axis(np.where(pad, -1, topk.ids), order, -1).astype(np.int32)
+    kept_ids = np.where(pad, -1, topk.ids)
     tail = np.logaddexp(topk.tail_logmass.astype(np.float64), folded)
+    empty = pad.all(-1)
+    if empty.any():
+        target_lp = topk.target_logprob.astype(np.float64)
+        kept_lp[..., 0] = np.where(empty, target_lp, kept_lp[..., 0])
+        kept_ids[..., 0] = np.where(empty, np.asarray(targets), kept_ids[..., 0])
+        # the target's mass leaves the tail: log(exp(tail) - exp(target)), >= the floor
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rest = tail + np.log1p(-np.exp(np.minimum(target_lp - tail, 0.0)))
+        tail = np.where(empty, rest, tail)
+    order = np.argsort(-kept_lp, axis=-1, kind="stable")
+    ids = np.take_along_axis(kept_ids, order, -1).astype(np.int32)
     return TopK(ids=ids, logprobs=np.take_along_axis(kept_lp, order, -1).astype(np.float32),
                 target_logprob=topk.target_logprob, tail_logmass=tail.astype(np.float32)), stats
 

@@ -90,7 +90,7 @@ class VLLMTeacher(TeacherBackend):
         )
         if self.vocab_bound is None:
             return out
-        out, stats = fold_padded_ids(out, self.vocab_bound)
+        out, stats = fold_padded_ids(out, self.vocab_bound, rows[:, 1:])
         self.folded = stats if self.folded is None else {
             key: max(v, stats[key]) if key == "mass_max" else v + stats[key] for key, v in self.folded.items()}
         return out
