@@ -47,6 +47,18 @@ SHAPES = {
 GOALS = {"topk": 0.95, "sampled": 0.90}  # capture / bare forward (the issue's goals)
 
 
+def parse_gpu_args(parser: argparse.ArgumentParser, argv, refusal: str) -> tuple[argparse.Namespace, str]:
+    """The GPU benchmarks' common ending: --json, the hidden --cpu-smoke (the test suite
+    runs the script on CPU at a tiny shape), and a one-line refusal without CUDA.
+    Returns (args, device)."""
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        sys.exit(refusal)
+    return args, "cpu" if args.cpu_smoke else "cuda"
+
+
 def build_teacher(shape: str, seq_len: int, device: str, vocab: int = VOCAB, **config) -> torch.nn.Module:
     """A random-init Qwen2ForCausalLM of SHAPES[shape] in bf16 on `device` (config: more
     Qwen2Config fields, e.g. the tokenizer's eos id)."""
@@ -167,13 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--auto-seq-len", type=int, default=4096, help="seq_len of the 80 GB batch_rows=auto check (0: skip)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's run on CPU
-    args = p.parse_args(argv)
-    device = "cpu" if args.cpu_smoke else "cuda"
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        sys.exit("bench-capture needs a CUDA GPU (it builds 1.5B and 7B teachers in GPU memory); on CPU, "
-                 "`make bench` (P5) measures the capture on the tiny teacher")
+    args, device = parse_gpu_args(p, argv, "bench-capture needs a CUDA GPU (it builds 1.5B and 7B teachers in GPU memory); "
+                                           "on CPU, `make bench` (P5) measures the capture on the tiny teacher")
     result = {"machine": describe_machine(device), "shapes": {}}
     print(f"ddk bench-capture on {result['machine']['cuda_device'] or result['machine']['cpu']}, torch {torch.__version__}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..pipeline.atomic import write_json_atomic
-from .bench_capture import SHAPES, build_teacher
+from .bench_capture import SHAPES, build_teacher, parse_gpu_args
 
 GOALS = {"stage_one_vs_bare": 0.9, "kd_vs_cpt": 0.95}  # the goals
 
@@ -130,13 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-rows", type=int, default=8, help="stage two's micro-batch rows (default: %(default)s)")
     p.add_argument("--teacher-batch-rows", type=int, default=16, help="rows per teacher forward (default: %(default)s)")
     p.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's run on CPU
-    args = p.parse_args(argv)
-    device = "cpu" if args.cpu_smoke else "cuda"
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        sys.exit("bench-gpu needs a CUDA GPU (it trains a 0.5B student from a 1.5B teacher); on CPU, "
-                 "`make demo` runs the same pipeline on tiny models")
+    args, device = parse_gpu_args(p, argv, "bench-gpu needs a CUDA GPU (it trains a 0.5B student from a 1.5B teacher); "
+                                           "on CPU, `make demo` runs the same pipeline on tiny models")
     from ..pipeline.qwen_tokenizer import QWEN2_EMBEDDING_SIZE, qwen_tokenizer
     from .bench import describe_machine
 
