@@ -34,7 +34,7 @@ from .config import ConfigError
 from .objective import LossParts, Objective, fused_loss, unfused_loss
 # Config attributes of HF models whose logits are not hidden @ W^T (+ b), named in the
 # refusal so the user knows why (the numeric check below catches the unnamed ones).
-from .teachers.base import HEAD_TRANSFORMS
+from .teachers.base import named_head_transforms
 
 # Tokens per chunk of the evaluation cross-entropy: fp32 logits of this many tokens at
 # V = 151936 are ~300 MB, whatever the batch.
@@ -172,7 +172,7 @@ class StudentLM(nn.Module):
 
     @torch.no_grad()
     def _check_plain_linear_head(self) -> None:
-        named = [a for a in HEAD_TRANSFORMS if getattr(self.lm.config, a, None) not in (None, 1, 1.0)]
+        named = named_head_transforms(self.lm.config)
         if not named:
             ids = torch.arange(8, device=self._head.weight.device)[None] % self.lm.config.vocab_size
             was_training = self.training

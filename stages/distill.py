@@ -402,11 +402,12 @@ class Trainer:
         over the ranks there, and read together with the gradient norm after the last
         backward, before AdamW (a NaN on any rank stops every rank, the weights not
         updated). Within a micro-batch nothing here reads the device: its tensors were
-        pinned on a prefetch thread and are copied asynchronously (_to_device). What the
-        forward calls still reads, once per micro-batch each: the fused loss's check of the
-        ids' range (kernels/fused_linear_kl.py) and transformers' packed-sequence detection
-        (masking_utils, at the decoder's start); each costs the GPU the time the host takes
-        to queue the next few kernels, well under 1 % of a real micro-batch.
+        pinned on a prefetch thread and are copied asynchronously (_to_device), and their
+        ids were range-checked on the host by the reader (Objective.ids_checked, so the
+        fused loss skips its device-side check). What the forward still reads, once per
+        micro-batch: transformers' packed-sequence detection (masking_utils, at the
+        decoder's start), which costs the GPU the time the host takes to queue the next
+        few kernels.
         distill.debug_rank_logs (tests only) reads each micro-batch's loss as well.
         """
         d, env, step = self.d, self.env, self.step

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ..atomic import write_json_atomic
 from .integrity import ALGORITHM, file_digests
 from .schema import READABLE_VERSIONS, SPLITS, shard_name
+from ..teachers.support import NO_FOLDS, add_folds
 from .writer import read_shard_info
 
 PLAN_FILE = "plan.json"
@@ -160,7 +161,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
     max_err, clamped, total_bytes = 0.0, 0, 0
     distortion, positions = 0.0, 0  # None once a shard predates the measure (or for a sampled support)
     entries = 0  # stored support entries; None once a shard predates the count
-    fold = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
+    fold = NO_FOLDS
     # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
     nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
     for spec in plan.shards:
@@ -176,8 +177,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         else:
             distortion = None
         entries = None if entries is None or "support_entries" not in info else entries + info["support_entries"]
-        for key, value in (info.get("vocab_fold") or {}).items():
-            fold[key] = max(fold[key], value) if key == "mass_max" else fold[key] + value
+        if info.get("vocab_fold"):
+            fold = add_folds(fold, info["vocab_fold"])
         domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()

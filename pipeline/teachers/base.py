@@ -42,6 +42,11 @@ def log1mexp(x: np.ndarray) -> np.ndarray:
 HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def named_head_transforms(config) -> list[str]:
+    """The HEAD_TRANSFORMS a model config sets (to anything but None or 1)."""
+    return [a for a in HEAD_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+
+
 class TeacherBackend:
     """Interface: `topk(rows)` on [B, L + 1] int token rows; `close()` frees the engine.
 

@@ -40,8 +40,8 @@ from torch import nn
 
 from ...kernels.teacher_head import sample_chunk, topk_chunk
 
-from .base import HEAD_TRANSFORMS, TeacherBackend, TopK
-from .support import draws_to_support_torch, row_seed
+from .base import TeacherBackend, TopK, named_head_transforms
+from .support import NO_FOLDS, add_folds, draws_to_support_torch, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The sampled support's draw procedure, recorded in the plan (codec.sampler): a cache is
@@ -116,7 +116,7 @@ class HFTeacher(TeacherBackend):
         fused = impl == "triton" or (impl == "auto" and self.device.startswith("cuda"))
         self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused,
                                                              padded=self.vocab_bound < self.vocab)
-        self.folded = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
+        self.folded = NO_FOLDS
         self.chunked = self._head_reproduces_logits()
         if not self.chunked:
             print(f"teacher: {type(model).__name__}'s LM head is not a plain linear map of its final hidden states "
@@ -130,7 +130,7 @@ class HFTeacher(TeacherBackend):
             return False
         # Transforms a config names (soft-capping, logit scales) are refused by name: near 0
         # a soft-cap is close to the identity and a probe row alone could miss it.
-        if any(getattr(self.model.config, a, None) not in (None, 1, 1.0) for a in HEAD_TRANSFORMS):
+        if named_head_transforms(self.model.config):
             return False
         ids = torch.arange(1, 17, device=self.device)[None] % self.vocab_bound
         want = self.model(input_ids=ids, use_cache=False).logits[0].float()
@@ -202,12 +202,8 @@ class HFTeacher(TeacherBackend):
         stats = torch.stack([(mass > 0).sum().double(), mass.sum(), mass.max(),
                              torch.zeros((), dtype=torch.float64, device=mass.device) if in_support is None
                              else in_support.sum().double()]).tolist()
-        f = self.folded
-        f["positions"] += mass.numel()
-        f["folded_positions"] += int(stats[0])
-        f["mass_sum"] += stats[1]
-        f["mass_max"] = max(f["mass_max"], stats[2])
-        f["in_support"] += int(stats[3])
+        self.folded = add_folds(self.folded, {"positions": mass.numel(), "folded_positions": int(stats[0]),
+                                              "mass_sum": stats[1], "mass_max": stats[2], "in_support": int(stats[3])})
 
     def take_folded(self) -> dict | None:
         """The folded-id counts since the last call (None for a teacher without padded ids):
@@ -215,8 +211,7 @@ class HFTeacher(TeacherBackend):
         been in the top-k, and the folded mass summed and at its largest."""
         if self.vocab_bound == self.vocab:
             return None
-        out = dict(self.folded)
-        self.folded = {key: 0 * value for key, value in out.items()}
+        out, self.folded = self.folded, NO_FOLDS
         return out
 
     def _topk_batch(self, out, b, length) -> TopK:
@@ -248,7 +243,7 @@ class HFTeacher(TeacherBackend):
         On CPU, AUTO_ROWS_CPU."""
         if not self.device.startswith("cuda"):
             return AUTO_ROWS_CPU
-        folded = dict(self.folded)  # the probes are not corpus positions
+        folded = self.folded  # the probes are not corpus positions (add_folds never mutates)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
         base = torch.cuda.memory_allocated()

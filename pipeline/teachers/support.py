@@ -67,6 +67,17 @@ def top_p_support(topk: TopK, top_p: float) -> TopK:
     return TopK(ids=ids, logprobs=lp, target_logprob=topk.target_logprob, tail_logmass=tail)
 
 
+# Counts of a teacher's padded ids folded away (the manifest's vocab_fold): positions seen,
+# positions with folded mass, positions where a padded id was in the top-k, the folded
+# mass summed and at its largest.
+NO_FOLDS = {"positions": 0, "folded_positions": 0, "in_support": 0, "mass_sum": 0.0, "mass_max": 0.0}
+
+
+def add_folds(total: dict, more: dict) -> dict:
+    """Two parts' fold counts together: every count summed, the largest mass kept."""
+    return {key: max(value, more[key]) if key == "mass_max" else value + more[key] for key, value in total.items()}
+
+
 def fold_padded_ids(topk: TopK, bound: int, targets: np.ndarray) -> tuple[TopK, dict]:
     """A top-k batch with every id >= bound (a padded embedding row no text maps to) moved
     into the tail bucket: its slot becomes padding (id -1, log-prob -inf; the batch is then

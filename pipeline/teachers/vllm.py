@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from .base import TeacherBackend, TopK, log1mexp
-from .support import fold_padded_ids
+from .support import NO_FOLDS, add_folds, fold_padded_ids
 
 
 def vllm_available() -> bool:
@@ -91,8 +91,7 @@ class VLLMTeacher(TeacherBackend):
         if self.vocab_bound is None:
             return out
         out, stats = fold_padded_ids(out, self.vocab_bound, rows[:, 1:])
-        self.folded = stats if self.folded is None else {
-            key: max(v, stats[key]) if key == "mass_max" else v + stats[key] for key, v in self.folded.items()}
+        self.folded = add_folds(self.folded or NO_FOLDS, stats)
         return out
 
     def take_folded(self) -> dict | None:
