@@ -31,12 +31,21 @@ class DomainSource:
     paths: list[str] = field(default_factory=list)
     # Field holding the text in .jsonl objects and the column name in .parquet files.
     text_field: str = "text"
+    # "text": raw text, every position trained. "chat": conversations, rendered with the
+    # teacher tokenizer's chat template and trained only on the answers (pipeline/chat.py):
+    # a `messages_field` list of {role, content} (system / user / assistant), or a
+    # `prompt_field` + `completion_field` pair.
+    format: str = "text"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
 
 
 @dataclass
 class CorpusConfig:
     # "builtin": the embedded multi-domain corpus made from the Python installation on
-    # disk (no network, no files in the repo). "files": the `domains` listed below.
+    # disk (no network, no files in the repo). "builtin-chat": the same installation made
+    # into instruction conversations (chat domains). "files": the `domains` listed below.
     source: str = "builtin"
     domains: list[DomainSource] = field(default_factory=list)
     # Builtin corpus only: cap on the characters taken per domain (keeps CPU runs small).
@@ -61,6 +70,29 @@ class CorpusConfig:
     # durable every checkpoint_mb of text read, so a killed run resumes from there.
     ingest_batch_mb: int = 2
     ingest_checkpoint_mb: int = 256
+    # Chat domains: train on every assistant turn ("assistant") or the last one only
+    # ("last-assistant"); a conversation longer than seq_len + 1 tokens has its oldest
+    # turns dropped until it fits ("truncate") or is dropped ("skip"), counted either way.
+    chat_loss: str = "assistant"
+    chat_overlong: str = "truncate"
+    # Chat rows hold whole conversations, first fit over this many open rows (1: greedy,
+    # in order; 0: packing off, one conversation per row, the rest padding); more rows
+    # open leave less padding and hold more memory (rows x seq_len).
+    chat_pack_window: int = 16
+    # Raw-text domains: each document attends only to itself (position ids restart after
+    # every EOS, as packed conversations do) instead of to the documents before it in its
+    # row. Makes the cache a masked one (format 4); the hf backend only.
+    document_mask: bool = False
+
+    @property
+    def chat(self) -> bool:
+        """Whether any domain is a chat domain (the cache is then a masked one)."""
+        return self.source == "builtin-chat" or any(d.format == "chat" for d in self.domains)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the cache stores token flags (chat domains, or document masking)."""
+        return self.chat or self.document_mask
 
 
 @dataclass
@@ -373,8 +405,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     c = cfg.corpus
-    if c.source not in ("builtin", "files"):
-        raise ConfigError(f"corpus.source: '{c.source}' is not one of 'builtin', 'files'")
+    if c.source not in ("builtin", "builtin-chat", "files"):
+        raise ConfigError(f"corpus.source: '{c.source}' is not one of 'builtin', 'builtin-chat', 'files'")
+    for i, d in enumerate(c.domains):
+        if d.format not in ("text", "chat"):
+            raise ConfigError(f"corpus.domains[{i}] ('{d.name}').format: '{d.format}' is not one of 'text', 'chat'")
+    from .chat import CHAT_LOSS, OVERLONG
+
+    if c.chat_loss not in CHAT_LOSS:
+        raise ConfigError(f"corpus.chat_loss: '{c.chat_loss}' is not one of {', '.join(CHAT_LOSS)}")
+    if c.chat_pack_window < 0:
+        raise ConfigError(f"corpus.chat_pack_window = {c.chat_pack_window}: must be >= 0 (open rows conversations are packed "
+                          f"into; 0 = one conversation per row)")
+    if c.chat_overlong not in OVERLONG:
+        raise ConfigError(f"corpus.chat_overlong: '{c.chat_overlong}' is not one of {', '.join(OVERLONG)}")
     if c.source == "files" and not c.domains:
         raise ConfigError("corpus.source = 'files' but no [[corpus.domains]] are listed; add at least one")
     names = [d.name for d in c.domains]

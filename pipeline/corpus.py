@@ -28,13 +28,19 @@ from .config import ConfigError, CorpusConfig, DomainSource
 @dataclass
 class Document:
     doc_id: str  # stable identity (file path + index): drives the train/val split
-    text: str
+    text: str  # chat documents: the messages' contents joined (sizes, tokenizer training)
+    messages: list[dict] | None = None  # chat documents: [{role, content}], checked (pipeline/chat.py)
+
+
+def chat_document(doc_id: str, messages: list[dict]) -> Document:
+    return Document(doc_id, "\n".join(m["content"] for m in messages), messages)
 
 
 @dataclass
 class Domain:
     name: str
     documents: list[Document]
+    chat: bool = False  # conversations (format = "chat"): rendered and masked, packed whole
 
     @property
     def chars(self) -> int:
@@ -46,6 +52,10 @@ def load_domains(cfg: CorpusConfig, base_dir: str | Path = ".") -> list[Domain]:
     through `pipeline/ingest.py` instead, which never holds the corpus."""
     if cfg.source == "builtin":
         return builtin_domains(cfg.builtin_chars_per_domain)
+    if cfg.source == "builtin-chat":
+        from .chat_corpus import builtin_chat_domains
+
+        return builtin_chat_domains(cfg.builtin_chars_per_domain)
     return [load_domain(src, Path(base_dir), cfg.invalid_utf8) for src in cfg.domains]
 
 
@@ -97,9 +107,12 @@ def iter_documents(src: DomainSource, base_dir: Path, invalid_utf8: str = "error
     pos = start or CorpusPosition()
     for fi in range(pos.file, len(files)):
         reader = READERS[files[fi].suffix.lower()]
+        if src.format == "chat" and reader is _read_text:
+            raise ConfigError(f"{files[fi]}: a plain-text file in the chat domain '{src.name}'; chat domains read .jsonl or "
+                              f".parquet rows with a '{src.messages_field}' list or '{src.prompt_field}' + '{src.completion_field}'")
         offset, line = (pos.offset, pos.line) if fi == pos.file else (0, 0)
-        for doc, offset, line in reader(files[fi], src.text_field, invalid_utf8, offset, line):
-            if doc.text.strip():
+        for doc, offset, line in reader(files[fi], src, invalid_utf8, offset, line):
+            if doc.messages is not None or doc.text.strip():
                 yield doc, CorpusPosition(fi, offset, line)
         yield None, CorpusPosition(fi + 1, 0, 0)  # a file boundary: a clean resume point
 
@@ -110,7 +123,19 @@ def load_domain(src: DomainSource, base_dir: Path, invalid_utf8: str = "error") 
     if not docs:
         raise ConfigError(f"corpus.domains '{src.name}': the files {[str(f) for f in source_files(src, base_dir)]} "
                           f"contain no non-empty text; add data or drop the domain")
-    return Domain(src.name, docs)
+    return Domain(src.name, docs, chat=src.format == "chat")
+
+
+def _record_document(src: DomainSource, obj, doc_id: str, where: str) -> Document:
+    """One .jsonl object / Parquet row as a document of the domain's format."""
+    if src.format == "chat":
+        from .chat import messages_from_record
+
+        return chat_document(doc_id, messages_from_record(obj, where, src.messages_field, src.prompt_field, src.completion_field))
+    if not isinstance(obj, dict) or src.text_field not in obj:
+        keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ConfigError(f"{where}: no field '{src.text_field}' (found {keys}); set text_field in the domain's config")
+    return Document(doc_id, str(obj[src.text_field]))
 
 
 def _decode(raw: bytes, path: Path, where: str, invalid_utf8: str) -> str | None:
@@ -125,7 +150,7 @@ def _decode(raw: bytes, path: Path, where: str, invalid_utf8: str) -> str | None
                           f"or set corpus.invalid_utf8 = 'replace' (U+FFFD) or 'skip' (drop such documents)") from None
 
 
-def _read_jsonl(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+def _read_jsonl(path: Path, src: DomainSource, invalid_utf8: str, offset: int, line: int):
     with path.open("rb") as fh:
         fh.seek(offset)
         for raw in fh:
@@ -140,28 +165,45 @@ def _read_jsonl(path: Path, text_field: str, invalid_utf8: str, offset: int, lin
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{line}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ConfigError(f"{path}:{line}: no field '{text_field}' (found {keys}); set text_field in the domain's config")
-            yield Document(f"{path}:{line}", str(obj[text_field])), offset, line
+            yield _record_document(src, obj, f"{path}:{line}", f"{path}:{line}"), offset, line
 
 
-def _read_parquet(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+def _parquet_columns(path: Path, src: DomainSource, names: list[str]) -> list[str]:
+    """The columns a domain reads from a Parquet file, checked against its schema."""
+    if src.format != "chat":
+        if src.text_field not in names:
+            raise ConfigError(f"{path}: no column '{src.text_field}' (columns: {names}); set text_field in the domain's config")
+        return [src.text_field]
+    if src.messages_field in names:
+        return [src.messages_field]
+    if src.prompt_field in names and src.completion_field in names:
+        return [src.prompt_field, src.completion_field]
+    raise ConfigError(f"{path}: no column '{src.messages_field}' and no '{src.prompt_field}' + '{src.completion_field}' "
+                      f"(columns: {names}); set messages_field (or prompt_field / completion_field) in the domain's config")
+
+
+def _read_parquet(path: Path, src: DomainSource, invalid_utf8: str, offset: int, line: int):
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not Parquet
         raise ConfigError(f"{path}: not a readable Parquet file ({e}); fix or remove it") from None
-    if text_field not in pf.schema_arrow.names:
-        raise ConfigError(f"{path}: no column '{text_field}' (columns: {pf.schema_arrow.names}); set text_field in the domain's config")
+    columns = _parquet_columns(path, src, pf.schema_arrow.names)
     row = 0
     for group in range(pf.metadata.num_row_groups):  # one row group in memory at a time
         n = pf.metadata.row_group(group).num_rows
         if row + n <= offset:  # resuming: skip whole groups without reading them
             row += n
             continue
-        for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=[text_field]):
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=columns):
+            if src.format == "chat":
+                for obj in batch.to_pylist():
+                    row += 1
+                    if row > offset:
+                        where = f"{path}:row {row - 1}"
+                        yield _record_document(src, obj, f"{path}:{row - 1}", where), row, 0
+                continue
             for t in batch.column(0).to_pylist():
                 row += 1
                 if row <= offset or t is None:
@@ -173,7 +215,7 @@ def _read_parquet(path: Path, text_field: str, invalid_utf8: str, offset: int, l
                 yield Document(f"{path}:{row - 1}", str(t)), row, 0
 
 
-def _read_text(path: Path, text_field: str, invalid_utf8: str, offset: int, line: int):
+def _read_text(path: Path, src: DomainSource, invalid_utf8: str, offset: int, line: int):
     if offset:
         return
     text = _decode(path.read_bytes(), path, "", invalid_utf8)

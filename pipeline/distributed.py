@@ -240,16 +240,18 @@ def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batc
         losses = np.zeros(len(domain_keys))
         mine = list(range(len(domain_keys)))[env.rank :: env.world_size]
         rows = reader.token_rows([domain_keys[j] for j in mine] or domain_keys[:1])
+        mask, positions = reader.row_layout([domain_keys[j] for j in mine] or domain_keys[:1])  # masked caches, else None
         counted = []  # per-row losses left on the device, read once per domain
         # every rank runs as many forwards as the largest share needs: an FSDP2 forward
         # all-gathers parameters, so a rank that stopped early would leave the others waiting
         for b in range(math.ceil(math.ceil(len(domain_keys) / env.world_size) / batch_rows)):
-            chunk = rows[b * batch_rows : (b + 1) * batch_rows]
-            padding = not mine or len(chunk) == 0
+            part = slice(b * batch_rows, (b + 1) * batch_rows)
+            padding = not mine or len(rows[part]) == 0
             if padding:  # a forward for the others' sake, its loss not counted
-                chunk = rows[:1]
+                part = slice(0, 1)
+            on = lambda t: None if t is None else t[part].to(device)  # noqa: E731
             with autocast_context(precision, device):
-                row_loss = net(chunk.to(device))
+                row_loss = net(rows[part].to(device), loss_mask=on(mask), position_ids=on(positions))
             if not padding:
                 counted.append(row_loss)
         if counted:
@@ -260,7 +262,9 @@ def domain_row_losses(model, reader, keys: dict, env: DistEnv, device: str, batc
 
 def domain_losses(model, reader, keys: dict, env: DistEnv, device: str, batch_rows: int = 32,
                   precision: str = "fp32") -> dict[str, float]:
-    """Mean next-token CE per domain over `keys` (rows hold equal token counts, so the
-    mean of the row means is the token-weighted mean)."""
-    return {d: float(r.mean()) if r.size else 0.0
+    """Mean next-token CE per domain over `keys`, token-weighted: rows hold equal token
+    counts (the mean of the row means), or in a masked cache their trained positions."""
+    from .evaluate import row_weights, token_mean
+
+    return {d: token_mean(r, row_weights(reader, keys[d]))
             for d, r in domain_row_losses(model, reader, keys, env, device, batch_rows, precision=precision).items()}

@@ -20,6 +20,12 @@ Per domain, in `<cache>/_work/ingest/<domain>/`, two passes:
 
 `rows.json` appears last and marks a domain done; the scratch files are then deleted.
 The capture workers memory-map the `.rows` files.
+
+Chat domains (pipeline/chat.py) take the same two passes: each conversation is rendered
+with the chat template (one tokenizer call each, for its character offsets) and its token
+flags go to `flags.bin` beside `tokens.bin`; packing puts whole conversations in rows
+(packing.ConversationPacker) and writes `<split>.flags` ([rows, seq_len + 1] uint8) beside
+each `.rows` file. What rendering dropped or truncated is counted in `rows.json`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import queue
 import shutil
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +49,8 @@ import numpy as np
 from .atomic import atomic_path, write_json_atomic
 from .config import ConfigError, CorpusConfig
 from .corpus import CorpusPosition, Document, builtin_domains, iter_documents, source_files
-from .packing import SPLITS, HeldOutSelector, document_key
+from .chat import ChatStats
+from .packing import SPLITS, ConversationPacker, HeldOutSelector, document_key, pad_token_id
 from .progress import progress
 
 INGEST_DIR = "_work/ingest"
@@ -68,9 +75,10 @@ class IngestedDomain:
     train_rows: int
     val_rows: int
     test_rows: int
-    tokens_sha256: str  # of train, val, test rows in that order (int32)
+    tokens_sha256: str  # of train, val, test rows in that order (int32), then their flags (chat)
     documents: int
     chars: int
+    chat: dict | None = None  # chat domains: what rendering did (chat.ChatStats), else None
 
     def rows_path(self, split: str) -> Path:
         return rows_path(self.dir.parent, self.name, split)
@@ -78,6 +86,10 @@ class IngestedDomain:
     def rows(self, split: str, start: int = 0, end: int | None = None) -> np.ndarray:
         """Rows [start, end) of a split as [n, seq_len + 1] int32 (read, not mapped)."""
         return read_rows(self.rows_path(split), self.seq_len, start, end)
+
+    def row_flags(self, split: str, start: int = 0, end: int | None = None) -> np.ndarray | None:
+        """Token flags [n, seq_len + 1] uint8 of rows [start, end) (chat domains), else None."""
+        return read_flags(self.dir.parent, self.name, split, self.seq_len, start, end) if self.chat is not None else None
 
     def has_rows(self) -> bool:
         return all(self.rows_path(s).exists() for s in SPLITS)
@@ -93,6 +105,17 @@ def read_rows(path: Path, seq_len: int, start: int = 0, end: int | None = None) 
     return _BinFile(path, np.dtype((np.int32, (seq_len + 1,)))).read(start, end)
 
 
+def flags_path(ingest_dir: Path, domain: str, split: str) -> Path:
+    return ingest_dir / domain / f"{split}.flags"
+
+
+def read_flags(ingest_dir: Path, domain: str, split: str, seq_len: int, start: int = 0, end: int | None = None) -> np.ndarray | None:
+    """Token flags [n, seq_len + 1] uint8 of rows [start, end) of a chat domain's split;
+    None where the domain is raw text (no `.flags` file)."""
+    path = flags_path(ingest_dir, domain, split)
+    return _BinFile(path, np.dtype((np.uint8, (seq_len + 1,)))).read(start, end) if path.exists() else None
+
+
 # ---------------------------------------------------------------- the domains' streams
 
 
@@ -102,16 +125,23 @@ class DomainStream:
     fingerprint: dict  # what the documents are made from; a change restarts the domain
     open: object  # (start: CorpusPosition) -> iterator of (Document | None, CorpusPosition)
     input_bytes: int  # size of the source files (an estimate for the builtin corpus)
+    chat: bool = False  # conversations: rendered, masked, packed whole
 
 
 def domain_streams(cfg: CorpusConfig, base_dir: Path) -> list[DomainStream]:
-    if cfg.source == "builtin":
+    if cfg.source in ("builtin", "builtin-chat"):
+        if cfg.source == "builtin":
+            domains, fingerprint = builtin_domains(cfg.builtin_chars_per_domain), {}
+        else:
+            from .chat_corpus import builtin_chat_domains
+
+            domains, fingerprint = builtin_chat_domains(cfg.builtin_chars_per_domain), {"chat": True}
         streams = []
-        for dom in builtin_domains(cfg.builtin_chars_per_domain):  # small, made in memory
+        for dom in domains:  # small, made in memory
             docs = dom.documents
             streams.append(DomainStream(
-                dom.name, {"builtin": cfg.builtin_chars_per_domain, "python": sys.version},
-                lambda start, docs=docs: _list_stream(docs, start), dom.chars))
+                dom.name, {"builtin": cfg.builtin_chars_per_domain, "python": sys.version, **fingerprint},
+                lambda start, docs=docs: _list_stream(docs, start), dom.chars, chat=dom.chat))
         return streams
     streams = []
     for src in cfg.domains:
@@ -119,9 +149,10 @@ def domain_streams(cfg: CorpusConfig, base_dir: Path) -> list[DomainStream]:
         stats = [f.stat() for f in files]
         streams.append(DomainStream(
             src.name,
-            {"text_field": src.text_field, "files": [[str(f), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats)]},
+            {"text_field": src.text_field, "files": [[str(f), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats)],
+             **({"chat": [src.messages_field, src.prompt_field, src.completion_field]} if src.format == "chat" else {})},
             lambda start, src=src: iter_documents(src, base_dir, cfg.invalid_utf8, start),
-            sum(s.st_size for s in stats)))
+            sum(s.st_size for s in stats), chat=src.format == "chat"))
     return streams
 
 
@@ -148,6 +179,11 @@ def ingest_corpus(cfg: CorpusConfig, base_dir: Path, tokenizer, out_dir: Path, t
         key = {"format": 1, "seq_len": cfg.seq_len, "val_rows": cfg.val_rows, "test_rows": cfg.test_rows,
                "max_train_rows": cfg.max_train_rows, "seed": cfg.seed, "invalid_utf8": cfg.invalid_utf8,
                "tokenizer_sha256": tokenizer_sha256, "eos": int(eos), "source": stream.fingerprint}
+        if stream.chat:
+            from .chat import template_sha256
+
+            key["chat"] = {"loss": cfg.chat_loss, "overlong": cfg.chat_overlong, "template_sha256": template_sha256(tokenizer),
+                           "pad": pad_token_id(tokenizer), "pack_window": cfg.chat_pack_window}
         out.append(DomainIngest(stream, key, tokenizer, cfg, Path(out_dir), log).run(need_rows))
     return out
 
@@ -157,6 +193,9 @@ class DomainIngest:
         self.stream, self.key, self.tokenizer, self.cfg, self.log = stream, key, tokenizer, cfg, log
         self.dir = ingest_dir / stream.name
         self.eos = int(key["eos"])
+        self.chat = stream.chat
+        # Raw text: documents joined by an EOS each. Chat: whole conversations, no joiner.
+        self.joiner = 0 if self.chat else 1
 
     def run(self, need_rows: bool) -> IngestedDomain:
         done = self._finished()
@@ -182,7 +221,7 @@ class DomainIngest:
     def _drop_scratch(self) -> None:
         """The rows hold the same tokens. state.json goes first: a kill midway must not
         leave a state saying 'tokenized' without its token files."""
-        for scratch in (STATE_FILE, "docs.bin", "tokens.bin"):
+        for scratch in (STATE_FILE, "docs.bin", "tokens.bin", "flags.bin"):
             (self.dir / scratch).unlink(missing_ok=True)
 
     def _load_state(self) -> dict:
@@ -195,11 +234,14 @@ class DomainIngest:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         return {"key": self.key, "position": dataclasses.asdict(CorpusPosition()), "documents": 0, "tokens": 0, "chars": 0,
-                "bytes_read": 0, "tokenized": False}
+                "bytes_read": 0, "tokenized": False, **({"chat": dataclasses.asdict(ChatStats())} if self.chat else {})}
 
     def _scratch_sizes(self, state: dict) -> dict[Path, int]:
         """The scratch files and the bytes of each that the state's counts cover."""
-        return {self.dir / "docs.bin": state["documents"] * DOC_RECORD.itemsize, self.dir / "tokens.bin": state["tokens"] * 4}
+        sizes = {self.dir / "docs.bin": state["documents"] * DOC_RECORD.itemsize, self.dir / "tokens.bin": state["tokens"] * 4}
+        if self.chat:
+            sizes[self.dir / "flags.bin"] = state["tokens"]
+        return sizes
 
     def _scratch_covers(self, state: dict) -> bool:
         """The token files hold at least what the state says (a shorter file would be
@@ -240,23 +282,32 @@ class DomainIngest:
         if state["tokens"]:
             self.log(f"ingest {self.stream.name}: resuming after {state['documents']:,} documents ({state['tokens']:,} tokens)")
         self._warn_if_disk_short(state)
-        encode = _batch_encoder(self.tokenizer)
+        encode = self._chat_encoder(state) if self.chat else _batch_encoder(self.tokenizer)
         seed = self.cfg.seed
         bar = progress(total=self.stream.input_bytes, initial=state["bytes_read"], desc=f"ingest {self.stream.name}", unit="B",
                        unit_scale=True)
         since_checkpoint = 0
-        with self._disk_guard(tokens_path, state), open(docs_path, "ab") as docs_f, open(tokens_path, "ab") as tokens_f:
+        with self._disk_guard(tokens_path, state), ExitStack() as files:
+            docs_f, tokens_f = files.enter_context(open(docs_path, "ab")), files.enter_context(open(tokens_path, "ab"))
+            flags_f = files.enter_context(open(self.dir / "flags.bin", "ab")) if self.chat else None
+            scratch = [f for f in (tokens_f, docs_f, flags_f) if f is not None]
             batches = _Prefetch(_batches(self.stream.open(CorpusPosition(**state["position"])), self.cfg.ingest_batch_mb * MIB))
             try:
                 for docs, position, nbytes in batches:
+                    if self.chat:  # (ids, flags) per kept conversation; the dropped ones are counted
+                        encoded = encode(docs)
+                        docs = [d for d, e in zip(docs, encoded) if e is not None]
+                        encoded = [e for e in encoded if e is not None]
                     if docs:
-                        ids = encode([d.text for d in docs])
+                        ids = [e[0] for e in encoded] if self.chat else encode([d.text for d in docs])
                         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
                         record = np.empty(len(docs), dtype=DOC_RECORD)
                         record["key"] = [document_key(seed, d.doc_id) for d in docs]
                         record["tokens"] = lengths
                         tokens_f.write(flat.tobytes())
+                        if self.chat:
+                            flags_f.write(np.concatenate([e[1] for e in encoded]).tobytes())
                         docs_f.write(record.tobytes())
                         state["documents"] += len(docs)
                         state["tokens"] += int(lengths.sum())
@@ -266,10 +317,10 @@ class DomainIngest:
                     since_checkpoint += nbytes
                     bar.update(nbytes)
                     if since_checkpoint >= self.cfg.ingest_checkpoint_mb * MIB:
-                        self._checkpoint(state, (tokens_f, docs_f))
+                        self._checkpoint(state, scratch)
                         since_checkpoint = 0
                 state["tokenized"] = True
-                self._checkpoint(state, (tokens_f, docs_f))
+                self._checkpoint(state, scratch)
                 bar.update(max(bar.total - bar.n, 0))  # the bar counts text, its total is file bytes
             finally:
                 batches.close()
@@ -277,6 +328,21 @@ class DomainIngest:
         if state["documents"] == 0:
             raise IngestError(f"corpus domain '{self.stream.name}': its files contain no non-empty text; add data or drop the domain")
         return state
+
+    def _chat_encoder(self, state: dict):
+        """docs -> per conversation (ids, flags), or None where rendering dropped it; the
+        counts accumulate in state["chat"], so they survive a resume."""
+        from .chat import ChatRenderer, ChatStats
+
+        renderer = ChatRenderer(self.tokenizer, self.cfg.seq_len + 1, self.cfg.chat_loss, self.cfg.chat_overlong)
+
+        def encode(docs):
+            renderer.stats = ChatStats(**state["chat"])
+            out = [renderer.encode(d.messages, d.doc_id) for d in docs]
+            state["chat"] = dataclasses.asdict(renderer.stats)
+            return out
+
+        return encode
 
     def _warn_if_disk_short(self, state: dict) -> None:
         need = max(self.stream.input_bytes - state["bytes_read"], 0) * 2
@@ -293,11 +359,13 @@ class DomainIngest:
         tokens = _BinFile(self.dir / "tokens.bin", np.dtype(np.int32))
         held, starts = self._select_held_out(docs)
         val_docs, test_docs = held.splits()
-        val = self._held_out_rows(val_docs, starts, docs, tokens, cfg.val_rows)
-        test = self._held_out_rows(test_docs, starts, docs, tokens, cfg.test_rows)
         held_out = np.zeros(len(docs), dtype=bool)  # one byte per document
         held_out[val_docs + test_docs] = True
         sha = hashlib.sha256()
+        if self.chat:
+            return self._pack_chat(state, docs, tokens, starts, val_docs, test_docs, held_out, sha)
+        val = self._held_out_rows(val_docs, starts, docs, tokens, cfg.val_rows)
+        test = self._held_out_rows(test_docs, starts, docs, tokens, cfg.test_rows)
         with self._disk_guard(self.dir, state):
             train_rows = self._write_train(docs, tokens, held_out, sha)
         total = int(state["tokens"]) + int(state["documents"])
@@ -317,11 +385,85 @@ class DomainIngest:
         self._drop_scratch()
         return IngestedDomain(name=self.stream.name, dir=self.dir, seq_len=cfg.seq_len, **summary)
 
+    def _pack_chat(self, state, docs, tokens, starts, val_docs, test_docs, held_out, sha) -> IngestedDomain:
+        """Pass 2 for a chat domain: whole conversations per row with their flags."""
+        cfg, row_len = self.cfg, self.cfg.seq_len + 1
+        flags = _BinFile(self.dir / "flags.bin", np.dtype(np.uint8))
+        pad = int(self.key["chat"]["pad"])
+        held = {}
+        for split, indices, cap in (("val", val_docs, cfg.val_rows), ("test", test_docs, cfg.test_rows)):
+            packer, rows = ConversationPacker(row_len, pad, cfg.chat_pack_window), []
+            for i in indices:
+                n = int(docs.read(i, i + 1)["tokens"][0])
+                rows.extend(packer.add(tokens.read(starts[i], starts[i] + n), flags.read(starts[i], starts[i] + n)))
+            rows = (rows + packer.finish())[:cap]
+            held[split] = rows
+        with self._disk_guard(self.dir, state):
+            train_rows = self._write_train_chat(docs, tokens, flags, held_out, sha, pad)
+        if len(held["val"]) < cfg.val_rows or len(held["test"]) < cfg.test_rows or train_rows < 1:
+            raise IngestError(
+                f"domain '{self.stream.name}': {state['tokens']} tokens in {state['documents']} conversations are too few for "
+                f"{cfg.val_rows} validation and {cfg.test_rows} test rows of {row_len} tokens plus at least one training row; "
+                f"add data, lower corpus.val_rows / corpus.test_rows or corpus.seq_len")
+        for split in ("val", "test"):
+            ids = np.stack([r for r, _ in held[split]]).astype(np.int32)
+            sha.update(ids.tobytes())
+            with self._disk_guard(self.dir, state), atomic_path(rows_path(self.dir.parent, self.stream.name, split)) as tmp:
+                tmp.write_bytes(ids.tobytes())
+        for split in ("val", "test"):
+            f = np.stack([f for _, f in held[split]]).astype(np.uint8)
+            sha.update(f.tobytes())
+            with self._disk_guard(self.dir, state), atomic_path(flags_path(self.dir.parent, self.stream.name, split)) as tmp:
+                tmp.write_bytes(f.tobytes())
+        summary = {"train_rows": train_rows, "val_rows": len(held["val"]), "test_rows": len(held["test"]),
+                   "tokens_sha256": sha.hexdigest(), "documents": int(state["documents"]), "chars": int(state["chars"]),
+                   "chat": state["chat"]}
+        write_json_atomic(self.dir / ROWS_FILE, {"key": self.key, **summary})
+        self._drop_scratch()
+        return IngestedDomain(name=self.stream.name, dir=self.dir, seq_len=cfg.seq_len, **summary)
+
+    def _write_train_chat(self, docs, tokens, flags, held_out: np.ndarray, sha, pad: int) -> int:
+        """Training conversations in corpus order, packed whole (ConversationPacker): rows
+        to `train.rows`, their flags to `train.flags` (hashed after the rows, as a whole)."""
+        row_len, cap = self.cfg.seq_len + 1, self.cfg.max_train_rows
+        packer, rows, offset = ConversationPacker(row_len, pad, self.cfg.chat_pack_window), 0, 0
+        flags_sha = hashlib.sha256()
+        paths = rows_path(self.dir.parent, self.stream.name, "train"), flags_path(self.dir.parent, self.stream.name, "train")
+        with atomic_path(paths[0]) as tmp_rows, atomic_path(paths[1]) as tmp_flags, \
+                open(tmp_rows, "wb") as rows_f, open(tmp_flags, "wb") as flags_f:
+            def emit(done):
+                nonlocal rows
+                for ids, f in done:
+                    if cap and rows >= cap:
+                        return
+                    rows_f.write(ids.astype(np.int32).tobytes())
+                    flags_f.write(f.astype(np.uint8).tobytes())
+                    sha.update(ids.astype(np.int32).tobytes())
+                    flags_sha.update(f.astype(np.uint8).tobytes())
+                    rows += 1
+
+            for a in range(0, len(docs), 1 << 16):
+                lengths = docs.read(a, a + (1 << 16))["tokens"].astype(np.int64)
+                chunk_tokens = tokens.read(offset, offset + int(lengths.sum()))
+                chunk_flags = flags.read(offset, offset + int(lengths.sum()))
+                bounds = np.concatenate(([0], np.cumsum(lengths)))
+                for j in range(len(lengths)):
+                    if not held_out[a + j]:
+                        emit(packer.add(chunk_tokens[bounds[j] : bounds[j + 1]], chunk_flags[bounds[j] : bounds[j + 1]]))
+                offset += int(lengths.sum())
+                if cap and rows >= cap:
+                    break
+            else:
+                emit(packer.finish())
+        sha.update(flags_sha.digest())
+        return rows
+
     def _select_held_out(self, docs: np.ndarray) -> tuple[HeldOutSelector, dict[int, int]]:
         """The held-out documents (one pass over the records) and the token offset of every
         document that was ever a candidate."""
         row_len = self.cfg.seq_len + 1
-        held = HeldOutSelector(self.cfg.val_rows * row_len, self.cfg.test_rows * row_len)
+        held = (HeldOutSelector(self.cfg.val_rows, self.cfg.test_rows, row_len=row_len, window=self.cfg.chat_pack_window) if self.chat
+                else HeldOutSelector(self.cfg.val_rows * row_len, self.cfg.test_rows * row_len))
         starts: dict[int, int] = {}
         offset = 0
         for a in range(0, len(docs), 1 << 20):
@@ -336,7 +478,7 @@ class DomainIngest:
                 index = a + int(i)
                 if held.full and (int(keys[i]), index) > held.held[-1][:2]:
                     continue
-                held.add(int(keys[i]), index, int(lengths[i]) + 1)
+                held.add(int(keys[i]), index, int(lengths[i]) + self.joiner)
                 starts[index] = int(chunk_starts[i])
             offset += int(lengths.sum())
         kept = {i for _, i, _ in held.held}

@@ -12,6 +12,9 @@ of the same numbers (`distill.loss_impl`):
   them: the reference the fused path is tested against, kept for comparison.
 
 gamma = 0 (cpt) is the same path without teacher inputs: a fused cross-entropy.
+
+Masked caches (chat domains): only the positions in batch.loss_mask are trained; both
+terms are means over them (the others get target ignore_index, no CE and no KL).
 """
 
 from __future__ import annotations
@@ -66,16 +69,28 @@ def _teacher_inputs(batch: CacheBatch, obj: Objective, device) -> tuple:
     return batch.topk_ids.reshape(-1, k).to(device), batch.topk_logprobs.reshape(-1, k).to(device), tail
 
 
+IGNORE_INDEX = -100
+
+
+def _targets(batch: CacheBatch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N] next-token ids, IGNORE_INDEX where a masked cache trains nothing, and the [N] mask."""
+    targets = batch.input_ids[:, 1:].reshape(-1).to(device)
+    if batch.loss_mask is None:
+        return targets, None
+    mask = batch.loss_mask.reshape(-1).to(device)
+    return targets.masked_fill(~mask, IGNORE_INDEX), mask
+
+
 def unfused_loss(logits: torch.Tensor, batch: CacheBatch, obj: Objective) -> LossParts:
     """logits [B, L, V] from the student on batch.input_ids[:, :-1]."""
     b, length, vocab = logits.shape
     flat = logits.reshape(b * length, vocab)
-    targets = batch.input_ids[:, 1:].reshape(-1).to(logits.device)
-    ce = F.cross_entropy(flat.float(), targets)
+    targets, mask = _targets(batch, logits.device)
+    ce = F.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX)
     if obj.gamma == 0.0:
         return LossParts(ce, ce.detach(), torch.zeros((), device=ce.device))
     ids, logprobs, tail = _teacher_inputs(batch, obj, logits.device)
-    kl = sparse_kl_loss(flat, ids, logprobs, tail, temperature=obj.temperature, reduction="mean", impl=obj.kl_impl)
+    kl = sparse_kl_loss(flat, ids, logprobs, tail, mask=mask, temperature=obj.temperature, reduction="mean", impl=obj.kl_impl)
     return LossParts(ce + obj.gamma * kl, ce.detach(), kl.detach().float())
 
 
@@ -83,11 +98,11 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                obj: Objective) -> LossParts:
     """hidden [B, L, H]: the decoder's final hidden states on batch.input_ids[:, :-1]."""
     b, length, h = hidden.shape
-    targets = batch.input_ids[:, 1:].reshape(-1).to(hidden.device)
+    targets, _ = _targets(batch, hidden.device)
     ids, logprobs, tail = _teacher_inputs(batch, obj, hidden.device)
     loss, ce, kl = fused_linear_distill_loss(
         hidden.reshape(b * length, h), weight, targets, ids, logprobs, tail,
         gamma=obj.gamma, temperature=obj.temperature, bias=bias, impl=obj.kl_impl,
-        chunk_tokens=obj.chunk_tokens or None, check_ids=not obj.ids_checked,
+        chunk_tokens=obj.chunk_tokens or None, check_ids=not obj.ids_checked, ignore_index=IGNORE_INDEX,
     )
     return LossParts(loss, ce, kl)

@@ -139,28 +139,34 @@ class StudentLM(nn.Module):
         self.lm.training = mode
         return super().train(mode)
 
-    def forward(self, input_ids: torch.Tensor, batch: CacheBatch | None = None):
-        """batch given: the training loss (LossParts) on batch's rows; else per-row mean CE [B] (no grad)."""
+    def forward(self, input_ids: torch.Tensor, batch: CacheBatch | None = None, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """batch given: the training loss (LossParts) on batch's rows; else per-row mean CE [B]
+        (no grad) of rows input_ids [B, L + 1], over `loss_mask`'s positions when given.
+        position_ids (or batch.position_ids): packed conversations, each attending only to itself."""
         if batch is None:
-            return self._row_losses(input_ids)
+            return self._row_losses(input_ids, loss_mask, position_ids)
+        pos = batch.position_ids
         if self.objective.loss_impl == "unfused":
-            return unfused_loss(self.lm(input_ids=input_ids, use_cache=False).logits, batch, self.objective)
-        hidden = self._decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            return unfused_loss(self.lm(input_ids=input_ids, position_ids=pos, use_cache=False).logits, batch, self.objective)
+        hidden = self._decoder(input_ids=input_ids, position_ids=pos, use_cache=False).last_hidden_state
         return fused_loss(hidden, self._head.weight, self._head.bias, batch, self.objective)
 
     @torch.no_grad()
-    def _row_losses(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token CE (nats) of each row of ids [B, L + 1], fp32: chunked over tokens
-        with the fused objective (its head was checked to be plain linear), from the
-        model's own full logits with the unfused one."""
+    def _row_losses(self, ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token CE (nats) of each row of ids [B, L + 1], fp32, over the positions of
+        loss_mask [B, L] (all when None): chunked over tokens with the fused objective (its
+        head was checked to be plain linear), from the model's own full logits with the
+        unfused one."""
         if self.objective.loss_impl == "unfused":
-            logits = self.lm(input_ids=ids[:, :-1], use_cache=False).logits.float()
-            return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+            logits = self.lm(input_ids=ids[:, :-1], position_ids=position_ids, use_cache=False).logits.float()
+            return _masked_mean(F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none"), loss_mask)
         # Under autocast (bf16 on CUDA) the head runs in its dtype, as the training loss's
         # fused head does, and the softmax in fp32; without it (CPU) all in fp32.
         device_type = ids.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
-        hidden = self._decoder(input_ids=ids[:, :-1], use_cache=False).last_hidden_state.to(dtype)
+        hidden = self._decoder(input_ids=ids[:, :-1], position_ids=position_ids, use_cache=False).last_hidden_state.to(dtype)
         b, length, h = hidden.shape
         flat, targets = hidden.reshape(-1, h), ids[:, 1:].reshape(-1)
         weight = self._head.weight.to(dtype)
@@ -168,7 +174,7 @@ class StudentLM(nn.Module):
         nll = torch.cat([F.cross_entropy(F.linear(flat[i : i + EVAL_CHUNK_TOKENS], weight, bias).float(),
                                          targets[i : i + EVAL_CHUNK_TOKENS], reduction="none")
                          for i in range(0, flat.shape[0], EVAL_CHUNK_TOKENS)])
-        return nll.reshape(b, length).mean(1)
+        return _masked_mean(nll.reshape(b, length), loss_mask)
 
     @torch.no_grad()
     def _check_plain_linear_head(self) -> None:
@@ -187,6 +193,14 @@ class StudentLM(nn.Module):
             named = ["its logits differ from decoder(x) @ lm_head.weight^T"]
         raise ConfigError(f"{type(self.lm).__name__}: the LM head is not a plain linear map ({', '.join(named)}); "
                           f"the fused loss would be wrong for it: set distill.loss_impl = \"unfused\"")
+
+
+def _masked_mean(nll: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Row means of nll [B, L] over mask's positions (all when None; 0 for a row with none)."""
+    if mask is None:
+        return nll.mean(1)
+    mask = mask.to(nll.device)
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def hf_model(module: nn.Module) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_json_atomic
+from .chat import CHATML_TEMPLATE, IM_END, IM_START, position_ids, text_flags
 from .config import ConfigError, ModelsConfig, ModelSpec
 from .corpus import Domain
 from .evaluate import domain_losses
@@ -41,7 +42,7 @@ EVAL_LOGITS_BYTES = 128 << 20
 ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
-def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: int):
+def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: int, extra_special: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +60,7 @@ def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: in
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -68,9 +69,15 @@ def train_tokenizer(domains: list[Domain], vocab_size: int, chars_per_domain: in
 
 
 def make_tokenizer(cfg: ModelsConfig, domains: list[Domain]):
+    """The tokenizer; with chat domains it gets ChatML's markers and template (pipeline/chat.py)."""
+    chat = any(d.chat for d in domains)
     if cfg.tokenizer == "qwen":
-        return qwen_tokenizer(Path(cfg.out_dir) / "tokenizer")
-    return train_tokenizer(domains, cfg.vocab_size, cfg.tokenizer_chars_per_domain)
+        tokenizer = qwen_tokenizer(Path(cfg.out_dir) / "tokenizer")  # has <|im_start|> and <|im_end|>
+    else:
+        tokenizer = train_tokenizer(domains, cfg.vocab_size, cfg.tokenizer_chars_per_domain, (IM_START, IM_END) if chat else ())
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def embedding_size(cfg: ModelsConfig, tokenizer) -> int:
@@ -134,9 +141,15 @@ def pretrain(model, spec: ModelSpec, packed: list[PackedDomain], role: str, seed
         for g in opt.param_groups:
             g["lr"] = lr
         counts = rng.multinomial(spec.batch_rows, weights)
-        rows = np.concatenate([p.train[rng.integers(0, len(p.train), c)] for p, c in zip(packed, counts) if c])
+        picks = [(p, rng.integers(0, len(p.train), c)) for p, c in zip(packed, counts) if c]
+        rows = np.concatenate([p.train[i] for p, i in picks])
         ids = torch.as_tensor(rows, dtype=torch.long)
-        logits = model(input_ids=ids[:, :-1]).logits
+        # Chat rows: each conversation attends only to itself (all its tokens are trained).
+        pos = None
+        if any(p.flags is not None for p in packed):
+            flags = [p.flags["train"][i] if p.flags is not None else text_flags(len(i), rows.shape[1]) for p, i in picks]
+            pos = torch.as_tensor(position_ids(np.concatenate(flags)), dtype=torch.long)
+        logits = model(input_ids=ids[:, :-1], position_ids=pos, use_cache=False).logits  # a cache would turn off the packed mask
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,12 +171,22 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
     # Everything the models are made from: the whole corpus config decides the rows they
     # are pre-trained and validated on (files, sizes, seed, seq_len, held-out rows).
     corpus = dataclasses.asdict(corpus_cfg)
-    # Stage one's ingest knobs do not change a row; invalid_utf8 does only when not the
+    # Stage one's ingest knobs and document masking (capture and training only) do not
+    # change a pre-training row; invalid_utf8 does only when not the
     # default (so models made before these fields existed still match).
-    for knob in ("ingest_batch_mb", "ingest_checkpoint_mb"):
+    for knob in ("ingest_batch_mb", "ingest_checkpoint_mb", "document_mask"):
         corpus.pop(knob)
-    if corpus["invalid_utf8"] == "error":
-        corpus.pop("invalid_utf8")
+    # Fields added later count only when set away from their defaults (so models made
+    # before they existed still match).
+    for knob, default in (("invalid_utf8", "error"), ("chat_loss", "assistant"), ("chat_overlong", "truncate"),
+                           ("chat_pack_window", 16)):
+        if corpus[knob] == default:
+            corpus.pop(knob)
+    for d in corpus["domains"]:
+        for knob, default in (("format", "text"), ("messages_field", "messages"), ("prompt_field", "prompt"),
+                              ("completion_field", "completion")):
+            if d[knob] == default:
+                d.pop(knob)
     fingerprint = {"models": dataclasses.asdict(cfg), "corpus": corpus}
     if marker.exists() and not force:
         done = json.loads(marker.read_text())
@@ -184,6 +207,7 @@ def make_tiny_models(cfg: ModelsConfig, domains: list[Domain], corpus_cfg, force
         # seq_len (vLLM also needs room for one generated token after the prompt).
         model = build_model(spec, cfg, vocab, max(2048, 2 * corpus_cfg.seq_len), tokenizer, cfg.seed + i)
         pretrain(model, spec, packed, role, cfg.seed + i)
+        # (chat domains: over the answers' tokens, as stage two measures them)
         report["val_loss"][role] = domain_losses(model, packed, batch_rows=eval_batch_rows(corpus_cfg.seq_len, vocab))
         report[f"{role}_params"] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(out / role)

@@ -158,9 +158,9 @@ def to_device(batch: CacheBatch, device: str) -> CacheBatch:
     """The loss's tensors on the device, as `Trainer._to_device`: asynchronous copies of pinned memory."""
     if device == "cpu":
         return batch
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return CacheBatch(move(batch.input_ids), move(batch.topk_ids), move(batch.topk_logprobs), batch.target_logprob,
-                      move(batch.tail_logmass))
+                      move(batch.tail_logmass), move(batch.loss_mask), move(batch.position_ids))
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, gamma: float, loss_impl: str,
@@ -239,7 +239,7 @@ def run(args) -> dict:
 
     def batch_of(rows: int) -> CacheBatch:  # in pinned host memory on CUDA, as the trainer's prefetch threads leave it
         b = synthetic_batch(rows, args.seq_len, QWEN_VOCAB, args.k, gen)
-        return b if device == "cpu" else CacheBatch(*(getattr(b, f.name).pin_memory() for f in dataclasses.fields(b)))
+        return b if device == "cpu" else CacheBatch(*(None if getattr(b, f.name) is None else getattr(b, f.name).pin_memory() for f in dataclasses.fields(b)))
 
     batches = [batch_of(args.rows) for _ in range(BATCHES)]
     arms = {name: (lambda i, s=s: s(batches[i % BATCHES])) for name, s in steps.items()}
@@ -254,7 +254,7 @@ def run(args) -> dict:
         # One batch of the most rows tried, its first rows for every smaller try: drawing
         # (and pinning) a fresh one per try would cost more host time than the tries.
         largest = batch_of(max(args.max_rows, args.max_rows_ac))
-        first_rows = lambda rows: CacheBatch(*(getattr(largest, f.name)[:rows] for f in dataclasses.fields(largest)))  # noqa: E731
+        first_rows = lambda rows: CacheBatch(*(None if getattr(largest, f.name) is None else getattr(largest, f.name)[:rows] for f in dataclasses.fields(largest)))  # noqa: E731
         for name, _, _, ac in ARMS:
             if name in MAX_ROWS_ARMS:
                 max_rows[name] = largest_micro_batch(steps[name], optimizer, first_rows, args.max_rows_ac if ac else args.max_rows,

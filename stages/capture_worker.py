@@ -22,7 +22,8 @@ from ..pipeline.cache.codec import TopKCodec
 from ..pipeline.cache.manifest import CacheError, CachePlan, shard_done
 from ..pipeline.teachers.support import top_p_support
 from ..pipeline.cache.writer import TopKShardWriter
-from ..pipeline.ingest import INGEST_DIR, read_rows, rows_path
+from ..pipeline.chat import position_ids, text_flags
+from ..pipeline.ingest import INGEST_DIR, read_flags, read_rows, rows_path
 from ..pipeline.progress import progress
 from ..pipeline.teachers.base import TopK
 
@@ -120,7 +121,15 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
 
         for spec in todo:
             rows = read_rows(rows_path(cache_dir / INGEST_DIR, spec.domain, spec.split), plan.seq_len, spec.row_start, spec.row_end)
-            topk = _concat([_forward(backend, rows[i : i + batch_rows], batch_rows, spec.file) for i in range(0, len(rows), batch_rows)])
+            flags = None
+            if plan.chat is not None:  # a masked cache: every row gets flags (raw-text domains: all supervised)
+                flags = read_flags(cache_dir / INGEST_DIR, spec.domain, spec.split, plan.seq_len, spec.row_start, spec.row_end)
+                if flags is None:  # corpus.document_mask: a segment per document (after each EOS)
+                    flags = text_flags(*rows.shape, rows, plan.chat["eos"] if plan.chat.get("document_mask") else None)
+            positions = None if flags is None else position_ids(flags)
+            topk = _concat([_forward(backend, rows[i : i + batch_rows], batch_rows, spec.file,
+                                     None if positions is None else positions[i : i + batch_rows])
+                            for i in range(0, len(rows), batch_rows)])
             # Padded teacher ids folded into the tail in this shard (hf backend, padded teachers only).
             fold = backend.take_folded() if hasattr(backend, "take_folded") else None
             # top-p: the exact top-k stays the reference the distortion is measured against.
@@ -128,7 +137,7 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
             if pending is not None:
                 finish(pending)
             pending = (pool.submit(writer.write, cache_dir / spec.file, spec.domain, spec.split, spec.row_start,
-                                   np.asarray(rows), stored, reference, {"vocab_fold": fold} if fold else None), spec)
+                                   np.asarray(rows), stored, reference, {"vocab_fold": fold} if fold else None, flags), spec)
         if pending is not None:
             finish(pending)
         bar.close()
@@ -144,11 +153,11 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
             pass
 
 
-def _forward(backend, rows: np.ndarray, batch_rows: int, shard: str) -> TopK:
+def _forward(backend, rows: np.ndarray, batch_rows: int, shard: str, positions: np.ndarray | None = None) -> TopK:
     """One teacher forward; out of GPU memory, a one-line error naming the knob and a value
     that fits (half the rows; the shards written so far are complete and kept)."""
     try:
-        return backend.topk(rows)
+        return backend.topk(rows) if positions is None else backend.topk(rows, position_ids=positions)
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
         if "out of memory" not in str(e).lower():
             raise

@@ -330,6 +330,13 @@ def summarize(m: dict, cache_dir) -> str:
            f"{m['fidelity']['clamped_logprobs']} logprobs clamped at the codec's floor {codec_from_manifest(m).min_logprob:.6g} "
            f"(lowest decodable logprob; configured floor {m['codec']['logprob_floor']})"),
     ]
+    if m.get("chat"):
+        ch = m["chat"]
+        lines.append(f"  masked     {m['supervised_tokens']:,} supervised tokens ({m['supervised_tokens'] / max(m['tokens'], 1):.1%} of "
+                     f"{m['tokens']:,}) = {m['bytes_per_supervised_token']:.1f} bytes per supervised token"
+                     + (f"; chat: loss on {ch['loss']}, overlong conversations {ch['overlong']}, template sha256 "
+                        f"{ch['template_sha256'][:12]}" if "template_sha256" in ch else "")
+                     + ("; raw-text documents masked from each other" if ch.get("document_mask") else ""))
     c = m["codec"]
     support = c.get("support", "topk")
     size = m["fidelity"].get("mean_support_size")

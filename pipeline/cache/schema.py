@@ -18,12 +18,19 @@ FORMAT_VERSION = 2
 # codec blobs of a variable number of entries per position. Full top-k caches are still
 # written as version 2, so an older ddk keeps reading them; it refuses version 3 by name.
 RAGGED_FORMAT_VERSION = 3
-READABLE_VERSIONS = (FORMAT_VERSION, RAGGED_FORMAT_VERSION)
+# 4: masked caches (chat domains): a `token_flags` column per row (pipeline/chat.py: which
+# tokens are supervised, where conversations start), teacher supports stored only at the
+# supervised positions, and target_logprob / tail_logmass 0 elsewhere.
+MASKED_FORMAT_VERSION = 4
+READABLE_VERSIONS = (FORMAT_VERSION, RAGGED_FORMAT_VERSION, MASKED_FORMAT_VERSION)
 
 
-def format_version(support: str, top_p: float, fold_padded: bool = False) -> int:
+def format_version(support: str, top_p: float, fold_padded: bool = False, masked: bool = False) -> int:
     """The version a cache of this support is written as (ragged: a variable number of
-    entries per position, as top-p, sampled, and vLLM's top-k with padded ids folded)."""
+    entries per position, as top-p, sampled, and vLLM's top-k with padded ids folded;
+    masked: chat domains, distributions at supervised positions only)."""
+    if masked:
+        return MASKED_FORMAT_VERSION
     return RAGGED_FORMAT_VERSION if support != "topk" or top_p or fold_padded else FORMAT_VERSION
 
 SHARD_SCHEMA = pa.schema(
@@ -37,6 +44,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("tail_logmass", pa.list_(pa.float32()), nullable=False),  # [L] log(1 - sum_k p)
     ]
 )
+
+# A masked cache's shards: the same columns plus each row's L + 1 token flags (uint8 bytes).
+MASKED_SHARD_SCHEMA = SHARD_SCHEMA.append(pa.field("token_flags", pa.binary(), nullable=False))
 
 SPLITS = ("train", "val", "test")
 

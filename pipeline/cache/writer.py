@@ -25,7 +25,8 @@ from ..atomic import atomic_path
 from ..teachers.base import TopK
 from .codec import TopKCodec, measure_fidelity
 from .fidelity import support_kl_distortion
-from .schema import FORMAT_VERSION, RAGGED_FORMAT_VERSION, SHARD_SCHEMA, sample_key
+from ..chat import loss_mask
+from .schema import FORMAT_VERSION, MASKED_FORMAT_VERSION, MASKED_SHARD_SCHEMA, RAGGED_FORMAT_VERSION, SHARD_SCHEMA, sample_key
 
 META_KEY = b"ddk.shard"
 
@@ -58,17 +59,20 @@ class TopKShardWriter:
             distortion = fid["kl_distortion_sum"]
         return ib, lb, float(fid["max_abs_error"]), int(fid["clamped"]), distortion
 
-    def encode_rows(self, path: Path, row_start: int, topk: TopK, reference: TopK | None = None
-                    ) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int, float | None]:
+    def encode_rows(self, path: Path, row_start: int, topk: TopK, reference: TopK | None = None,
+                    mask: np.ndarray | None = None) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float, int, float | None]:
         """Every row's (ids blob, logprobs blob), in row order, with the max abs logprob error,
         the count of clamped logprobs and the summed KL distortion, measured on what was encoded
         (against `reference`, the exact top-k, when `topk` is a truncation of it; None for a
-        sampled support)."""
+        sampled support). mask [n, L] bool (masked caches): only those positions are encoded."""
         n = topk.ids.shape[0]
 
         def encode(i: int):
-            ref = None if reference is None else (reference.ids[i], reference.logprobs[i], reference.tail_logmass[i])
-            return self._encode_row(path, row_start + i, topk.ids[i], topk.logprobs[i], topk.tail_logmass[i], ref)
+            keep = slice(None) if mask is None else mask[i]
+            ref = None if reference is None else (reference.ids[i][keep], reference.logprobs[i][keep], reference.tail_logmass[i][keep])
+            if mask is not None and not mask[i].any():
+                return b"", b"", 0.0, 0, 0.0  # nothing supervised in this row: nothing stored
+            return self._encode_row(path, row_start + i, topk.ids[i][keep], topk.logprobs[i][keep], topk.tail_logmass[i][keep], ref)
 
         if self.encode_threads > 1 and n > 1:
             with ThreadPoolExecutor(max_workers=min(self.encode_threads, n), thread_name_prefix="shard-encode") as pool:
@@ -79,12 +83,18 @@ class TopKShardWriter:
         return ids_blobs, lp_blobs, max(errors), sum(clamps), None if None in distortion else sum(distortion)
 
     def write(self, path: Path, domain: str, split: str, row_start: int, rows: np.ndarray, topk: TopK,
-              reference: TopK | None = None, extra_info: dict | None = None) -> dict:
+              reference: TopK | None = None, extra_info: dict | None = None, flags: np.ndarray | None = None) -> dict:
         """reference: the exact top-k `topk` was truncated from (cache.top_p), for the distortion;
-        extra_info: more keys for the shard's metadata (the teacher's folded padded ids)."""
+        extra_info: more keys for the shard's metadata (the teacher's folded padded ids);
+        flags: [n, L + 1] uint8 token flags of a masked cache (pipeline/chat.py): stored with
+        the row, and the teacher's numbers kept only at the supervised positions."""
         n, width = rows.shape
         positions = width - 1
-        ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk, reference)
+        mask = None if flags is None else loss_mask(flags)
+        ids_blobs, lp_blobs, max_err, clamped, distortion = self.encode_rows(path, row_start, topk, reference, mask)
+        target, tail = topk.target_logprob, topk.tail_logmass
+        if mask is not None:  # 0 where nothing is supervised: compresses to almost nothing
+            target, tail = np.where(mask, target, 0.0), np.where(mask, tail, 0.0)
         flat = lambda a: pa.array(np.ascontiguousarray(a).reshape(-1))  # noqa: E731
         offsets = lambda m: pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))  # noqa: E731
         table = pa.Table.from_arrays(
@@ -94,13 +104,14 @@ class TopKShardWriter:
                 pa.ListArray.from_arrays(offsets(width), flat(rows.astype(np.int32))),
                 pa.array(ids_blobs, pa.binary()),
                 pa.array(lp_blobs, pa.binary()),
-                pa.ListArray.from_arrays(offsets(positions), flat(topk.target_logprob.astype(np.float32))),
-                pa.ListArray.from_arrays(offsets(positions), flat(topk.tail_logmass.astype(np.float32))),
+                pa.ListArray.from_arrays(offsets(positions), flat(target.astype(np.float32))),
+                pa.ListArray.from_arrays(offsets(positions), flat(tail.astype(np.float32))),
+                *([] if flags is None else [pa.array([f.astype(np.uint8).tobytes() for f in flags], pa.binary())]),
             ],
-            schema=SHARD_SCHEMA,
+            schema=SHARD_SCHEMA if flags is None else MASKED_SHARD_SCHEMA,
         )
         info = {
-            "format_version": RAGGED_FORMAT_VERSION if self.codec.ragged else FORMAT_VERSION,
+            "format_version": MASKED_FORMAT_VERSION if flags is not None else RAGGED_FORMAT_VERSION if self.codec.ragged else FORMAT_VERSION,
             "domain": domain,
             "split": split,
             "row_start": row_start,
@@ -110,7 +121,9 @@ class TopKShardWriter:
             "clamped_logprobs": clamped,
             # nats, summed over rows x positions (pipeline/cache/fidelity.py); None: a sampled support
             "kl_distortion_sum": distortion,
-            "support_entries": int((topk.ids >= 0).sum()),  # stored (id, value) pairs
+            "support_entries": int((topk.ids >= 0).sum() if mask is None else (topk.ids >= 0)[mask].sum()),  # stored (id, value) pairs
+            # masked caches: the positions that hold a teacher distribution (the loss's)
+            **({} if mask is None else {"supervised_positions": int(mask.sum())}),
             **(extra_info or {}),
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})

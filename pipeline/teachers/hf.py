@@ -139,8 +139,8 @@ class HFTeacher(TeacherBackend):
         tol = 1e-3 if self.model.dtype == torch.float32 else 5e-2
         return got.shape == want.shape and bool(((got - want).abs() <= tol * (1 + want.abs())).all())
 
-    def _final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    def _final_hidden(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
     def _chunk_step(self, positions: int) -> int:
         """chunk_tokens, evened out over the batch so that no chunk is a small remainder
@@ -148,16 +148,18 @@ class HFTeacher(TeacherBackend):
         chunks = -(-positions // self.chunk_tokens)
         return -(-positions // chunks)
 
-    def _chunks(self, ids: torch.Tensor):
-        """(positions slice, logits [c, V] in the model's dtype) over all B*L positions."""
+    def _chunks(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """(positions slice, logits [c, V] in the model's dtype) over all B*L positions.
+        position_ids [B, L] restarting at each packed conversation: transformers' masking
+        then makes the attention block-diagonal (each attends only to itself)."""
         if not self.chunked:
-            logits = self.model(input_ids=ids, use_cache=False).logits
+            logits = self.model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
             flat = logits.reshape(-1, logits.shape[-1])
             step = self._chunk_step(flat.shape[0])
             for r0 in range(0, flat.shape[0], step):
                 yield slice(r0, r0 + step), flat[r0: r0 + step]
             return
-        hidden = self._final_hidden(ids)
+        hidden = self._final_hidden(ids, position_ids)
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
         w, b = head.weight, head.bias
@@ -173,13 +175,15 @@ class HFTeacher(TeacherBackend):
             yield slice(r0, r0 + h.shape[0]), out
 
     @torch.no_grad()
-    def topk(self, rows: np.ndarray) -> TopK:
+    def topk(self, rows: np.ndarray, position_ids: np.ndarray | None = None) -> TopK:
+        """position_ids [B, L] (packed conversations, pipeline/chat.py) or None (0..L-1)."""
         ids = torch.as_tensor(np.array(rows, dtype=np.int64), device=self.device)
         b, length = ids.shape[0], ids.shape[1] - 1
         targets = ids[:, 1:].reshape(-1)
         uniforms = self._uniforms(rows, length) if self.support == "sampled" else None
+        pos = None if position_ids is None else torch.as_tensor(position_ids, dtype=torch.long, device=self.device)
         parts = []
-        for r, logits in self._chunks(ids[:, :-1]):
+        for r, logits in self._chunks(ids[:, :-1], pos):
             if uniforms is None:
                 parts.append(topk_chunk(logits, targets[r], self.k, self.vocab_bound, self.impl))
             else:
