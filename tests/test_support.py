@@ -270,9 +270,9 @@ def test_a_cache_of_an_unknown_format_version_is_refused_by_name(tiny_cache, tmp
     path = tmp_path / "c" / "manifest.json"
     m = json.loads(path.read_text())
     assert m["format_version"] == 2  # a full top-k cache is still written as version 2
-    m["format_version"] = 4
+    m["format_version"] = 5
     path.write_text(json.dumps(m))
-    with pytest.raises(CacheError, match="format version 4, this ddk reads versions 2, 3"):
+    with pytest.raises(CacheError, match="format version 5, this ddk reads versions 2, 3, 4"):
         load_manifest(tmp_path / "c")
 
 

@@ -247,6 +247,6 @@ def load_manifest(cache_dir: Path) -> dict:
     m = json.loads(path.read_text())
     if m.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: cache format version {m.get('format_version')}, this ddk reads versions "
-                         f"{', '.join(map(str, READABLE_VERSIONS))} (version 2 added the held-out test split, 3 ragged supports); "
+                         f"{', '.join(map(str, READABLE_VERSIONS))} (version 2 added the held-out test split, 3 ragged supports, 4 masked rows for chat); "
                          f"rebuild the cache with `ddk teacher-cache` into a new cache.out_dir")
     return m
