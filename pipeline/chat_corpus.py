@@ -20,7 +20,7 @@ import ast
 import itertools
 import unicodedata
 
-from .corpus import Document, Domain, _docstring_nodes, _language_reference, _stdlib_modules, _take, chat_document
+from .corpus import Domain, _docstring_nodes, _language_reference, _stdlib_modules, _take, chat_document
 
 _CATEGORIES = {
     "Lu": "an uppercase letter", "Ll": "a lowercase letter", "Lt": "a titlecase letter", "Lm": "a modifier letter",
@@ -150,5 +150,3 @@ def _code_questions():
                 {"role": "user", "content": f"Show the source of `{module}.{node.name}`."},
                 {"role": "assistant", "content": f"```python\n{code}\n```"}])
 
-
-__all__ = ["builtin_chat_domains", "Document"]

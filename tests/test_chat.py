@@ -13,7 +13,7 @@ import torch
 from ddk.pipeline.chat import (CHATML_TEMPLATE, IM_END, IM_START, SEGMENT_START, SUPERVISED, ChatError, ChatRenderer,
                                loss_mask, messages_from_record, position_ids, text_flags)
 from ddk.pipeline.config import ConfigError, load_config
-from ddk.pipeline.packing import ConversationPacker, HeldOutSelector, pack_conversations
+from ddk.pipeline.packing import HeldOutSelector, pack_conversations
 
 QUIET = lambda *_: None  # noqa: E731
 
