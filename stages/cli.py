@@ -64,6 +64,8 @@ def main():
                 ddk cache inspect   manifest summary, bytes/token, fidelity
                 ddk cache verify    checksums, schema, decodability
                 ddk cache merge     manifest of shards written by several ranks
+                ddk cache stats     per-domain teacher loss, tail mass, support size (polars)
+                ddk cache export    decoded rows to Parquet, for polars or DuckDB
     """
 
 
@@ -268,7 +270,7 @@ def compare_cmd(config_path, overrides, modes, seeds, out_dir, vs_cache):
 
 @main.group("cache")
 def cache_group():
-    """Inspect, verify or merge a teacher cache directory."""
+    """Inspect, verify, analyse, export or merge a teacher cache directory."""
 
 
 @cache_group.command("inspect")
@@ -297,6 +299,52 @@ def verify_cmd(cache_dir, no_decode):
             click.echo(p, err=True)
         raise click.ClickException(f"{len(problems)} problem(s) in {cache_dir}; delete the named shards and re-run `ddk teacher-cache` with the cache's config to rewrite them")
     click.echo(f"{cache_dir}: all shards present, checksums and schema match")
+
+
+@cache_group.command("stats")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--support-rows", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Rows per domain and split decoded for the support-size quantiles (0: only the exact mean).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON records.")
+@friendly_errors
+def stats_cmd(cache_dir, support_rows, as_json):
+    """Per domain and split of CACHE_DIR: rows, positions (supervised ones in a chat cache),
+    the teacher's loss (mean, 5/50/95 % quantiles), the tail mass's quantiles and the
+    support size (entries per position). A lazy polars scan over the shards."""
+    from ..pipeline.cache.analysis import cache_stats
+
+    df = cache_stats(Path(cache_dir), support_rows)
+    if as_json:
+        click.echo(json.dumps(df.to_dicts(), indent=2))
+        return
+    head = (f"{'domain':<12}{'split':<6}{'rows':>7}{'positions':>11}{'loss':>8}{'q05':>8}{'q50':>8}{'q95':>8}"
+            f"{'tail q50':>10}{'tail q95':>10}{'support':>9}{'q05':>6}{'q50':>6}{'q95':>6}")
+    lines = [f"cache {cache_dir}: teacher loss -log p(next token) in nats; tail = mass outside the stored support; "
+             f"support = entries per position (quantiles over {support_rows} rows)", head, "-" * len(head)]
+    q = lambda r, c: f"{r[c]:>6.0f}" if r.get(c) is not None else f"{'':>6}"  # noqa: E731
+    for r in df.to_dicts():
+        lines.append(f"{r['domain']:<12}{r['split']:<6}{r['rows']:>7}{r['positions']:>11,}{r['teacher_loss']:>8.3f}"
+                     f"{r['teacher_loss_q05']:>8.3f}{r['teacher_loss_q50']:>8.3f}{r['teacher_loss_q95']:>8.3f}"
+                     f"{r['tail_mass_q50']:>10.2e}{r['tail_mass_q95']:>10.2e}{r['support_mean']:>9.1f}"
+                     f"{q(r, 'support_q05')}{q(r, 'support_q50')}{q(r, 'support_q95')}")
+    click.echo("\n".join(lines))
+
+
+@cache_group.command("export")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--rows", "rows", type=click.IntRange(min=1), default=100, show_default=True, help="Rows per domain.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Parquet file to write.")
+@friendly_errors
+def export_cmd(cache_dir, rows, split, out):
+    """Decode the first --rows rows of each domain of CACHE_DIR into one Parquet file to query
+    in polars or DuckDB: domain, split, row, input_ids, and per position the support's ids
+    and log-probs (lists of lists), target_logprob, tail_logmass (and loss_mask in a chat
+    cache). In Python: ddk.pipeline.cache.analysis.decoded_frame(cache_dir, keys)."""
+    from ..pipeline.cache.analysis import export_rows
+
+    n = export_rows(Path(cache_dir), Path(out), rows, split)
+    click.echo(f"{out}: {n} rows of {cache_dir} ({split}), decoded")
 
 
 @cache_group.command("merge")

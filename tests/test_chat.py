@@ -426,3 +426,15 @@ def test_bench_chat_runs_both_arms_on_the_same_tokens():
     assert set(r["tokens_per_s"]) == {"raw text", "packed chat"} and r["packed_over_raw"]["median"] > 0
     assert 0 < r["supervised_share"] < 1 and 0 <= r["padding_share"] < 0.5
     assert callable(main)
+
+
+def test_cache_stats_count_only_supervised_positions(chat_cache):
+    from ddk.pipeline.cache.analysis import cache_stats, decoded_frame
+
+    cfg, m = chat_cache
+    df = cache_stats(cfg.cache.out_dir, support_rows=4)
+    assert df["positions"].sum() == m["supervised_tokens"]
+    for r in df.filter(df["split"] != "train").to_dicts():
+        np.testing.assert_allclose(r["teacher_loss"], m["domains"][r["domain"]][f"teacher_{r['split']}_loss"], rtol=1e-5)
+    row = decoded_frame(cfg.cache.out_dir, [("math", "train", 0)]).row(0, named=True)
+    assert [bool(s) for s in row["support_ids"]] == row["loss_mask"]  # supports exactly where the loss is
