@@ -27,7 +27,8 @@ class DomainSource:
 
     name: str
     # Files or glob patterns (relative to the config file's directory, or absolute):
-    # .jsonl/.json (one object per line), .parquet, or .txt (one document per file).
+    # .jsonl/.json (one object per line), .parquet, .csv / .tsv and Arrow IPC (.arrow,
+    # .ipc, .feather; read with polars lazy scans), or .txt (one document per file).
     paths: list[str] = field(default_factory=list)
     # Field holding the text in .jsonl objects and the column name in .parquet files.
     text_field: str = "text"

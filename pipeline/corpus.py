@@ -88,7 +88,8 @@ def source_files(src: DomainSource, base_dir: Path) -> list[Path]:
         files.extend(Path(m) for m in matched if Path(m).is_file())
     for f in files:
         if f.suffix.lower() not in READERS:
-            raise ConfigError(f"{f}: unsupported file type '{f.suffix}' in {where}; use .jsonl (with a text field), .parquet or .txt")
+            raise ConfigError(f"{f}: unsupported file type '{f.suffix}' in {where}; use .jsonl (with a text field), .parquet, "
+                              f".csv / .tsv, Arrow IPC (.arrow, .ipc, .feather) or .txt")
         try:
             size = f.stat().st_size
             with f.open("rb") as fh:
@@ -169,7 +170,7 @@ def _read_jsonl(path: Path, src: DomainSource, invalid_utf8: str, offset: int, l
 
 
 def _parquet_columns(path: Path, src: DomainSource, names: list[str]) -> list[str]:
-    """The columns a domain reads from a Parquet file, checked against its schema."""
+    """The columns a domain reads from a Parquet, CSV or IPC file, checked against its schema."""
     if src.format != "chat":
         if src.text_field not in names:
             raise ConfigError(f"{path}: no column '{src.text_field}' (columns: {names}); set text_field in the domain's config")
@@ -223,7 +224,51 @@ def _read_text(path: Path, src: DomainSource, invalid_utf8: str, offset: int, li
         yield Document(str(path), text.replace("\r\n", "\n").replace("\r", "\n")), 1, 0
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet, ".txt": _read_text, ".md": _read_text, ".text": _read_text}
+POLARS_BATCH_ROWS = 4096  # rows of a .csv / .tsv / Arrow IPC file in memory at a time
+
+
+def _polars_scan(path: Path, invalid_utf8: str):
+    """A lazy polars scan of a delimited or Arrow IPC file (every column read as it is
+    typed; CSV columns as strings, no type inference, so ids stay text)."""
+    import polars as pl
+
+    suffix = path.suffix.lower()
+    if suffix in (".arrow", ".ipc", ".feather"):
+        return pl.scan_ipc(path)
+    if invalid_utf8 == "skip":
+        raise ConfigError(f"{path}: corpus.invalid_utf8 = 'skip' is not available for {suffix} files (polars decodes whole "
+                          f"batches, not rows); use 'replace' (U+FFFD for bad bytes) or 'error', or fix the file")
+    return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False, quote_char='"',
+                       encoding="utf8-lossy" if invalid_utf8 == "replace" else "utf8")
+
+
+def _read_polars(path: Path, src: DomainSource, invalid_utf8: str, offset: int, line: int):
+    """.csv, .tsv and Arrow IPC (.arrow / .ipc / .feather) through a polars lazy scan: only
+    the domain's columns, from row `offset` on, POLARS_BATCH_ROWS rows at a time. A row's
+    position is its index (the header is not a row): errors name `file:row N`."""
+    import polars as pl
+
+    scan = _polars_scan(path, invalid_utf8)
+    try:
+        columns = _parquet_columns(path, src, scan.collect_schema().names())
+        batches = scan.select(columns).slice(offset).collect_batches(chunk_size=POLARS_BATCH_ROWS)
+        row = offset
+        for batch in batches:
+            for obj in batch.iter_rows(named=True):
+                row += 1
+                where = f"{path}:row {row - 1}"
+                if src.format == "chat":
+                    yield _record_document(src, obj, f"{path}:{row - 1}", where), row, 0
+                elif obj[src.text_field] is not None:
+                    yield Document(f"{path}:{row - 1}", str(obj[src.text_field])), row, 0
+    except pl.exceptions.PolarsError as e:  # malformed CSV, invalid UTF-8, not an IPC file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (or set corpus.invalid_utf8 = 'replace')" if "utf" in first.lower() else ""
+        raise ConfigError(f"{path}: cannot be read as {path.suffix} ({first}); fix the file{hint}") from None
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet, ".txt": _read_text, ".md": _read_text, ".text": _read_text,
+           ".csv": _read_polars, ".tsv": _read_polars, ".arrow": _read_polars, ".ipc": _read_polars, ".feather": _read_polars}
 
 
 # ---------------------------------------------------------------- built-in corpus
