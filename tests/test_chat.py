@@ -295,11 +295,11 @@ def test_chat_cache_stores_distributions_only_where_answers_are(chat_cache):
     tok = AutoTokenizer.from_pretrained(cfg.teacher_path())
     packed = {p.name: p for p in pack_domains(load_domains(cfg.corpus, Path(cfg.source_path).parent), tok, cfg.corpus)}
     for name in ("math", "words"):
-        keys = [(name, "train", i) for i in range(reader.num_rows(name))]
-        b = reader.batch(keys)
-        # the streaming ingest packed exactly what the in-memory path packs
-        assert np.array_equal(b.input_ids.numpy(), packed[name].train)
-        assert np.array_equal(b.loss_mask.numpy(), loss_mask(packed[name].flags["train"]))
+        for split in ("val", "test", "train"):  # the streaming ingest packed exactly what the in-memory path packs
+            b = reader.batch([(name, split, i) for i in range(reader.num_rows(name, split))])
+            assert np.array_equal(b.input_ids.numpy(), packed[name].rows(split)), (name, split)
+            assert np.array_equal(b.loss_mask.numpy(), loss_mask(packed[name].flags[split])), (name, split)
+            assert np.array_equal(b.position_ids.numpy(), position_ids(packed[name].flags[split])), (name, split)
         assert (b.topk_ids[b.loss_mask] >= 0).any(-1).all() and (b.topk_ids[~b.loss_mask] == -1).all()
         assert (b.target_logprob[~b.loss_mask] == 0).all() and (b.target_logprob[b.loss_mask] < 0).all()
         text = tok.decode(b.input_ids[0, 1:][b.loss_mask[0]])
