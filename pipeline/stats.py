@@ -76,13 +76,15 @@ def paired_bootstrap(
     replicates: int = 2000,
     confidence: float = 0.95,
     rng_seed: int = 0,
+    row_weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Mode a minus mode b in mean test CE and mean PPL ratio, with a paired bootstrap interval.
 
     `a[domain]` and `b[domain]` are [seeds, rows] arrays of per-row mean CE on the test
     split (row i of seed s in a and in b: the same test row, the same seed); `teacher[domain]`
     holds the teacher's per-row CE on the same rows. Every row has the same token count,
-    so a domain's CE is the mean of its rows.
+    so a domain's CE is the mean of its rows; or, with `row_weights[domain]` (the trained
+    positions of each row of a masked cache), the weighted mean: the token-weighted CE.
 
     Statistics, each computed per seed and then averaged over seeds:
       mean CE    = mean over domains of the domain's CE;
@@ -103,19 +105,22 @@ def paired_bootstrap(
     b = {d: np.asarray(b[d], dtype=np.float64) for d in domains}
     t = {d: np.asarray(teacher[d], dtype=np.float64) for d in domains}
     n_seeds = _check_shapes(a, b, t)
+    rw = {d: np.ones(t[d].size) if row_weights is None else np.asarray(row_weights[d], dtype=np.float64) for d in domains}
+    if any(rw[d].shape != t[d].shape for d in domains):
+        raise ValueError("paired_bootstrap: row_weights must hold one weight per test row of every domain")
     if replicates < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"paired_bootstrap: replicates = {replicates} must be >= 1 and confidence = {confidence} in (0, 1)")
 
     # The data itself: every seed once, every row once.
     point = _differences(*_seed_domain_means(a, b, t, np.arange(n_seeds)[None, :],
-                                             {d: np.ones((1, t[d].size)) for d in domains}))
+                                             {d: rw[d][None, :] for d in domains}))
     rng = np.random.default_rng(rng_seed)
     ce_reps, ratio_reps = [], []
     for start in range(0, replicates, _BLOCK):
         m = min(_BLOCK, replicates - start)
         seeds = rng.integers(0, n_seeds, size=(m, n_seeds))
         # Resampling rows with replacement = multinomial counts of each row.
-        counts = {d: rng.multinomial(t[d].size, np.full(t[d].size, 1.0 / t[d].size), size=m) for d in domains}
+        counts = {d: rng.multinomial(t[d].size, np.full(t[d].size, 1.0 / t[d].size), size=m) * rw[d] for d in domains}
         ce, ratio = _differences(*_seed_domain_means(a, b, t, seeds, counts))
         ce_reps.append(ce)
         ratio_reps.append(ratio)
@@ -152,7 +157,7 @@ def _seed_domain_means(a: dict, b: dict, t: dict, seeds: np.ndarray, counts: dic
     """Per replicate, seed slot and domain, the resampled CE: ([m, n, D] for a and b, [m, D] for t).
 
     `seeds[j]` are replicate j's seed indices, `counts[d][j]` how often each row of domain d
-    is drawn in replicate j."""
+    is drawn in replicate j (times its weight)."""
     m = seeds.shape[0]
     ce_a, ce_b, ce_t = [], [], []
     for d in t:

@@ -106,7 +106,7 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     for label, extra in wanted:
         _refuse_single_seed_layout(out / label)
         runs[label] = [_run(config_path, list(overrides), label, extra, seed, out, identities, log) for seed in range(seeds)]
-    summary = summarize(runs)
+    summary = summarize(runs, _test_row_weights(load_config(config_path, list(overrides))))
     write_json_atomic(out / "compare.json", summary)
     write_text_atomic(out / "compare.md", markdown(summary))
     summary["plots"] = [str(p) for p in plot(summary, runs, out)]
@@ -165,9 +165,21 @@ def reuse_refusal(done: dict, cfg: Config, identity: dict, run_dir: Path) -> str
     return None
 
 
-def summarize(runs: dict[str, list[Run]]) -> dict:
+def _test_row_weights(cfg: Config) -> dict[str, np.ndarray] | None:
+    """A masked (chat) cache's trained positions per test row, per domain; None otherwise."""
+    from ..pipeline.cache.reader import TopKCacheReader
+    from ..pipeline.evaluate import row_weights, split_keys
+
+    reader = TopKCacheReader(cfg.cache_path())
+    if not reader.masked:
+        return None
+    return {d: row_weights(reader, keys) for d, keys in split_keys(reader, "test").items()}
+
+
+def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | None = None) -> dict:
     """Every number of the comparison (compare.json): per mode and seed, spread over seeds,
-    paired differences to KD. All on the test split."""
+    paired differences to KD. All on the test split. row_weights: a masked cache's trained
+    positions per test row (else the runs' own record of them, if any)."""
     first = next(iter(runs.values()))[0].results
     test = first["test"]
     teacher = test["teacher_loss"]  # one cache (or two of one teacher and corpus): the same for every run
@@ -177,22 +189,28 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
             raise ConfigError(f"{rs[0].dir}: its cache's teacher test loss differs from the first run's ({other} vs {teacher}): "
                               f"the two caches do not hold the same teacher on the same test rows, so they cannot be paired")
     modes = {label: _mode_summary(rs, teacher) for label, rs in runs.items()}
+    # a masked (chat) cache: rows weighted by their trained positions, as the tables' means are
+    weights = row_weights
+    if weights is None and "row_weight" in test:
+        weights = {d: np.asarray(v) for d, v in test["row_weight"].items()}
     vs_reference = {}
     if REFERENCE in runs:
         for label, rs in runs.items():
             if label != REFERENCE:
                 vs_reference[label] = paired_bootstrap(_row_losses(rs), _row_losses(runs[REFERENCE]),
-                                                       {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}, **BOOTSTRAP)
+                                                       {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()},
+                                                       row_weights=weights, **BOOTSTRAP)
     # The variants beyond the paper also against what they would replace: the paper's DDK and ES.
     rows_t = {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}
     pairs = [(label, base) for label in runs if label in dict(VARIANTS) for base in PAPER_BASES if base in runs]
     if all(m in runs for m in PAPER_BASES):
         pairs.insert(0, PAPER_BASES)  # the paper's own claim: DDK against equal sampling
-    variants_vs_paper = {f"{a} − {b}": paired_bootstrap(_row_losses(runs[a]), _row_losses(runs[b]), rows_t, **BOOTSTRAP)
+    variants_vs_paper = {f"{a} − {b}": paired_bootstrap(_row_losses(runs[a]), _row_losses(runs[b]), rows_t, row_weights=weights,
+                                                        **BOOTSTRAP)
                          for a, b in pairs}
     # The second cache against the first, mode by mode.
     vs_cache = {f"{label} − {label.removesuffix(VS_CACHE)}": paired_bootstrap(
-        _row_losses(runs[label]), _row_losses(runs[label.removesuffix(VS_CACHE)]), rows_t, **BOOTSTRAP)
+        _row_losses(runs[label]), _row_losses(runs[label.removesuffix(VS_CACHE)]), rows_t, row_weights=weights, **BOOTSTRAP)
         for label in runs if label.endswith(VS_CACHE) and label.removesuffix(VS_CACHE) in runs}
     return {
         "variants_vs_paper": variants_vs_paper,
@@ -215,6 +233,8 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
         "reference": REFERENCE,
         "vs_reference": vs_reference,
         "bootstrap": {**BOOTSTRAP, "interval": "percentile",
+                      "row_weights": "each test row's trained positions (a masked cache)" if weights is not None else
+                                     "none (every test row has seq_len positions)",
                       "resamples": "seeds with replacement, paired across the two modes; within each domain, test rows "
                                    "with replacement, the same rows for both modes and the teacher"},
         "order_by_mean_ce": sorted(modes, key=lambda m: modes[m]["mean_ce"]["mean"]),

@@ -525,6 +525,9 @@ class Trainer:
                 "student_after_loss": {dom: token_mean(r, test_weights[dom]) for dom, r in after_test_rows.items()},
                 "teacher_row_loss": {dom: r.tolist() for dom, r in teacher_test_rows.items()},
                 "student_after_row_loss": {dom: r.tolist() for dom, r in after_test_rows.items()},
+                # masked caches: each test row's trained positions, the weights of its row loss
+                **({"row_weight": {dom: w.tolist() for dom, w in test_weights.items()}}
+                   if any(w is not None for w in test_weights.values()) else {}),
             },
             "final_weights": dict(zip(domains, self.scheduler.weights.tolist())),
             "config": asdict(d),

@@ -438,3 +438,14 @@ def test_cache_stats_count_only_supervised_positions(chat_cache):
         np.testing.assert_allclose(r["teacher_loss"], m["domains"][r["domain"]][f"teacher_{r['split']}_loss"], rtol=1e-5)
     row = decoded_frame(cfg.cache.out_dir, [("math", "train", 0)]).row(0, named=True)
     assert [bool(s) for s in row["support_ids"]] == row["loss_mask"]  # supports exactly where the loss is
+
+
+def test_compare_on_a_chat_cache_weights_test_rows_by_their_answers(chat_cache, tmp_path):
+    from ddk.stages.compare import compare
+
+    cfg, _ = chat_cache
+    s = compare(cfg.source_path, [], tmp_path / "cmp", ["cpt", "kd"], seeds=1, log=QUIET)
+    assert s["bootstrap"]["row_weights"].startswith("each test row's trained positions")
+    kd = s["modes"]["kd"]["per_seed"][0]["mean_ce"]
+    cpt = s["modes"]["cpt"]["per_seed"][0]["mean_ce"]
+    np.testing.assert_allclose(s["vs_reference"]["cpt"]["mean_ce"]["diff"], cpt - kd, rtol=1e-6, atol=1e-9)

@@ -122,3 +122,26 @@ def test_unpaired_shapes_are_refused_naming_the_domain():
         paired_bootstrap(good, {"x": np.zeros((2, 5)), "y": np.zeros((2, 3))}, t)
     with pytest.raises(ValueError, match="'x'.*same seeds"):
         paired_bootstrap(good, {"x": np.zeros((3, 5)), "y": np.zeros((3, 4))}, t)
+
+
+def test_paired_bootstrap_row_weights_give_the_token_weighted_difference():
+    """Masked (chat) caches: rows weighted by their trained positions. Weights of one are the
+    unweighted test; a weight of zero drops the row; the point difference is the weighted one."""
+    from ddk.pipeline.stats import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = {"x": rng.random((3, 6)) + 1, "y": rng.random((3, 4)) + 1}
+    b = {"x": rng.random((3, 6)) + 1, "y": rng.random((3, 4)) + 1}
+    t = {"x": rng.random(6), "y": rng.random(4)}
+    plain = paired_bootstrap(a, b, t, replicates=200)
+    ones = paired_bootstrap(a, b, t, replicates=200, row_weights={"x": np.ones(6), "y": np.ones(4)})
+    assert plain == ones
+    w = {"x": np.array([3, 1, 0, 2, 5, 1.0]), "y": np.array([1, 1, 2, 7.0])}
+    got = paired_bootstrap(a, b, t, replicates=200, row_weights=w)
+    want = np.mean([((a[d] - b[d]) @ w[d] / w[d].sum()).mean() for d in ("x", "y")])
+    np.testing.assert_allclose(got["mean_ce"]["diff"], want, rtol=1e-12)
+    dropped = paired_bootstrap({d: np.delete(v, 2, 1) if d == "x" else v for d, v in a.items()},
+                               {d: np.delete(v, 2, 1) if d == "x" else v for d, v in b.items()},
+                               {"x": np.delete(t["x"], 2), "y": t["y"]}, replicates=1,
+                               row_weights={"x": np.delete(w["x"], 2), "y": w["y"]})
+    np.testing.assert_allclose(dropped["mean_ce"]["diff"], got["mean_ce"]["diff"], rtol=1e-12)
