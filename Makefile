@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-gpu bench-ingest system-corpus clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-gpu bench-chat bench-ingest system-corpus lang-corpus clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -81,6 +81,13 @@ bench-ingest: setup
 system-corpus: setup
 	$(PY) -m ddk.stages.system_corpus --out runs/system-corpus
 
+# The third corpus (configs/lang.toml): the translated UI messages of this machine's gettext
+# catalogs (/usr/share/locale/*/LC_MESSAGES/*.mo), one domain per language: German, French,
+# Spanish, Russian, Japanese. Then e.g.
+#   make compare CONFIG=configs/lang.toml MODES=cpt,kd,ddk,ddk-equal-sampling,ddk-guarded
+lang-corpus: setup
+	$(PY) -m ddk.stages.lang_corpus --out runs/lang-corpus
+
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")
 
@@ -106,6 +113,11 @@ bench-capture: setup
 # wall times. CUDA only (~4 min on an H200).
 bench-gpu: setup
 	$(PY) -m ddk.stages.bench_gpu $(ARGS)
+
+# The training step on packed conversations (loss mask, restarting position ids) against
+# raw text on the same tokens (goal >= 0.9x); qwen2-0.5b on CUDA, a tiny one on CPU.
+bench-chat: setup
+	$(PY) -m ddk.stages.bench_chat_step $(ARGS)
 
 # One real-shaped student's whole training step: fused vs unfused LM head, CPT vs cached KD
 # (qwen2-0.5b on CUDA, a tiny one on CPU). ARGS="--preset qwen2-1.5b --json runs/bench/step.json"

@@ -29,7 +29,7 @@ def atomic_path(path: Path, suffix: str = ".tmp"):
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -7,6 +7,14 @@
 * `plot_ppl_ratio`: the student/teacher perplexity ratio lS/lT per domain over training
   (the paper's Fig. 3), one panel per run (e.g. "ddk" beside "ddk w/o FS").
 
+Every column / run label gets a `ModeStyle` (`mode_styles`): a colour from a fixed order
+of 12 clearly distinct colours, a marker and a bar hatch, all three distinct among the
+labels of one plot (any number of them: past 12 the colours repeat, the (colour, marker)
+and (colour, hatch) pairs do not), and the same for a label in every plot: the pipeline's
+own labels (teacher, student before/after, cpt, kd, ddk and every compare mode) have fixed
+slots; any other label takes a slot by a stable hash of its name, the next free one on a
+clash (labels taken in sorted order, so the result depends on the set of labels only).
+
 Inputs are plain Python data (lists / dicts of floats). Each function writes one PNG
 atomically (`pipeline/atomic.py`) and returns its Path.
 
@@ -16,21 +24,29 @@ no global figure registry, and the backend a caller chose stays as it was.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from .atomic import atomic_path
 
 __all__ = [
+    "ModeStyle",
     "column_color",
     "domain_color",
+    "domain_marker",
     "format_value",
+    "mode_style",
+    "mode_styles",
     "plot_domain_weights",
     "plot_domain_ppl",
     "plot_ppl_ratio",
@@ -49,22 +65,45 @@ _EXTRA = (
     "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
 )
 
-# Column names the pipeline uses; each gets a fixed color (teacher always dark grey,
-# the students / training modes distinct hues). Unknown names fall back to a stable hash.
-_KNOWN_COLUMN_COLORS = {
-    "teacher": "#4d4d4d",
-    "student": "#1f77b4",
-    "student before": "#aec7e8",
-    "student after": "#1f77b4",
-    "cpt": "#ff7f0e",
-    "kd": "#2ca02c",
-    "ddk": "#d62728",
-    "ddk w/o fs": "#9467bd",
-    "ddk-no-smoothing": "#9467bd",
-    "uniform": "#8c564b",
-    "proportional": "#e377c2",
-}
 _FALLBACK = _PALETTE + _EXTRA
+
+# Modes / columns: 12 colours distinct at a glance (tab10 without its grey, then black,
+# yellow and sky blue), one order for every plot; 12 markers and 12 bar hatches beside them.
+MODE_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#e377c2", "#bcbd22", "#17becf", "#000000", "#ffd92f", "#7fb2e6",
+)
+MODE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", "*", ">", "h", "p")
+MODE_HATCHES = ("", "//", "\\\\", "xx", "..", "--", "||", "++", "oo", "**", "-\\\\", "|//")
+MODE_LINESTYLES = ("-", "--", "-.", ":")
+TEACHER_COLOR = "#4d4d4d"  # dark grey, outside the 12: the reference every mode is measured against
+
+# The pipeline's own labels and their slots: each keeps its colour, marker and hatch in
+# every plot (compare's modes: stages/compare.py MODES + VARIANTS; student before and the
+# 11 modes are 12 slots). The student after training (distill's plot, beside teacher and
+# student before only) shares ddk-log-ratio-t0.3's slot: blue, the student before sky blue.
+_KNOWN_SLOTS = {
+    "student after": 0, "student": 0, "ddk-log-ratio-t0.3": 0,
+    "cpt": 1, "kd": 2, "ddk": 3, "ddk-no-smoothing": 4, "ddk w/o fs": 4, "ddk-equal-sampling": 5,
+    "ddk-guarded": 6, "ddk-prior-tilt": 7, "ddk-progress": 8, "ddk-gap-progress": 9,
+    "ddk-log-ratio-t0.1": 10, "student before": 11,
+}
+_N_SLOTS = len(MODE_COLORS) * len(MODE_MARKERS)
+
+
+@dataclass(frozen=True)
+class ModeStyle:
+    """How one column / run label is drawn: `color` (bars, lines), `marker` (points,
+    the mark on a bar's top), `hatch` (bar fill pattern), `linestyle` (lines)."""
+
+    color: str
+    marker: str
+    hatch: str
+    linestyle: str
+
+
+def _key(name) -> str:
+    return " ".join(str(name).strip().lower().split())
 
 
 def _stable_index(name: str, n: int) -> int:
@@ -72,21 +111,76 @@ def _stable_index(name: str, n: int) -> int:
     return zlib.crc32(name.encode("utf-8")) % n
 
 
+def _slot_style(k: int) -> ModeStyle:
+    """Slot k: colour k mod 12, marker and hatch shifted by one every round of 12, so
+    (colour, marker) and (colour, hatch) stay distinct over all 144 slots."""
+    c, m = len(MODE_COLORS), len(MODE_MARKERS)
+    j = (k + k // c) % m
+    return ModeStyle(MODE_COLORS[k % c], MODE_MARKERS[j], MODE_HATCHES[j % len(MODE_HATCHES)],
+                     MODE_LINESTYLES[(k // c) % len(MODE_LINESTYLES)])
+
+
+def _teacher_style() -> ModeStyle:
+    return ModeStyle(TEACHER_COLOR, "d", "", "--")
+
+
+def mode_styles(names) -> dict[str, ModeStyle]:
+    """The style of each label in one plot (keys: the labels as given; "teacher" is always
+    dark grey). Known labels (matched case-insensitively) first, in slot order, then the
+    others in sorted order; each takes its slot (known: fixed; other: a stable hash of the
+    name), or on a clash the next slot whose colour no label here has yet, or when all 12
+    colours are taken the next free slot. So: distinct colours for up to 12 labels besides
+    the teacher, distinct (colour, marker) and (colour, hatch) pairs for up to 144."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    keys = {_key(n) for n in names} - {"teacher"}
+    known = sorted((k for k in keys if k in _KNOWN_SLOTS), key=lambda k: (_KNOWN_SLOTS[k], k))
+    other = sorted(keys - set(known))
+    c = len(MODE_COLORS)
+    slot: dict[str, int] = {}
+    for key in known + other:
+        want = _KNOWN_SLOTS[key] if key in _KNOWN_SLOTS else _stable_index(key, c)
+        used_colors = {u % c for u in slot.values()}
+        used = set(slot.values())
+        # the first round (12 colours, 12 markers) from `want` on, then the other rounds
+        ring = [(want + i) % c for i in range(c)] + [c + (want + i) % (_N_SLOTS - c) for i in range(_N_SLOTS - c)]
+        fresh = [k for k in ring if k % c not in used_colors and k not in used]
+        # past 144 labels the pairs repeat (slot k draws like slot k mod 144)
+        slot[key] = fresh[0] if fresh else next(k for k in itertools.count(want) if k not in used)
+    return {n: _teacher_style() if _key(n) == "teacher" else _slot_style(slot[_key(n)]) for n in names}
+
+
+def mode_style(name) -> ModeStyle:
+    """The style `name` gets when drawn alone (a known label: in every plot)."""
+    return mode_styles([name])[str(name)]
+
+
 def column_color(name: str) -> str:
     """The color of a bar column / run label; the same name always gets the same color.
 
-    Known names (teacher, student, student before/after, cpt, kd, ddk, ...) have fixed
-    colors, matched case-insensitively; any other name gets a palette entry by stable hash.
+    Known names (teacher, student before/after, cpt, kd, ddk and every compare mode) have
+    fixed colors, matched case-insensitively; any other name gets one by stable hash
+    (`mode_styles` keeps several of them apart within one plot).
     """
-    key = " ".join(str(name).strip().lower().split())
-    if key in _KNOWN_COLUMN_COLORS:
-        return _KNOWN_COLUMN_COLORS[key]
-    return _FALLBACK[_stable_index(key, len(_FALLBACK))]
+    return mode_style(name).color
 
 
 def domain_color(index: int) -> str:
     """The color of the index-th domain (the same in every panel and every plot)."""
     return _FALLBACK[index % len(_FALLBACK)]
+
+
+def domain_marker(index: int) -> str:
+    """The marker of the index-th domain: with its colour, tells domains 10 apart (whose
+    tab20 colours are the light twins of the first ten)."""
+    return MODE_MARKERS[index % len(MODE_MARKERS)]
+
+
+def _ink(color: str) -> str:
+    """Black or white, whichever reads better on `color` (hatch lines, marker edges)."""
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(color)
+    return "#ffffff" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "#222222"
 
 
 def format_value(v: float) -> str:
@@ -137,7 +231,7 @@ def _save(fig: Figure, path) -> Path:
     return path
 
 
-def _legend_outside(ax, fig: Figure, handles=None, labels=None, title=None):
+def _legend_outside(ax, fig: Figure, handles=None, labels=None, title=None, handler_map=None):
     """Legend to the right of the axes (bbox_inches='tight' keeps it in the image)."""
     if handles is None:
         handles, labels = ax.get_legend_handles_labels()
@@ -145,7 +239,7 @@ def _legend_outside(ax, fig: Figure, handles=None, labels=None, title=None):
         return None
     return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                      borderaxespad=0.0, fontsize="small", title=title, title_fontsize="small",
-                     frameon=False)
+                     frameon=False, handler_map=handler_map)
 
 
 # -----------------------------------------------------------------------------
@@ -264,9 +358,13 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
         ymax = hi * 1.15 if hi > 0 else 1.0
         na_y = ymin + 0.02 * (ymax - ymin)
 
-    handles = []  # one legend entry per column, also for a column that is all n/a
+    handles, labels = [], []  # one legend entry per column, also for a column that is all n/a
+    styles = mode_styles(col_names)
     for k, (orig, cname) in enumerate(zip(columns, col_names)):
-        color = column_color(cname)
+        style = styles[cname]
+        color = style.color
+        bar_kw = {"width": bar_w * 0.92, "color": color, "edgecolor": "white", "linewidth": 0.5,
+                  "hatch": style.hatch or None, "hatchcolor": _ink(color)}
         xs, hs, es, na_xs = [], [], [], []
         for i, d in enumerate(domains):
             x = i - group_w / 2 + bar_w * (k + 0.5)
@@ -277,19 +375,23 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
                 es.append(spread[orig][d])
             else:
                 na_xs.append(x)
-        handles.append(Patch(facecolor=color, edgecolor="white", label=cname))
+        # the legend entry: the bar's colour and hatch with the column's marker on it
+        handles.append((Patch(facecolor=color, edgecolor="white", hatch=style.hatch or None, hatchcolor=_ink(color)),
+                        Line2D([], [], ls="none", marker=style.marker, ms=6, color=color, mec=_ink(color), mew=0.8)))
+        labels.append(cname)
         if hs and any(es):
             below = [min(e, 0.95 * h) if log_scale else e for h, e in zip(hs, es)]
-            ax.bar(xs, hs, width=bar_w * 0.92, color=color, edgecolor="white", linewidth=0.5,
-                   yerr=[below, es], error_kw={"ecolor": "#222222", "elinewidth": 0.9, "capsize": 2.0})
+            ax.bar(xs, hs, yerr=[below, es], error_kw={"ecolor": "#222222", "elinewidth": 0.9, "capsize": 2.0}, **bar_kw)
             # bar_label would put the value on the error bar; put it above the bar's top.
             for x, h, e in zip(xs, hs, es):
                 ax.annotate(format_value(h), (x, h + e), xytext=(0, 1.5), textcoords="offset points",
                             ha="center", va="bottom", fontsize=label_size, rotation=90 if n_col > 4 else 0)
         elif hs:
-            bars = ax.bar(xs, hs, width=bar_w * 0.92, color=color, edgecolor="white", linewidth=0.5)
+            bars = ax.bar(xs, hs, **bar_kw)
             ax.bar_label(bars, labels=[format_value(h) for h in hs], fontsize=label_size,
-                         padding=1.5, rotation=90 if n_col > 4 else 0)
+                         padding=5.0, rotation=90 if n_col > 4 else 0)
+        if hs:  # the column's marker on each bar's top: tells columns apart beyond colour
+            ax.plot(xs, hs, ls="none", marker=style.marker, ms=5, color=color, mec=_ink(color), mew=0.7, zorder=3)
         for x in na_xs:
             ax.text(x, na_y, "n/a", ha="center", va="bottom", fontsize=label_size,
                     color=color, rotation=90, fontweight="bold")
@@ -310,7 +412,7 @@ def plot_domain_ppl(columns: dict[str, dict[str, float]], path,
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    _legend_outside(ax, fig, handles=handles, labels=[h.get_label() for h in handles])
+    _legend_outside(ax, fig, handles=handles, labels=labels, handler_map={tuple: HandlerTuple(ndivide=None)})
     fig.tight_layout()
     return _save(fig, path)
 
@@ -363,8 +465,8 @@ def plot_ppl_ratio(series: dict[str, tuple[list[float], list[list[float]]]], dom
         for j, dom in enumerate(domains):
             ys = [r[j] if math.isfinite(r[j]) else math.nan for r in rows]
             all_vals += [y for y in ys if math.isfinite(y)]
-            ax.plot(xs, ys, color=domain_color(j), lw=1.8, marker="o" if len(xs) <= 30 else None,
-                    ms=3.5, label=dom)
+            ax.plot(xs, ys, color=domain_color(j), lw=1.8, marker=domain_marker(j) if len(xs) <= 30 else None,
+                    ms=4, label=dom)
         ax.axhline(1.0, color="#555555", ls="--", lw=1.0, label=r"$\ell_S = \ell_T$")
         ax.set_title(label)
         ax.set_xlabel(x_label)

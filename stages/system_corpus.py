@@ -41,6 +41,8 @@ import zlib
 import sys
 from pathlib import Path
 
+from ..pipeline.atomic import write_text_atomic
+
 DOC_CAP = 20_000       # characters per document
 MIN_DOC = 100          # shorter documents (e.g. ".so man3/foo.3" redirects) are dropped
 MIN_DOMAIN = 200_000   # a domain with fewer characters is an error (optional: omitted)
@@ -130,15 +132,6 @@ def build_domain(paths: list[str], chars_cap: int) -> tuple[list[str], dict]:
     return docs, stats
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m ddk.stages.system_corpus", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (e.g. runs/system-corpus)")
@@ -162,8 +155,8 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, docs in built.items():
-        _write_atomic(out / f"{name}.jsonl",
-                      "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+        write_text_atomic(out / f"{name}.jsonl",
+                          "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
         s = sources[name]
         print(f"{name}: {s['documents']} documents, {s['chars']:,} characters from {s['glob']} "
               f"(skipped: {s['skipped_invalid_utf8']} not UTF-8, {s['skipped_duplicates']} duplicates, "
@@ -172,7 +165,7 @@ def main(argv=None) -> None:
         if name not in built and (out / f"{name}.jsonl").exists():
             os.remove(out / f"{name}.jsonl")
     meta = {"chars_per_domain": a.chars_per_domain, "doc_cap_chars": DOC_CAP, "domains": sources}
-    _write_atomic(out / "SOURCES.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "SOURCES.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

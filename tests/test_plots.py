@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from ddk.pipeline.plots import (
+    MODE_COLORS,
     column_color,
     format_value,
+    mode_style,
+    mode_styles,
     plot_domain_ppl,
     plot_domain_weights,
     plot_ppl_ratio,
@@ -132,3 +135,60 @@ def test_format_value():
     assert format_value(12.345) == "12.3"
     assert format_value(1234.0) == "1234"
     assert format_value(25000.0) == "25k"
+
+
+# compare's modes beside the teacher and the student before training (stages/compare.py)
+COMPARE_MODES = ["cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-equal-sampling", "ddk-log-ratio-t0.1",
+                 "ddk-log-ratio-t0.3", "ddk-guarded", "ddk-prior-tilt", "ddk-progress", "ddk-gap-progress"]
+
+
+def test_twelve_modes_get_distinct_colours_markers_and_hatches():
+    for labels in (["student before"] + COMPARE_MODES,              # the pipeline's own 12
+                   [f"mode-{i}" for i in range(12)],                # 12 unknown labels
+                   COMPARE_MODES[:6] + [f"x{i}@vs-cache" for i in range(6)]):
+        styles = mode_styles(["teacher"] + labels)
+        got = [styles[m] for m in labels]
+        assert len({s.color for s in got}) == 12, labels
+        assert len({s.marker for s in got}) == 12, labels
+        assert len({(s.color, s.marker) for s in got}) == 12
+        assert len({(s.color, s.hatch) for s in got}) == 12
+        assert styles["teacher"].color not in {s.color for s in got}
+        assert {s.color for s in got} <= set(MODE_COLORS)
+        # deterministic: the same labels in another order (or another process) get the same styles
+        assert mode_styles(list(reversed(labels)) + ["teacher"]) == styles
+
+
+def test_mode_styles_known_labels_fixed_and_many_labels_distinct():
+    # a known mode looks the same whatever else is in the plot
+    alone = mode_style("ddk-guarded")
+    assert mode_styles(["kd", "ddk-guarded"])["ddk-guarded"] == alone
+    assert mode_styles(["ddk-guarded"] + [f"m{i}" for i in range(8)])["ddk-guarded"] == alone
+    assert column_color("DDK-Guarded") == alone.color
+    # the modes that used to share a colour by hash (ES, guarded, progress; prior-tilt vs cpt)
+    clash = ["cpt", "ddk-equal-sampling", "ddk-guarded", "ddk-prior-tilt", "ddk-progress"]
+    assert len({column_color(m) for m in clash}) == len(clash)
+    # two labels that share a slot (they never meet in the pipeline's plots) are told apart
+    both = mode_styles(["ddk-log-ratio-t0.3", "student after"])
+    assert both["ddk-log-ratio-t0.3"].color != both["student after"].color
+    assert both["ddk-log-ratio-t0.3"] == mode_style("ddk-log-ratio-t0.3")
+    # past 12 the colours repeat, the (colour, marker) pairs do not (up to 144)
+    many = mode_styles([f"run {i}" for i in range(144)])
+    assert len({(s.color, s.marker) for s in many.values()}) == 144
+    assert len(mode_styles([f"run {i}" for i in range(200)])) == 200
+
+
+def test_domain_ppl_twelve_modes_every_colour_drawn(tmp_path, fignums):
+    """Every mode's colour is in the picture (its bars and its legend entry)."""
+    from matplotlib.colors import to_rgb
+
+    labels = ["teacher", "student before"] + COMPARE_MODES
+    cols = {m: {d: 10.0 + i + j for j, d in enumerate(DOMAINS)} for i, m in enumerate(labels)}
+    errs = {m: {d: 0.3 for d in DOMAINS} for m in COMPARE_MODES}
+    out = plot_domain_ppl(cols, tmp_path / "twelve.png", errors=errs, log_scale=False)
+    assert_png(out)
+    img = mpimg.imread(out)[..., :3]
+    styles = mode_styles(labels)
+    for m in labels:
+        target = np.array(to_rgb(styles[m].color))
+        count = np.all(np.abs(img - target) < 1.5 / 255, axis=-1).sum()
+        assert count > 100, f"{m}: only {count} pixels of {styles[m].color}"
