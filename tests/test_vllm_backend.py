@@ -56,3 +56,28 @@ def test_vllm_and_hf_backends_write_the_same_cache(tiny_cache, tmp_path):
         assert abs(v["teacher_test_loss"] - hf_manifest["domains"][d]["teacher_test_loss"]) < 1e-4
     # The vLLM engine computed in the dtype the manifest states (it reports its own).
     assert manifest["capture"]["engine_dtype"] == manifest["teacher"]["dtype"]
+
+
+def test_vllm_captures_a_masked_cache_one_prompt_per_segment(tiny_cache, tmp_path):
+    """corpus.document_mask (the chat domains' packing on raw text): vLLM runs every
+    document of a row as a prompt of its own and matches the hf backend, which takes the
+    restarting position ids, wherever a position is trained."""
+    cfg, _ = tiny_cache
+    common = ["corpus.document_mask=true", "teacher.cpu_kvcache_gib=1"]
+    hf_cfg = load_config(cfg.source_path, [*common, "teacher.backend=hf", f"cache.out_dir={json.dumps(str(tmp_path / 'hf'))}"])
+    vl_cfg = load_config(cfg.source_path, [*common, "teacher.backend=vllm", f"cache.out_dir={json.dumps(str(tmp_path / 'vl'))}"])
+    teacher_cache(hf_cfg, log=print)
+    manifest = teacher_cache(vl_cfg, log=print)
+    assert manifest["teacher"]["backend"] == "vllm" and manifest["chat"]["document_mask"] and verify_cache(tmp_path / "vl") == []
+    hf, vl = TopKCacheReader(tmp_path / "hf"), TopKCacheReader(tmp_path / "vl")
+    segments = 0
+    for domain in hf.domains:
+        keys = [(domain, split, i) for split in ("train", "val", "test") for i in range(hf.num_rows(domain, split))]
+        a, b = hf.batch(keys), vl.batch(keys)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        np.testing.assert_array_equal(a.position_ids, b.position_ids)
+        segments += int((a.position_ids[:, 1:] == 0).sum())
+        m = a.loss_mask
+        np.testing.assert_allclose(b.target_logprob[m], a.target_logprob[m], atol=LOGPROB_ATOL)
+        np.testing.assert_allclose(b.tail_logmass[m].exp().numpy(), a.tail_logmass[m].exp().numpy(), atol=TAIL_MASS_ATOL)
+    assert segments > 0  # rows that hold more than one document were compared

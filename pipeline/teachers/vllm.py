@@ -62,24 +62,35 @@ class VLLMTeacher(TeacherBackend):
         self.vocab_bound = vocab_bound
         self.folded = None
 
-    def topk(self, rows: np.ndarray) -> TopK:
+    def topk(self, rows: np.ndarray, position_ids: np.ndarray | None = None) -> TopK:
+        """position_ids [B, L] restarting at each packed conversation (pipeline/chat.py): each
+        segment then goes to the engine as a prompt of its own, so it attends only to itself.
+        The last position of a segment that another follows (its target is the next
+        segment's first token, never trained) gets a placeholder distribution."""
         from vllm.inputs import TokensPrompt
 
         rows = np.asarray(rows)
         b, n = rows.shape
         l, k = n - 1, self.k
-        prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        ids = np.empty((b, l, k + 1), dtype=np.int32)
-        lps = np.empty((b, l, k + 1), dtype=np.float32)
-        for i, out in enumerate(outs):
-            flat = out.prompt_logprobs
-            # Entry 0 (the first token) is empty; each later position holds the actual
-            # token first, then ranks 1..k (the actual token may appear twice).
-            if len(flat.token_ids) != l * (k + 1):
-                raise RuntimeError(f"vLLM returned {len(flat.token_ids)} prompt logprobs for row {i}, expected {l * (k + 1)}")
-            ids[i] = np.asarray(flat.token_ids, dtype=np.int32).reshape(l, k + 1)
-            lps[i] = np.asarray(flat.logprobs, dtype=np.float32).reshape(l, k + 1)
+        spans = [[(0, n)] for _ in range(b)] if position_ids is None else [_segments(p, n) for p in position_ids]
+        prompts = [TokensPrompt(prompt_token_ids=rows[i, s:e].tolist()) for i in range(b) for s, e in spans[i]]
+        outs = iter(self.llm.generate(prompts, self.params, use_tqdm=False))
+        # placeholder: k distinct ids, uniform over them (no tail); overwritten wherever computed
+        ids = np.broadcast_to(np.concatenate(([0], np.arange(k))).astype(np.int32), (b, l, k + 1)).copy()
+        lps = np.broadcast_to(np.concatenate(([0.0], np.full(k, -np.log(k)))).astype(np.float32), (b, l, k + 1)).copy()
+        for i in range(b):
+            for s, e in spans[i]:
+                flat = next(outs).prompt_logprobs
+                # Entry 0 (the first token) is empty; each later position holds the actual
+                # token first, then ranks 1..k (the actual token may appear twice).
+                m = min(e, n) - s - 1  # positions s .. s + m - 1 predict tokens inside the prompt
+                if m <= 0:
+                    continue
+                if len(flat.token_ids) != m * (k + 1):
+                    raise RuntimeError(f"vLLM returned {len(flat.token_ids)} prompt logprobs for row {i} tokens [{s}, {e}), "
+                                       f"expected {m * (k + 1)}")
+                ids[i, s : s + m] = np.asarray(flat.token_ids, dtype=np.int32).reshape(m, k + 1)
+                lps[i, s : s + m] = np.asarray(flat.logprobs, dtype=np.float32).reshape(m, k + 1)
         top_lp = lps[:, :, 1:]
         kept = np.logaddexp.reduce(top_lp.astype(np.float64), axis=-1)
         out = TopK(
@@ -106,3 +117,12 @@ class VLLMTeacher(TeacherBackend):
         if shutdown is not None:
             shutdown()
         del self.llm
+
+
+def _segments(positions: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Token spans [s, e) of a row of n tokens whose first n - 1 have `positions` (0 at
+    every segment start): each segment up to the next start, the last one to the row's end."""
+    starts = np.flatnonzero(np.asarray(positions) == 0).tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return list(zip(starts, starts[1:] + [n]))
