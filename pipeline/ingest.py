@@ -50,7 +50,7 @@ from .atomic import atomic_path, write_json_atomic
 from .config import ConfigError, CorpusConfig
 from .corpus import CorpusPosition, Document, builtin_domains, iter_documents, source_files
 from .chat import ChatStats
-from .packing import SPLITS, ConversationPacker, HeldOutSelector, document_key, pad_token_id
+from .packing import SPLITS, ConversationPacker, HeldOutSelector, document_key, pack_conversations, pad_token_id
 from .progress import progress
 
 INGEST_DIR = "_work/ingest"
@@ -390,32 +390,31 @@ class DomainIngest:
         cfg, row_len = self.cfg, self.cfg.seq_len + 1
         flags = _BinFile(self.dir / "flags.bin", np.dtype(np.uint8))
         pad = int(self.key["chat"]["pad"])
-        held = {}
+        held = {}  # split -> (rows [n, row_len] int32, flags [n, row_len] uint8)
         for split, indices, cap in (("val", val_docs, cfg.val_rows), ("test", test_docs, cfg.test_rows)):
-            packer, rows = ConversationPacker(row_len, pad, cfg.chat_pack_window), []
+            convs = []
             for i in indices:
                 n = int(docs.read(i, i + 1)["tokens"][0])
-                rows.extend(packer.add(tokens.read(starts[i], starts[i] + n), flags.read(starts[i], starts[i] + n)))
-            rows = (rows + packer.finish())[:cap]
-            held[split] = rows
+                convs.append((tokens.read(starts[i], starts[i] + n), flags.read(starts[i], starts[i] + n)))
+            held[split] = pack_conversations(convs, row_len, pad, cap, cfg.chat_pack_window)
         with self._disk_guard(self.dir, state):
             train_rows = self._write_train_chat(docs, tokens, flags, held_out, sha, pad)
-        if len(held["val"]) < cfg.val_rows or len(held["test"]) < cfg.test_rows or train_rows < 1:
+        if len(held["val"][0]) < cfg.val_rows or len(held["test"][0]) < cfg.test_rows or train_rows < 1:
             raise IngestError(
                 f"domain '{self.stream.name}': {state['tokens']} tokens in {state['documents']} conversations are too few for "
                 f"{cfg.val_rows} validation and {cfg.test_rows} test rows of {row_len} tokens plus at least one training row; "
                 f"add data, lower corpus.val_rows / corpus.test_rows or corpus.seq_len")
         for split in ("val", "test"):
-            ids = np.stack([r for r, _ in held[split]]).astype(np.int32)
+            ids = held[split][0]
             sha.update(ids.tobytes())
             with self._disk_guard(self.dir, state), atomic_path(rows_path(self.dir.parent, self.stream.name, split)) as tmp:
                 tmp.write_bytes(ids.tobytes())
         for split in ("val", "test"):
-            f = np.stack([f for _, f in held[split]]).astype(np.uint8)
+            f = held[split][1]
             sha.update(f.tobytes())
             with self._disk_guard(self.dir, state), atomic_path(flags_path(self.dir.parent, self.stream.name, split)) as tmp:
                 tmp.write_bytes(f.tobytes())
-        summary = {"train_rows": train_rows, "val_rows": len(held["val"]), "test_rows": len(held["test"]),
+        summary = {"train_rows": train_rows, "val_rows": len(held["val"][0]), "test_rows": len(held["test"][0]),
                    "tokens_sha256": sha.hexdigest(), "documents": int(state["documents"]), "chars": int(state["chars"]),
                    "chat": state["chat"]}
         write_json_atomic(self.dir / ROWS_FILE, {"key": self.key, **summary})

@@ -68,31 +68,62 @@ def _pack(token_lists: list[list[int]], eos_id: int, row_len: int, max_rows: int
     return np.asarray(flat[: n * row_len], dtype=np.int32).reshape(n, row_len)
 
 
+class RowCounter:
+    """The placement rule of ConversationPacker on conversation lengths alone: first fit over
+    the last `window` open rows. The held-out selection counts rows with it, without the
+    tokens, and the packer places its conversations with it, so the two always agree."""
+
+    def __init__(self, row_len: int, window: int = 1):
+        self.row_len, self.window = row_len, window
+        self.open_used: list[int] = []
+        self.opened = 0
+
+    def place(self, n: int) -> tuple[int, bool]:
+        """Place a conversation of n tokens: (the open row it joins, -1 for a new row;
+        whether that closed the oldest open row)."""
+        for j, used in enumerate(self.open_used):
+            if used + n <= self.row_len:
+                self.open_used[j] += n
+                return j, False
+        self.open_used.append(n)
+        self.opened += 1
+        if len(self.open_used) > self.window:
+            self.open_used.pop(0)
+            return -1, True
+        return -1, False
+
+    def add(self, n: int) -> int:
+        """Place a conversation of n tokens; returns the rows opened so far."""
+        self.place(n)
+        return self.opened
+
+
 class ConversationPacker:
     """Whole conversations into rows of `row_len` tokens, first fit over the last `window`
-    open rows: a conversation goes to the first open row with room for it, else opens a
-    new row; when more than `window` rows are open, the oldest is closed (padded with the
-    pad id, its own segment, never supervised). window = 1 is plain greedy packing in
-    order; window = 0 turns packing off (one conversation per row). Conversations are never cut (chat.ChatRenderer made each fit a row), so no
-    answer is trained without its prompt, and memory holds `window` rows."""
+    open rows (RowCounter): a conversation goes to the first open row with room for it,
+    else opens a new row; when more than `window` rows are open, the oldest is closed
+    (padded with the pad id, its own segment, never supervised). window = 1 is plain
+    greedy packing in order; window = 0 turns packing off (one conversation per row).
+    Conversations are never cut (chat.ChatRenderer made each fit a row), so no answer is
+    trained without its prompt, and memory holds `window` rows."""
 
     def __init__(self, row_len: int, pad_id: int, window: int = 1):
-        self.row_len, self.pad_id, self.window = row_len, pad_id, window
-        self.open: list[tuple[list, list, list]] = []  # per open row: ids parts, flags parts, [used]
+        self.row_len, self.pad_id = row_len, pad_id
+        self.rows = RowCounter(row_len, window)
+        self.open: list[tuple[list, list]] = []  # per open row: ids parts, flags parts
 
     def add(self, ids: np.ndarray, flags: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Add one conversation; returns the rows it closed (0 or 1)."""
-        for parts_ids, parts_flags, used in self.open:
-            if used[0] + len(ids) <= self.row_len:
-                parts_ids.append(ids)
-                parts_flags.append(flags)
-                used[0] += len(ids)
-                return []
-        self.open.append(([ids], [flags], [len(ids)]))
-        return [self._close()] if len(self.open) > self.window else []
+        j, closed = self.rows.place(len(ids))
+        if j < 0:
+            self.open.append(([], []))
+        self.open[j][0].append(ids)
+        self.open[j][1].append(flags)
+        return [self._close()] if closed else []
 
     def _close(self) -> tuple[np.ndarray, np.ndarray]:
-        parts_ids, parts_flags, (used,) = self.open.pop(0)
+        parts_ids, parts_flags = self.open.pop(0)
+        used = sum(len(p) for p in parts_ids)
         pad = self.row_len - used
         ids = np.concatenate(parts_ids + [np.full(pad, self.pad_id, dtype=np.int32)])
         flags = np.concatenate(parts_flags + [np.zeros(pad, dtype=np.uint8)])
@@ -102,29 +133,8 @@ class ConversationPacker:
 
     def finish(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """The rows still open, oldest first (padded)."""
+        self.rows.open_used.clear()
         return [self._close() for _ in range(len(self.open))]
-
-
-class RowCounter:
-    """The rows ConversationPacker opens, counted from conversation lengths alone (the
-    held-out selection counts rows this way, without the tokens)."""
-
-    def __init__(self, row_len: int, window: int = 1):
-        self.row_len, self.window = row_len, window
-        self.open_used: list[int] = []
-        self.opened = 0
-
-    def add(self, n: int) -> int:
-        """Place a conversation of n tokens; returns the rows opened so far."""
-        for j, used in enumerate(self.open_used):
-            if used + n <= self.row_len:
-                self.open_used[j] += n
-                return self.opened
-        self.open_used.append(n)
-        self.opened += 1
-        if len(self.open_used) > self.window:
-            self.open_used.pop(0)
-        return self.opened
 
 
 def pack_conversations(encoded: list[tuple[np.ndarray, np.ndarray]], row_len: int, pad_id: int,
