@@ -68,25 +68,25 @@ compare: teacher-cache
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache
-	$(PY) -m ddk.stages.bench --config $(CONFIG) --json runs/bench/bench.json $(SET)
+	$(PY) -m ddk.benchmarks.suite --config $(CONFIG) --json runs/bench/bench.json $(SET)
 
 # Streaming ingest at size: 1 GB vs 4 GB of .jsonl text (generated from the built-in
 # corpus), tokens/s and peak RSS each, and a SIGKILL + resume. ~30 min on 2 cores, ~15 GB disk.
 bench-ingest: setup
-	$(PY) -m ddk.stages.bench_ingest --json runs/bench/ingest.json $(ARGS)
+	$(PY) -m ddk.benchmarks.ingest --json runs/bench/ingest.json $(ARGS)
 
 # The second corpus (configs/system.toml) from this machine's own files: C headers, man
 # pages (English and translated), package changelogs and licenses. Then e.g.
 #   make compare CONFIG=configs/system.toml MODES=cpt,kd,ddk,ddk-equal-sampling,ddk-guarded
 system-corpus: setup
-	$(PY) -m ddk.stages.system_corpus --out runs/system-corpus
+	$(PY) -m ddk.tools.system_corpus --out runs/system-corpus
 
 # The third corpus (configs/lang.toml): the translated UI messages of this machine's gettext
 # catalogs (/usr/share/locale/*/LC_MESSAGES/*.mo), one domain per language: German, French,
 # Spanish, Russian, Japanese. Then e.g.
 #   make compare CONFIG=configs/lang.toml MODES=cpt,kd,ddk,ddk-equal-sampling,ddk-guarded
 lang-corpus: setup
-	$(PY) -m ddk.stages.lang_corpus --out runs/lang-corpus
+	$(PY) -m ddk.tools.lang_corpus --out runs/lang-corpus
 
 inspect: setup
 	$(DDK) cache inspect $$($(PY) -c "from ddk.pipeline.config import load_config; print(load_config('$(CONFIG)').cache.out_dir)")
@@ -98,32 +98,32 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "not vllm"
 
 bench-kernel: setup
-	$(PY) -m ddk.stages.bench_sparse_kl
-	$(PY) -m ddk.stages.bench_fused_linear_kl
+	$(PY) -m ddk.benchmarks.sparse_kl
+	$(PY) -m ddk.benchmarks.fused_linear_kl
 
 # Stage one on a GPU: the hf capture (chunked teacher head) against the teacher's bare
 # forward at Qwen2.5-1.5B and -7B shapes (random init), peak memory, batch_rows=auto on an
 # emulated 80 GB GPU, the codec's tokens/s per thread. CUDA only (~2 min on an H200).
 bench-capture: setup
-	$(PY) -m ddk.stages.bench_capture $(ARGS)
+	$(PY) -m ddk.benchmarks.capture $(ARGS)
 
 # The real pipeline on a GPU: random-init Qwen2 1.5B teacher and 0.5B student written with
 # save_pretrained on Qwen's tokenizer, then `ddk teacher-cache`, `ddk distill` (cpt, kd) and
 # `ddk eval` as processes; stage one vs the bare forward, KD vs CPT tokens/s, peak memory,
 # wall times. CUDA only (~4 min on an H200).
 bench-gpu: setup
-	$(PY) -m ddk.stages.bench_gpu $(ARGS)
+	$(PY) -m ddk.benchmarks.gpu_pipeline $(ARGS)
 
 # The training step on packed conversations (loss mask, restarting position ids) against
 # raw text on the same tokens (goal >= 0.9x); qwen2-0.5b on CUDA, a tiny one on CPU.
 bench-chat: setup
-	$(PY) -m ddk.stages.bench_chat_step $(ARGS)
+	$(PY) -m ddk.benchmarks.chat_step $(ARGS)
 
 # One real-shaped student's whole training step: fused vs unfused LM head, CPT vs cached KD
 # (qwen2-0.5b on CUDA, a tiny one on CPU). ARGS="--preset qwen2-1.5b --json runs/bench/step.json"
 ARGS ?=
 bench-step: setup
-	$(PY) -m ddk.stages.bench_student_step $(ARGS)
+	$(PY) -m ddk.benchmarks.student_step $(ARGS)
 
 clean:
 	rm -rf runs

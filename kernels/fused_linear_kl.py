@@ -1,7 +1,7 @@
 """Fused LM head + cross-entropy + sparse KL: the [N, V] logits are never materialised.
 
-The training objective of DESIGN.md (Eq. 3) on student hidden states h [N, H], LM-head
-weight W [V, H] (bias b optional), next-token targets t and the cached teacher support:
+The training objective (Eq. 3, docs/DESIGN.md section 1.3) on student hidden states h [N, H],
+LM-head weight W [V, H] (bias b optional), next-token targets t and the cached teacher support:
 
     z = h W^T + b,    loss = mean_i CE(z_i, t_i) + gamma * mean_i T^2 KL_i(z_i / T)
 

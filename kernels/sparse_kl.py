@@ -1,7 +1,7 @@
 """Sparse KL(teacher || student) over a cached teacher top-k support plus one tail bucket.
 
 For a row of student logits z (vocabulary V), teacher support S (k distinct ids) with
-probabilities q_s and teacher tail mass q_tail = 1 - sum_S q_s (DESIGN.md section 3):
+probabilities q_s and teacher tail mass q_tail = 1 - sum_S q_s (docs/DESIGN.md section 3):
 
     loss = sum_{s in S} q_s (log q_s - log p_s) + q_tail (log q_tail - log p_tail)
 

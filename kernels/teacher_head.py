@@ -27,7 +27,7 @@ Two implementations with the same contract:
           logit); this reads it once in bf16, which is what keeps the capture near the
           speed of the bare forward (make bench-capture).
           Precision: fp32 sums of exp(z - m) <= 1 terms (relative error ~1e-6 at
-          V = 152k, against the codec's logprob step of 1/64 or coarser); a tail below
+          V = 152k, far below the codec's logprob step, 2^-10 nats by default); a tail below
           e^-87 of the row max underflows to -inf (mass < 1e-37, not representable in the
           codec anyway).
 

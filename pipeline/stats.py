@@ -9,7 +9,7 @@ All losses are mean next-token cross-entropies in nats; PPL = exp(CE).
   worst student/teacher PPL ratio.
 * `paired_bootstrap`: the difference of two modes in mean CE and mean PPL ratio, with a
   percentile confidence interval from resampling seeds and test rows, paired between
-  the modes (DESIGN.md section 8: a ~1 % difference is within run-to-run noise unless
+  the modes (docs/DESIGN.md section 8: a ~1 % difference is within run-to-run noise unless
   the interval says otherwise).
 """
 

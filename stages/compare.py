@@ -9,13 +9,18 @@ reuses a finished one only when it is the run that would be made now: the same
 (weights sha256); any other finished run is refused, naming what differs.
 
 Everything reported comes from the cache's held-out TEST split, which neither training
-nor the scheduler sees (DESIGN.md section 8): per mode, the mean and sample standard
+nor the scheduler sees (docs/DESIGN.md section 8): per mode, the mean and sample standard
 deviation over seeds of per-domain PPL, mean CE, mean and worst student/teacher PPL
 ratio and training tokens/s; and each mode's paired difference to KD with a bootstrap
 interval (pipeline/stats.py). compare.json holds every number (per seed too),
 compare.md the tables, compare_ppl.png the modes per domain with error bars (the
 paper's Fig. 1) and compare_ratio.png lS/lT over training for DDK beside w/o FS (its
 Fig. 3; seed 0, on the validation rows the scheduler steers by).
+
+compare_runs.parquet holds what the tables are aggregated from, one row per (mode, seed,
+domain): test CE, the teacher's test CE, PPL, student/teacher PPL ratio, validation CE,
+tokens and train tokens/s (RUNS_FRAME_SCHEMA), to query in polars or DuckDB, e.g.
+`pl.read_parquet("compare_runs.parquet").group_by("mode", "domain").agg(pl.col("test_ppl").mean())`.
 
 --vs-cache DIR: every mode also trains from a second cache of the same teacher and corpus
 (e.g. another cache.k, top_p, quantizer or support), labelled `<mode>@vs-cache`, and each
@@ -28,13 +33,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
-from ..pipeline.atomic import write_json_atomic, write_text_atomic
+from ..pipeline.atomic import atomic_path, write_json_atomic, write_text_atomic
 from ..pipeline.checkpoint import latest_checkpoint
 from ..pipeline.config import Config, ConfigError, load_config
 from ..pipeline.run_identity import cache_identity, student_identity
@@ -73,6 +78,21 @@ BOOTSTRAP = {"replicates": 2000, "confidence": 0.95, "rng_seed": 0}
 # A run's speed is the median tokens/s of its train steps after these first ones, which
 # include start-up (allocation, first shard reads).
 WARMUP_STEPS = 5
+# compare_runs.parquet (runs_frame): one row per (mode, seed, domain), in the runs' order and
+# the teacher's domain order. A run's tokens and speed repeat on each of its domains' rows.
+RUNS_FRAME_SCHEMA: dict[str, pl.DataType] = {
+    "mode": pl.String(),
+    "seed": pl.Int64(),
+    "domain": pl.String(),
+    "test_ce": pl.Float64(),  # the trained student's mean CE on the domain's test rows, nats
+    "teacher_test_ce": pl.Float64(),  # the first run's teacher: every mode is measured against it
+    "test_ppl": pl.Float64(),  # exp(test_ce)
+    "test_ppl_ratio": pl.Float64(),  # student PPL / teacher PPL = exp(test_ce - teacher_test_ce)
+    "validation_ce": pl.Float64(),  # on the validation rows the scheduler steered by
+    "tokens": pl.Int64(),  # trained tokens of the run
+    "train_tokens_per_s": pl.Float64(),  # the run's median after the warm-up; null: no train records
+    "run_dir": pl.String(),
+}
 
 
 @dataclass
@@ -106,12 +126,14 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     for label, extra in wanted:
         _refuse_single_seed_layout(out / label)
         runs[label] = [_run(config_path, list(overrides), label, extra, seed, out, identities, log) for seed in range(seeds)]
-    summary = summarize(runs, _test_row_weights(load_config(config_path, list(overrides))))
+    frame = runs_frame(runs)
+    summary = summarize(runs, _test_row_weights(load_config(config_path, list(overrides))), frame=frame)
     write_json_atomic(out / "compare.json", summary)
+    write_runs_frame(frame, out / "compare_runs.parquet")
     write_text_atomic(out / "compare.md", markdown(summary))
     summary["plots"] = [str(p) for p in plot(summary, runs, out)]
     log(markdown(summary))
-    log(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {', '.join(summary['plots'])}")
+    log(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare_runs.parquet'}, {', '.join(summary['plots'])}")
     return summary
 
 
@@ -176,19 +198,57 @@ def _test_row_weights(cfg: Config) -> dict[str, np.ndarray] | None:
     return {d: row_weights(reader, keys) for d, keys in split_keys(reader, "test").items()}
 
 
-def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | None = None) -> dict:
-    """Every number of the comparison (compare.json): per mode and seed, spread over seeds,
-    paired differences to KD. All on the test split. row_weights: a masked cache's trained
-    positions per test row (else the runs' own record of them, if any)."""
-    first = next(iter(runs.values()))[0].results
-    test = first["test"]
-    teacher = test["teacher_loss"]  # one cache (or two of one teacher and corpus): the same for every run
-    for label, rs in runs.items():
+def _shared_teacher_loss(runs: dict[str, list[Run]]) -> dict[str, float]:
+    """The teacher's per-domain test CE, the first run's; a ConfigError if another mode's
+    cache holds another teacher or other test rows (its runs could not be paired)."""
+    teacher = next(iter(runs.values()))[0].results["test"]["teacher_loss"]
+    for rs in runs.values():
         other = rs[0].results["test"]["teacher_loss"]
         if any(abs(other[d] - teacher[d]) > 1e-4 for d in teacher):
             raise ConfigError(f"{rs[0].dir}: its cache's teacher test loss differs from the first run's ({other} vs {teacher}): "
                               f"the two caches do not hold the same teacher on the same test rows, so they cannot be paired")
-    modes = {label: _mode_summary(rs, teacher) for label, rs in runs.items()}
+    return teacher
+
+
+def runs_frame(runs: dict[str, list[Run]]) -> pl.DataFrame:
+    """The runs as one long frame (RUNS_FRAME_SCHEMA, compare_runs.parquet): a row per (mode,
+    seed, domain) with the test numbers, measured against the first run's teacher (the same
+    for every run of one cache, or of two caches of one teacher and corpus)."""
+    teacher = _shared_teacher_loss(runs)
+    rows = []
+    for label, rs in runs.items():
+        for r in rs:
+            speed = _train_speed(r.dir)
+            rows += [{"mode": label, "seed": r.seed, "domain": d, "test_ce": r.results["test"]["student_after_loss"][d],
+                      "teacher_test_ce": teacher_ce, "validation_ce": r.results["student_after_loss"][d],
+                      "tokens": r.results["tokens"], "train_tokens_per_s": speed, "run_dir": str(r.dir)}
+                     for d, teacher_ce in teacher.items()]
+    given = {name: dtype for name, dtype in RUNS_FRAME_SCHEMA.items() if name not in ("test_ppl", "test_ppl_ratio")}
+    return pl.DataFrame(rows, schema=given).with_columns(
+        test_ppl=pl.col("test_ce").exp(),
+        # as metrics_vs_teacher has it: exp of the CE difference, not a quotient of two PPLs
+        test_ppl_ratio=(pl.col("test_ce") - pl.col("teacher_test_ce")).exp(),
+    ).select(list(RUNS_FRAME_SCHEMA))
+
+
+def write_runs_frame(frame: pl.DataFrame, path: Path) -> None:
+    """`frame` as Parquet at `path`, atomically: a reader sees the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
+
+
+def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | None = None,
+              frame: pl.DataFrame | None = None) -> dict:
+    """Every number of the comparison (compare.json): per mode and seed, spread over seeds,
+    paired differences to KD. All on the test split. row_weights: a masked cache's trained
+    positions per test row (else the runs' own record of them, if any). frame: runs_frame(runs),
+    when the caller has it already."""
+    first = next(iter(runs.values()))[0].results
+    test = first["test"]
+    teacher = _shared_teacher_loss(runs)  # one cache (or two of one teacher and corpus): the same for every run
+    if frame is None:
+        frame = runs_frame(runs)
+    modes = {label: _mode_summary(frame.filter(pl.col("mode") == label)) for label in runs}
     # a masked (chat) cache: rows weighted by their trained positions, as the tables' means are
     weights = row_weights
     if weights is None and "row_weight" in test:
@@ -241,28 +301,51 @@ def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | N
     }
 
 
-def _mode_summary(runs: list[Run], teacher: dict[str, float]) -> dict:
-    per_seed = []
-    for r in runs:
-        per_seed.append({
-            "seed": r.seed,
-            "run_dir": str(r.dir),
-            **metrics_vs_teacher(r.results["test"]["student_after_loss"], teacher),
-            # On the rows the scheduler steered by: the gap to mean_ce shows what steering on them is worth.
-            "validation_mean_ce": statistics.fmean(r.results["student_after_loss"].values()),
-            "tokens": r.results["tokens"],
-            "tokens_per_s": _train_speed(r.dir),
-        })
-    worst = Counter(p["worst_domain"] for p in per_seed).most_common(1)[0]
-    speeds = [p["tokens_per_s"] for p in per_seed if p["tokens_per_s"] is not None]
+def _mode_summary(rows: pl.DataFrame) -> dict:
+    """One mode's entry in compare.json from its rows of runs_frame: per seed,
+    metrics_vs_teacher's numbers and the run's; over seeds, their seed_spread."""
+    # Groups keep the frame's order: seeds as run, domains as the teacher lists them.
+    seeds = rows.group_by("seed", maintain_order=True).agg(
+        pl.col("run_dir").first(),
+        pl.col("domain"),
+        pl.col("test_ppl"),
+        pl.col("test_ce").mean().alias("mean_ce"),  # the mean log-PPL over domains
+        pl.col("test_ppl_ratio"),
+        pl.col("test_ppl_ratio").mean().alias("mean_ratio"),
+        pl.col("test_ppl_ratio").max().alias("worst_ratio"),
+        pl.col("domain").get(pl.col("test_ppl_ratio").arg_max()).alias("worst_domain"),  # the first, on a tie
+        # On the rows the scheduler steered by: the gap to mean_ce shows what steering on them is worth.
+        pl.col("validation_ce").mean().alias("validation_mean_ce"),
+        pl.col("tokens").first(),
+        pl.col("train_tokens_per_s").first(),
+    )
+    per_seed = [{
+        "seed": s["seed"],
+        "run_dir": s["run_dir"],
+        # metrics_vs_teacher's keys, in its order
+        "ppl": dict(zip(s["domain"], s["test_ppl"])),
+        "mean_ce": s["mean_ce"],
+        "ratio": dict(zip(s["domain"], s["test_ppl_ratio"])),
+        "mean_ratio": s["mean_ratio"],
+        "worst_ratio": s["worst_ratio"],
+        "worst_domain": s["worst_domain"],
+        "validation_mean_ce": s["validation_mean_ce"],
+        "tokens": s["tokens"],
+        "tokens_per_s": s["train_tokens_per_s"],
+    } for s in seeds.iter_rows(named=True)]
+    # The domain that is worst in most seeds; a tie goes to the one that was worst first.
+    worst_domain, worst_seeds = (seeds.group_by("worst_domain", maintain_order=True).agg(pl.len().alias("seeds"))
+                                 .sort("seeds", descending=True, maintain_order=True).row(0))
+    ppl_by_domain = rows.group_by("domain", maintain_order=True).agg(pl.col("test_ppl"))
+    speeds = seeds["train_tokens_per_s"].drop_nulls()  # a run without train records has no speed
     return {
-        "ppl": {d: seed_spread([p["ppl"][d] for p in per_seed]) for d in teacher},
-        "mean_ce": seed_spread([p["mean_ce"] for p in per_seed]),
-        "mean_ratio": seed_spread([p["mean_ratio"] for p in per_seed]),
-        "worst_ratio": seed_spread([p["worst_ratio"] for p in per_seed]),
-        "worst_domain": worst[0],  # the domain that is worst in most seeds
-        "worst_domain_seeds": worst[1],
-        "tokens_per_s": seed_spread(speeds) if speeds else None,
+        "ppl": {d: seed_spread(ppl) for d, ppl in ppl_by_domain.iter_rows()},
+        "mean_ce": seed_spread(seeds["mean_ce"].to_list()),
+        "mean_ratio": seed_spread(seeds["mean_ratio"].to_list()),
+        "worst_ratio": seed_spread(seeds["worst_ratio"].to_list()),
+        "worst_domain": worst_domain,
+        "worst_domain_seeds": worst_seeds,
+        "tokens_per_s": seed_spread(speeds.to_list()) if speeds.len() else None,
         "per_seed": per_seed,
     }
 
@@ -274,6 +357,8 @@ def _row_losses(runs: list[Run]) -> dict[str, np.ndarray]:
 
 
 def _train_speed(run_dir: Path) -> float | None:
+    """The run's train tokens/s: the median over its train records after the warm-up; None
+    without any."""
     speeds = [m["tokens_per_s"] for m in read_metrics(run_dir, "train")]
     # A run too short to skip the warm-up steps (a smoke test) keeps them all.
     return statistics.median(speeds[WARMUP_STEPS:] or speeds) if speeds else None

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ddk.stages import bench_capture
+from ddk.benchmarks import capture as bench_capture
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

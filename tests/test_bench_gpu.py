@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ddk.stages import bench_gpu
+from ddk.benchmarks import gpu_pipeline as bench_gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ddk.stages import bench_student_step
+from ddk.benchmarks import student_step as bench_student_step
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="sized for the CPU path (tiny preset, allocator-event peaks)")

@@ -419,7 +419,7 @@ def test_raw_text_document_masking_makes_a_masked_cache(tiny_models, tmp_path):
 
 
 def test_bench_chat_runs_both_arms_on_the_same_tokens():
-    from ddk.stages.bench_chat_step import main, run
+    from ddk.benchmarks.chat_step import main, run
     import argparse
 
     r = run(argparse.Namespace(preset="tiny", seq_len=32, rows=1, k=8, steps=1, warmup=0, json=None))

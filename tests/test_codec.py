@@ -251,7 +251,7 @@ def test_shard_bytes_do_not_depend_on_encode_threads(tmp_path):
     import pyarrow.parquet as pq
 
     from ddk.pipeline.cache.writer import TopKShardWriter
-    from ddk.stages.bench_codec import synthetic_capture
+    from ddk.benchmarks.codec import synthetic_capture
 
     tokens, topk = synthetic_capture(np.random.default_rng(0), 10, 64, 151936, 16)
     codec = TopKCodec(151936, 16)

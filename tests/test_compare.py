@@ -8,6 +8,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
@@ -82,12 +83,24 @@ def test_every_mode_and_seed_trains_the_same_budget_and_is_reported_on_test(comp
         assert (f"| **{label}** |" in md) == (label == best)
     assert (out / "compare_ppl.png").exists() and (out / "compare_ratio.png").exists()
 
+    # compare_runs.parquet: the rows the tables are aggregated from, one per (mode, seed, domain)
+    frame = pl.read_parquet(out / "compare_runs.parquet")
+    assert frame.height == len(MODES) * SEEDS * len(s["domains"]) and not list(out.glob("compare_runs.parquet.*"))
+    for label, m in s["modes"].items():
+        for p in m["per_seed"]:
+            rows = frame.filter(pl.col("mode") == label, pl.col("seed") == p["seed"])
+            assert rows["domain"].to_list() == s["domains"] and set(rows["run_dir"]) == {p["run_dir"]}
+            assert rows["test_ppl"].to_list() == [p["ppl"][d] for d in s["domains"]]
+            assert rows["test_ppl_ratio"].to_list() == [p["ratio"][d] for d in s["domains"]]
+            assert set(rows["tokens"]) == {p["tokens"]} and set(rows["train_tokens_per_s"]) == {p["tokens_per_s"]}
+
 
 def test_reruns_reuse_or_resume_each_run_and_refuse_what_changed(compared):
     args, out, cache, student = compared
     runner = CliRunner()
     again = runner.invoke(cli, args)
     assert again.exit_code == 0 and again.output.count("reusing its results") == len(MODES) * SEEDS
+    assert f"{out / 'compare.json'}, {out / 'compare_runs.parquet'}" in again.output  # the "written:" line names it
 
     shutil.rmtree(out / "kd" / "seed-1")  # one (mode, seed) is missing: only it trains again
     (out / "ddk" / "seed-0" / "results.json").unlink()  # one stopped after its last checkpoint: resumed

@@ -1,4 +1,4 @@
-"""stages/lang_corpus.py: the third corpus, translated gettext catalogs, one language a domain.
+"""tools/lang_corpus.py: the third corpus, translated gettext catalogs, one language a domain.
 
 The first tests build from a fake locale tree of .mo files written here (any machine); the
 last builds from this machine's /usr/share/locale with a small cap, skipped where the
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ddk.pipeline.config import load_config
-from ddk.stages import lang_corpus
-from ddk.stages.lang_corpus import DOMAINS, CatalogError, build_domain, catalogs, read_mo
+from ddk.tools import lang_corpus
+from ddk.tools.lang_corpus import DOMAINS, CatalogError, build_domain, catalogs, read_mo
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "lang.toml"
 

@@ -19,7 +19,7 @@ from ddk.pipeline.cache.integrity import chunk_ranges, footer_range
 from ddk.pipeline.cache.manifest import CacheError, CachePlan, check_compatible
 from ddk.pipeline.cache.prefetch import BatchPrefetcher
 from ddk.pipeline.cache.reader import TopKCacheReader, codec_from_manifest, verify_cache
-from ddk.stages.bench_codec import write_synthetic_cache
+from ddk.benchmarks.codec import write_synthetic_cache
 
 SEQ, VOCAB, K = 32, 5000, 8
 ROWS = {"a": 40, "b": 24}  # shards of 16 rows, row groups of 4: 4 + 4 + 2 and 4 + 2 groups

@@ -84,7 +84,10 @@ def test_config_selects_and_checks_the_rule():
 
     cfg = load_config(None, ["distill.ddk_rule=gap-progress"])
     assert scheduler_mode(cfg) == "gap-progress"
-    assert scheduler_mode(load_config(None, ["distill.ddk_rule=progress", "distill.equal_sampling=true"])) == "uniform"
+    # a rule with a mode or ablation that has no Eq. 1-2 to replace is refused, not ignored
+    for other in (["distill.equal_sampling=true"], ["distill.no_smoothing=true"], ["distill.mode=kd"], ["distill.mode=cpt"]):
+        with pytest.raises(ConfigError, match="distill.ddk_rule = 'progress'"):
+            load_config(None, ["distill.ddk_rule=progress", *other])
     with pytest.raises(ConfigError, match="distill.ddk_rule"):
         load_config(None, ["distill.ddk_rule=doremi"])
     with pytest.raises(ConfigError, match="progress_floor"):

@@ -21,7 +21,7 @@ from ddk.pipeline.config import load_config
 from ddk.pipeline.distributed import DistEnv
 from ddk.pipeline.objective import Objective
 from ddk.pipeline.student import StudentLM, autocast_context, build_optimizer, param_groups, set_activation_checkpointing
-from ddk.stages.bench_student_step import synthetic_batch
+from ddk.benchmarks.student_step import synthetic_batch
 from ddk.stages.distill import Trainer, distill, read_metrics
 
 QUIET = lambda *_: None  # noqa: E731

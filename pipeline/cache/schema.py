@@ -18,7 +18,7 @@ FORMAT_VERSION = 2
 # codec blobs of a variable number of entries per position. Full top-k caches are still
 # written as version 2, so an older ddk keeps reading them; it refuses version 3 by name.
 RAGGED_FORMAT_VERSION = 3
-# 4: masked caches (chat domains): a `token_flags` column per row (pipeline/chat.py: which
+# 4: masked caches (chat domains, or corpus.document_mask): a `token_flags` column per row (pipeline/chat.py: which
 # tokens are supervised, where conversations start), teacher supports stored only at the
 # supervised positions, and target_logprob / tail_logmass 0 elsewhere.
 MASKED_FORMAT_VERSION = 4

@@ -9,7 +9,7 @@ logprobs: exact up to their rounding (relative error ~1e-7 / tail mass).
 
 Run it in a child process (the caller does: `stages/teacher_cache.py`): vLLM spawns an
 engine core and workers, and a parent that exits without shutting them down orphans
-them (DESIGN.md section 4).
+them (docs/DESIGN.md section 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`make bench-step`: the training step of a real-shaped student, fused vs unfused LM head, CPT vs cached KD, with and without activation checkpointing.
 
-    python -m ddk.stages.bench_student_step                          # CUDA if available, else CPU
-    python -m ddk.stages.bench_student_step --preset qwen2-1.5b --rows 2 --json runs/bench/step.json
+    python -m ddk.benchmarks.student_step                          # CUDA if available, else CPU
+    python -m ddk.benchmarks.student_step --preset qwen2-1.5b --rows 2 --json runs/bench/step.json
 
 What it measures. One Qwen2-architecture student (`Qwen2ForCausalLM`, sdpa attention,
 tied embeddings, V = 151936) and one optimizer, trained six ways in one process: CPT (CE
@@ -17,7 +17,7 @@ stage-two AdamW (`build_optimizer`: fused on CUDA, no decay on norms, biases and
 embeddings), zero_grad, on teacher batches shaped like the cache's `CacheBatch` (token
 rows [B, L + 1], sorted distinct top-k ids, normalised top-k log-probs and their tail).
 The arms run interleaved step by step and every ratio is the median over neighbouring
-steps (stages/bench.py: `interleaved`, `paired_ratio`), so drift of a shared machine
+steps (benchmarks/suite.py: `interleaved`, `paired_ratio`), so drift of a shared machine
 cancels in each pair. Per arm it also reports the model FLOP utilisation (MFU, below),
 the peak memory of one step above what was live before it and, on CUDA, the largest
 micro-batch (rows of seq_len) whose whole step fits: doubling from --rows, then
@@ -69,7 +69,7 @@ from ..pipeline.cache.reader import CacheBatch
 from ..pipeline.config import DistillConfig
 from ..pipeline.objective import Objective
 from ..pipeline.student import StudentLM, autocast_context, build_optimizer, set_activation_checkpointing
-from .bench import describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes, write_report
+from .harness import describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes, write_report
 
 QWEN_VOCAB = 151936  # Qwen2's padded embedding rows
 # Decoder shapes of the Qwen2 family (their config.json); `tiny` keeps the real vocabulary
@@ -86,7 +86,7 @@ DEFAULTS = {
 }
 GOAL_KD_OVER_CPT = 0.95  # fused cached KD tokens/s over fused CPT tokens/s
 # The largest fused cached-KD micro-batch with AC, at least 3x the 42 rows (seq 2048,
-# Qwen2-0.5B shape) it reached without AC on an H200 (DESIGN.md section 9).
+# Qwen2-0.5B shape) it reached without AC on an H200 (docs/DESIGN.md section 9).
 GOAL_MAX_ROWS_AC = 3 * 42
 BATCHES = 2  # distinct synthetic batches cycled by every arm (the same rows for all)
 TRAIN = DistillConfig()  # stage two's defaults: lr, weight decay, clipping, gamma
@@ -346,12 +346,12 @@ def report(r: dict) -> None:
         rows = (f"largest fused cached-KD micro-batch {r['max_rows']['cached KD, fused']} rows of {r['seq_len']} without AC, "
                 f"{m['max_rows']} with AC")
         print(f"verdict: {rows}: {'meets' if m['met'] else 'misses'} the goal >= {m['at_least']} rows with AC (3x the 42 of "
-              f"DESIGN.md section 9)" if m["applies"] else f"{rows} (the goal of >= {m['at_least']} is set at seq 2048, qwen2-0.5b)")
+              f"docs/DESIGN.md section 9)" if m["applies"] else f"{rows} (the goal of >= {m['at_least']} is set at seq 2048, qwen2-0.5b)")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m ddk.stages.bench_student_step", description=__doc__.split("\n\n")[0],
+        prog="python -m ddk.benchmarks.student_step", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), help="student shape (default: qwen2-0.5b on CUDA, tiny on CPU)")
     p.add_argument("--layers", type=int, help="override the preset's number of decoder layers")

@@ -1,8 +1,8 @@
 """Stage one's streaming ingest at size: 1 GB vs 4 GB of text, tokens/s and peak RSS, and a
 SIGKILL mid-run that resumes to the same rows.
 
-    python -m ddk.stages.bench_ingest                       # 1 and 4 GB, Qwen's tokenizer
-    python -m ddk.stages.bench_ingest --sizes-gb 0.25,1 --json runs/bench/ingest.json
+    python -m ddk.benchmarks.ingest                       # 1 and 4 GB, Qwen's tokenizer
+    python -m ddk.benchmarks.ingest --sizes-gb 0.25,1 --json runs/bench/ingest.json
 
 The corpus is real text, repeated: the built-in domains (standard-library code and
 docstrings, the language reference, Unicode records; ~5 MB) written as .jsonl files of
@@ -98,7 +98,7 @@ def run_one(spec: dict) -> dict:
 
 
 def _child(spec: dict, kill_when=None) -> dict | None:
-    cmd = [sys.executable, "-m", "ddk.stages.bench_ingest", "--run-one", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "ddk.benchmarks.ingest", "--run-one", json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     if kill_when is not None:
         while proc.poll() is None:

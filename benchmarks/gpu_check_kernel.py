@@ -4,14 +4,14 @@
    itself (kernels/fused_linear_kl.py's probe), the default chunk at the real shapes;
 2. the kernel tests compiled: tests/test_fused_linear_kl.py (its many-block and
    real-vocabulary cases run the kernel at 12..75 blocks per row) and tests/test_sparse_kl.py;
-3. the benchmark (stages/bench_fused_linear_kl.py) with its JSON.
+3. the benchmark (benchmarks/fused_linear_kl.py) with its JSON.
 
 Everything lands in OUT (the --out folder, else $OUT, else ./gpu_check): facts.json,
 tests.txt, bench.txt, kernel.json, summary.json. Each step has its own time limit, and a
 failed step does not stop the next; the exit status is non-zero if any failed.
 
-    python -m ddk.stages.gpu_check_kernel                 # both test files whole, then the bench
-    python -m ddk.stages.gpu_check_kernel -k "many_block or real_vocab or accumulates \
+    python -m ddk.benchmarks.gpu_check_kernel                 # both test files whole, then the bench
+    python -m ddk.benchmarks.gpu_check_kernel -k "many_block or real_vocab or accumulates \
         or temporary or sampled or many_blocks"          # the multi-block and dW cases only
 """
 
@@ -68,7 +68,7 @@ def run_step(name: str, cmd: list[str], log: Path, timeout: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.gpu_check_kernel",
+    p = argparse.ArgumentParser(prog="python -m ddk.benchmarks.gpu_check_kernel",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", help="output folder (default: $OUT, else ./gpu_check)")
     p.add_argument("--tests-timeout", type=int, default=300)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                                         *TEST_FILES],
                               out / "tests.txt", args.tests_timeout))
     if not args.skip_bench:
-        steps.append(run_step("bench", [sys.executable, "-m", "ddk.stages.bench_fused_linear_kl",
+        steps.append(run_step("bench", [sys.executable, "-m", "ddk.benchmarks.fused_linear_kl",
                                         "--json", str((out / "kernel.json").resolve())],
                               out / "bench.txt", args.bench_timeout))
     (out / "summary.json").write_text(json.dumps(dict(facts=info, steps=steps), indent=2))

@@ -21,8 +21,8 @@ gradients included: torch.cuda.max_memory_allocated on GPU; on CPU the growth of
 peak resident set of a fresh process per measurement (the CPU allocator has no counters).
 Liger's dense targets are inputs, made before the baseline, so not counted.
 
-    python -m ddk.stages.bench_fused_linear_kl              # CUDA if available, else CPU
-    python -m ddk.stages.bench_fused_linear_kl --shapes 896x151936 --tokens 4096 --json out.json
+    python -m ddk.benchmarks.fused_linear_kl              # CUDA if available, else CPU
+    python -m ddk.benchmarks.fused_linear_kl --shapes 896x151936 --tokens 4096 --json out.json
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ddk.kernels.fused_linear_kl import (
     fused_linear_distill_loss,
 )
 from ddk.kernels.sparse_kl import sparse_kl_loss, triton
-from ddk.stages.bench_sparse_kl import time_and_peak
+from ddk.benchmarks.sparse_kl import time_and_peak
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # H x V: Liger-Kernel's published distillation shape (Llama-3 vocabulary), then the
@@ -270,7 +270,7 @@ def _liger_version() -> str | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m ddk.stages.bench_fused_linear_kl",
+        prog="python -m ddk.benchmarks.fused_linear_kl",
         description="LM head + CE + sparse KL forward+backward: fused vs unfused vs the "
                     "matmul floor (and Liger-Kernel where importable).")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

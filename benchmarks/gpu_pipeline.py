@@ -1,7 +1,7 @@
 """The real pipeline on a GPU in one command: `make bench-gpu`.
 
-    python -m ddk.stages.bench_gpu                        # 1.5B teacher, 0.5B student, seq 2048
-    python -m ddk.stages.bench_gpu --rows 256 --steps 200 --json runs/bench/gpu.json
+    python -m ddk.benchmarks.gpu_pipeline                        # 1.5B teacher, 0.5B student, seq 2048
+    python -m ddk.benchmarks.gpu_pipeline --rows 256 --steps 200 --json runs/bench/gpu.json
 
 CUDA only. Random-init Qwen2 models of the Qwen2.5-1.5B (teacher) and -0.5B (student)
 shapes are written with save_pretrained (bf16) on Qwen's tokenizer, and the built-in
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..pipeline.atomic import write_json_atomic
-from .bench_capture import SHAPES, build_teacher, parse_gpu_args
+from .capture import SHAPES, build_teacher, parse_gpu_args
 
 GOALS = {"stage_one_vs_bare": 0.9, "kd_vs_cpt": 0.95}  # the issue's goals
 
@@ -121,7 +121,7 @@ def bare_forward_rate(teacher_dir: Path, cache_dir: Path, batch_rows: int, devic
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.bench_gpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddk.benchmarks.gpu_pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="1.5b", choices=sorted(SHAPES))
     p.add_argument("--student", default="0.5b", choices=sorted(SHAPES))
     p.add_argument("--rows", type=int, default=256, help="training rows per domain at most (default: %(default)s)")
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     args, device = parse_gpu_args(p, argv, "bench-gpu needs a CUDA GPU (it trains a 0.5B student from a 1.5B teacher); "
                                            "on CPU, `make demo` runs the same pipeline on tiny models")
     from ..pipeline.qwen_tokenizer import QWEN2_EMBEDDING_SIZE, qwen_tokenizer
-    from .bench import describe_machine
+    from .harness import describe_machine
 
     with tempfile.TemporaryDirectory(prefix="ddk-bench-gpu-") as tmp:
         work = Path(args.work or tmp)

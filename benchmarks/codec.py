@@ -1,7 +1,7 @@
 """Stage one's codec at a real teacher's scale: encode tokens/s on 1 vs N threads, V = 151936.
 
-    python -m ddk.stages.bench_codec                          # V=151936, k=64, seq 2048, threads 1 and min(4, cores)
-    python -m ddk.stages.bench_codec --threads 1,2,4,8 --rows 32 --json runs/bench/codec.json
+    python -m ddk.benchmarks.codec                          # V=151936, k=64, seq 2048, threads 1 and min(4, cores)
+    python -m ddk.benchmarks.codec --threads 1,2,4,8 --rows 32 --json runs/bench/codec.json
 
 The input is synthetic but shaped like a teacher's top-k (`synthetic_capture`): per
 position k distinct ids drawn from a Zipf(1) prior over the vocabulary (frequent ids
@@ -144,7 +144,7 @@ def print_encode_table(r: dict, title: str) -> None:
 
 def main(argv=None) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.bench_codec", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddk.benchmarks.codec", description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab", type=int, default=QWEN_VOCAB)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=2048)

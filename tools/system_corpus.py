@@ -24,7 +24,7 @@ are skipped and counted. `<out>/SOURCES.json` records, per domain, the glob, doc
 and character counts and what was skipped. Same machine, same bytes; every file is
 written to a .tmp and renamed into place.
 
-    python -m ddk.stages.system_corpus --out runs/system-corpus [--chars-per-domain 600000]
+    python -m ddk.tools.system_corpus --out runs/system-corpus [--chars-per-domain 600000]
 
 Then train and compare on it: make compare CONFIG=configs/system.toml
 """
@@ -35,13 +35,12 @@ import argparse
 import glob
 import gzip
 import hashlib
-import json
 import os
 import zlib
 import sys
 from pathlib import Path
 
-from ..pipeline.atomic import write_text_atomic
+from .corpus_files import cut_at_line, write_corpus
 
 DOC_CAP = 20_000       # characters per document
 MIN_DOC = 100          # shorter documents (e.g. ".so man3/foo.3" redirects) are dropped
@@ -80,15 +79,6 @@ DOMAINS = [
 ]
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters, at the last line boundary before it."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit]
-    nl = head.rfind("\n")
-    return head[: nl + 1] if nl >= 0 else ""
-
-
 def _read(path: str) -> str:
     """The file's text (gunzipped for .gz); UnicodeDecodeError if not valid UTF-8."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -120,7 +110,7 @@ def build_domain(paths: list[str], chars_cap: int) -> tuple[list[str], dict]:
             stats["skipped_duplicates"] += 1
             continue
         seen.add(digest)
-        doc = _cut(text, min(DOC_CAP, chars_cap - total))
+        doc = cut_at_line(text, min(DOC_CAP, chars_cap - total))
         if len(doc.strip()) < MIN_DOC:  # the budget left is too small for this one
             break
         if len(doc) < len(text):
@@ -133,7 +123,7 @@ def build_domain(paths: list[str], chars_cap: int) -> tuple[list[str], dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.system_corpus", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddk.tools.system_corpus", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (e.g. runs/system-corpus)")
     p.add_argument("--chars-per-domain", type=int, default=600_000, help="cap on characters per domain (the built-in default takes 600,000)")
     a = p.parse_args(argv)
@@ -152,21 +142,13 @@ def main(argv=None) -> None:
         built[name] = docs
         sources[name] = {"glob": pattern, "source_dir": src_dir, **stats}
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, docs in built.items():
-        write_text_atomic(out / f"{name}.jsonl",
-                          "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
         s = sources[name]
         print(f"{name}: {s['documents']} documents, {s['chars']:,} characters from {s['glob']} "
               f"(skipped: {s['skipped_invalid_utf8']} not UTF-8, {s['skipped_duplicates']} duplicates, "
               f"{s['skipped_short']} stubs)")
-    for name, *_ in DOMAINS:  # an omitted domain must not leave a stale file behind
-        if name not in built and (out / f"{name}.jsonl").exists():
-            os.remove(out / f"{name}.jsonl")
-    meta = {"chars_per_domain": a.chars_per_domain, "doc_cap_chars": DOC_CAP, "domains": sources}
-    write_text_atomic(out / "SOURCES.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
+    write_corpus(Path(a.out), built, [name for name, *_ in DOMAINS],
+                 {"chars_per_domain": a.chars_per_domain, "doc_cap_chars": DOC_CAP, "domains": sources})
 
 if __name__ == "__main__":
     main()

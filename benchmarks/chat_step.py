@@ -1,11 +1,11 @@
 """`make bench-chat`: the training step on packed conversations against raw text, same tokens.
 
-    python -m ddk.stages.bench_chat_step                     # CUDA if available, else CPU
-    python -m ddk.stages.bench_chat_step --json runs/bench/chat.json
+    python -m ddk.benchmarks.chat_step                     # CUDA if available, else CPU
+    python -m ddk.benchmarks.chat_step --json runs/bench/chat.json
 
 What it measures. One random-init Qwen2 student (the shapes of `bench_student_step`) and
 the fused cached-KD step of stage two, on the same token rows and teacher supports two
-ways, interleaved step by step (stages/bench.py: `interleaved`, `paired_ratio`):
+ways, interleaved step by step (benchmarks/suite.py: `interleaved`, `paired_ratio`):
 
   raw text      no mask, position ids 0..L-1, the plain causal mask
   packed chat   conversations of random lengths packed whole (packing.ConversationPacker,
@@ -34,8 +34,8 @@ from ..pipeline.cache.reader import CacheBatch
 from ..pipeline.chat import SEGMENT_START, SUPERVISED, loss_mask, position_ids
 from ..pipeline.packing import pack_conversations
 from ..pipeline.student import build_optimizer
-from .bench import describe_machine, interleaved, paired_ratio, print_table, write_report
-from .bench_student_step import DEFAULTS, PRESETS, QWEN_VOCAB, TRAIN, build_student, make_step, synthetic_batch
+from .harness import describe_machine, interleaved, paired_ratio, print_table, write_report
+from .student_step import DEFAULTS, PRESETS, QWEN_VOCAB, TRAIN, build_student, make_step, synthetic_batch
 
 GOAL = 0.9  # packed chat tokens/s over raw text tokens/s
 

@@ -2,7 +2,7 @@
 from the translated message catalogs this machine ships (binary gettext .mo files).
 
 The built-in corpus (pipeline/corpus.py) is Python code and English documentation; the
-system corpus (stages/system_corpus.py) is C headers, roff man pages, changelogs and
+system corpus (tools/system_corpus.py) is C headers, roff man pages, changelogs and
 licenses. Both are mostly English and mostly technical markup. This one is short
 natural-language UI text: the translations (msgstr) of the same programs' messages
 (coreutils, apt, dpkg, gnupg, bash, tar, glib, ...), one domain per language, read from
@@ -32,7 +32,7 @@ and counted. `<out>/SOURCES.json` records, per domain, the locale, catalog, mess
 document and character counts and what was dropped. Same machine, same bytes; every file
 is written to a .tmp and renamed into place.
 
-    python -m ddk.stages.lang_corpus --out runs/lang-corpus [--chars-per-domain 800000]
+    python -m ddk.tools.lang_corpus --out runs/lang-corpus [--chars-per-domain 800000]
 
 Then train and compare on it: make compare CONFIG=configs/lang.toml
 """
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import json
 import os
 import re
 import struct
@@ -50,7 +49,7 @@ import sys
 import zlib
 from pathlib import Path
 
-from ..pipeline.atomic import write_text_atomic
+from .corpus_files import cut_at_line, write_corpus
 
 LOCALE_DIR = "/usr/share/locale"
 DOC_CAP = 20_000       # characters per document
@@ -116,21 +115,12 @@ def _original_forms(msgid: str) -> set[str]:
     return set(msgid.split("\x04", 1)[-1].split("\0"))
 
 
-def _cut(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters, at the last line boundary before it."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit]
-    nl = head.rfind("\n")
-    return head[: nl + 1] if nl >= 0 else ""
-
-
 def _documents(messages: list[str]) -> list[str]:
     """Consecutive messages grouped into documents of <= DOC_MESSAGES messages and
     <= DOC_CAP characters (a single longer message is cut at a line boundary)."""
     docs, cur, size = [], [], 0
     for msg in messages:
-        msg = _cut(msg, DOC_CAP)
+        msg = cut_at_line(msg, DOC_CAP)
         if not msg:
             continue
         if cur and (len(cur) == DOC_MESSAGES or size + 1 + len(msg) > DOC_CAP):
@@ -197,7 +187,7 @@ def build_domain(paths: list[str], chars_cap: int) -> tuple[list[str], dict]:
         for cat_docs in per_catalog:
             if full or i >= len(cat_docs):
                 continue
-            doc = _cut(cat_docs[i], chars_cap - total)
+            doc = cut_at_line(cat_docs[i], chars_cap - total)
             if len(doc) < len(cat_docs[i]):  # the last one, cut to the budget left
                 full = True
                 if len(doc.strip()) < MIN_DOC:
@@ -213,7 +203,7 @@ def build_domain(paths: list[str], chars_cap: int) -> tuple[list[str], dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.lang_corpus", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddk.tools.lang_corpus", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (e.g. runs/lang-corpus)")
     p.add_argument("--chars-per-domain", type=int, default=800_000, help="cap on characters per domain")
     p.add_argument("--locale-dir", default=LOCALE_DIR, help=argparse.SUPPRESS)  # tests: a fake tree
@@ -234,20 +224,15 @@ def main(argv=None) -> None:
         built[name] = docs
         sources[name] = {"locale": locale, "glob": pattern, **stats}
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, docs in built.items():
-        write_text_atomic(out / f"{name}.jsonl",
-                          "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
         s = sources[name]
         print(f"{name}: {s['documents']} documents, {s['chars']:,} characters ({s['utf8_bytes']:,} bytes) "
               f"from {s['catalogs_used']} catalogs in {s['glob']} (dropped: {s['dropped_untranslated']} untranslated, "
               f"{s['dropped_duplicates']} repeats, {s['dropped_no_letters']} without letters; "
               f"{len(s['skipped_catalogs'])} catalogs unreadable)")
-    meta = {"chars_per_domain": a.chars_per_domain, "doc_cap_chars": DOC_CAP, "doc_messages": DOC_MESSAGES,
-            "domains": sources}
-    write_text_atomic(out / "SOURCES.json", json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
+    write_corpus(Path(a.out), built, [name for name, _ in DOMAINS],
+                 {"chars_per_domain": a.chars_per_domain, "doc_cap_chars": DOC_CAP, "doc_messages": DOC_MESSAGES,
+                  "domains": sources})
 
 if __name__ == "__main__":
     main()

@@ -14,8 +14,8 @@ Effective GB/s counts the minimum traffic, one read of the logits plus one write
 their gradient; the Triton kernel reads the logits twice (forward, backward), so the
 bandwidth it really draws is 1.5x the figure shown.
 
-    python -m ddk.stages.bench_sparse_kl                # CUDA if available, else CPU
-    python -m ddk.stages.bench_sparse_kl --tokens 4096 8192 --json bench.json
+    python -m ddk.benchmarks.sparse_kl                # CUDA if available, else CPU
+    python -m ddk.benchmarks.sparse_kl --tokens 4096 8192 --json bench.json
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ddk.benchmarks.harness import sync
 from ddk.kernels.sparse_kl import sparse_kl_loss
 
 IMPLS = ("dense", "torch", "triton")
@@ -70,11 +71,6 @@ def loss_fn(impl: str):
     return lambda logits, ids, lp, tail: sparse_kl_loss(logits, ids, lp, tail, impl=impl)
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _current_rss() -> int:
     # The current resident set, not ru_maxrss: import and set-up peaks are over by now.
     with open("/proc/self/statm") as f:
@@ -86,7 +82,7 @@ def time_and_peak(step, device: str, warmup: int, repeats: int):
     warm-up, the last step's result). On CPU the peak is the growth of the peak resident
     set, so run it in a fresh process (see measure_isolated) for a number of its own."""
     # The baseline is taken before the warm-up: on CPU the peak RSS never comes down.
-    _sync(device)
+    sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -97,10 +93,10 @@ def time_and_peak(step, device: str, warmup: int, repeats: int):
     times, result = [], None
     for _ in range(repeats):
         del result  # the previous step's gradients are not held while the next one runs
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         result = step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -166,7 +162,7 @@ def print_table(rows: list[dict], ratio_rows: list[dict]):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m ddk.stages.bench_sparse_kl",
+        prog="python -m ddk.benchmarks.sparse_kl",
         description="Sparse KL forward+backward: dense torch vs chunked torch vs Triton.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])

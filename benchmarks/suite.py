@@ -1,7 +1,7 @@
 """`make bench`: the performance numbers of both stages, as ratios measured side by side.
 
-    python -m ddk.stages.bench --config configs/default.toml --json runs/bench/bench.json
-    python -m ddk.stages.bench --config configs/ci.toml --quick        # CI-sized, < 3 min
+    python -m ddk.benchmarks.suite --config configs/default.toml --json runs/bench/bench.json
+    python -m ddk.benchmarks.suite --config configs/ci.toml --quick        # CI-sized, < 3 min
 
 It reads the cache and the models that `make teacher-cache` made for the config (it
 never builds them: a missing cache is an error naming the command). Each item prints a
@@ -32,7 +32,7 @@ P4  cache bytes per token at k = 16, 64, 128 on real teacher outputs (HF teacher
     support: the same per support (full top-k, top-p prefixes, k draws sampled from the
     full distribution: its expected target is exact, so its variance is shown instead).
     P4b: the writer's encode throughput at a real teacher's scale (V = 151936, k = 64,
-    seq_len 2048, synthetic teacher-like top-k: stages/bench_codec.py), on 1 thread and
+    seq_len 2048, synthetic teacher-like top-k: benchmarks/codec.py), on 1 thread and
     on cache.encode_threads, interleaved, in tokens/s in total and per core.
 P5  stage one's real capture divided by the teacher's bare HF forward (logits only, same
     dtype, device and batch_rows). P5b: `teacher_cache` (what `ddk teacher-cache` runs;
@@ -65,20 +65,17 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from ..kernels.sparse_kl import TORCH_CHUNK_BYTES
-from ..pipeline.atomic import write_json_atomic
 from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR, TopKCodec, measure_fidelity
 from ..pipeline.cache.manifest import CacheError
 from ..pipeline.cache.prefetch import BatchPrefetcher
@@ -91,8 +88,9 @@ from ..pipeline.teachers.base import TopK
 from ..pipeline.teachers.hf import HFTeacher
 from ..pipeline.teachers.support import top_p_support
 from ..pipeline.teachers.vllm import vllm_available
-from . import bench_codec, bench_sparse_kl
-from .distill import _tokens_only, autocast_context, load_student
+from ..stages.distill import _tokens_only, autocast_context, load_student
+from . import codec as bench_codec, sparse_kl as bench_sparse_kl
+from .harness import _replayed_peak, sync, describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes, write_report
 
 KL_VOCABS = (32000, 151936)  # P2: a LLaMA-2 and a Qwen vocabulary
 KL_K = 64
@@ -121,26 +119,6 @@ class Sizes:
 
 
 # ---------------------------------------------------------------------------- set-up
-def describe_machine(device: str) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # a shared machine: how busy it was
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_device": torch.cuda.get_device_name() if device == "cuda" else None,
-    }
-
-
 def open_cache(cfg: Config, config_path: str, overrides: list[str]) -> TopKCacheReader:
     """The config's cache and models, or an error that names the command that makes them."""
     make = f"make teacher-cache CONFIG={config_path}"
@@ -172,93 +150,11 @@ def sample_rows(reader: TopKCacheReader, per_domain: int, rng: np.random.Generat
     return out
 
 
-# ---------------------------------------------------------------------------- timing
-def interleaved(arms: dict[str, Callable[[int], float]], warmup: int, calls: int, device: str) -> dict[str, list[float]]:
-    """Throughput (units per second) of each call of each arm.
-
-    An arm is called with a running call index (to cycle through its inputs) and returns
-    the units it processed. Calls alternate between the arms (A, B, C, A, B, C, ...), so
-    call i of every arm ran within moments of the others: on this shared machine, whose
-    speed can swing several-fold within a minute, only such neighbours compare fairly.
-    """
-    for i in range(warmup):
-        for fn in arms.values():
-            fn(i)
-    rates: dict[str, list[float]] = {name: [] for name in arms}
-    for i in range(calls):
-        for name, fn in arms.items():
-            bench_sparse_kl._sync(device)  # CUDA work is asynchronous: wait before reading the clock
-            t0 = time.perf_counter()
-            units = fn(i)
-            bench_sparse_kl._sync(device)
-            rates[name].append(units / (time.perf_counter() - t0))
-    return rates
-
-
-def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> dict:
-    """Median and quartiles of a / b over neighbouring calls (drift cancels in each pair)."""
-    ratios = [x / y for x, y in zip(rates[a], rates[b])]
-    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
-
-
-def print_table(title: str, header: list[str], rows: list[list], note: str = "") -> None:
-    cells = [[c if isinstance(c, str) else _fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    print(f"\n{title}")
-    print(line(header))
-    print("-" * len(line(header)))
-    for r in cells:
-        print(line(r))
-    if note:
-        print(note)
-    sys.stdout.flush()
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    if abs(x) >= 0.01 or x == 0:
-        return f"{x:.2f}"
-    return f"{x:.1e}"
-
-
 # ---------------------------------------------------------------------------- P1
-def matmul_params(model) -> int:
-    """Weights of the Linear layers (LM head included): forward FLOPs/token ~ 2x this."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
 def teacher_batch(teacher: HFTeacher, rows: torch.Tensor) -> CacheBatch:
     """Online KD: the teacher's top-k computed now, shaped like a cached batch."""
     t = teacher.topk(rows.numpy())
     return CacheBatch(rows, *(torch.from_numpy(a) for a in (t.ids.astype(np.int64), t.logprobs, t.target_logprob, t.tail_logmass)))
-
-
-def step_peak_bytes(step: Callable[[int], float], device: str) -> int | None:
-    """Peak bytes allocated during one whole training step, above what was live before it.
-    CUDA: torch.cuda.max_memory_allocated; CPU: the allocator events (see cpu_peak_bytes)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(0)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(0)
-    return _replayed_peak(prof)
 
 
 def bench_training(cfg: Config, reader: TopKCacheReader, teacher: HFTeacher, device: str, sizes: Sizes,
@@ -344,16 +240,6 @@ def cpu_peak_bytes(impl: str, n: int, v: int, k: int) -> int:
         (grad,) = torch.autograd.grad(fn(x, ids, lp, tail), x)
         del grad
     return _replayed_peak(prof)
-
-
-def _replayed_peak(prof) -> int:
-    """The peak of live bytes, replaying the profiler's allocation/free events in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:  # frees carry negative sizes
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def bench_kl_memory(device: str, sizes: Sizes, kernel: dict | None) -> dict:
@@ -653,7 +539,7 @@ def capture_with_teacher_cache(config_path: str, overrides: list[str], cfg: Conf
     """Stage one exactly as `ddk teacher-cache` runs it (hf: `run_capture` in-process; vllm:
     in its child process), into the fresh directory `tmp`, over a corpus capped at about
     `tokens` (train rows per domain capped; the validation and test rows stay)."""
-    from .teacher_cache import teacher_cache
+    from ..stages.teacher_cache import teacher_cache
 
     c = cfg.corpus
     train_rows = max(1, math.ceil(tokens / c.seq_len / domains) - c.val_rows - c.test_rows)
@@ -693,11 +579,11 @@ def bare_forward(teacher: HFTeacher, shards: list[np.ndarray], batch_rows: int, 
                for rows in shards for i in range(0, len(rows), batch_rows)]
     tokens = sum(b.numel() for b in batches)
     with torch.no_grad():
-        bench_sparse_kl._sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for b in batches:
             teacher.model(input_ids=b).logits
-        bench_sparse_kl._sync(device)
+        sync(device)
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
@@ -877,7 +763,7 @@ def bench_decode_at_scale(cfg: Config, sizes: Sizes, tmp: Path) -> dict:
 
 # ---------------------------------------------------------------------------- GPU kernel
 def bench_kernel(device: str, tmp: Path) -> dict | None:
-    print("\nGPU Triton sparse-KL kernel vs torch (stages/bench_sparse_kl.py)")
+    print("\nGPU Triton sparse-KL kernel vs torch (benchmarks/sparse_kl.py)")
     if device != "cuda":
         print("skipped: needs a CUDA GPU (none here); `make bench-kernel` on a GPU machine runs it")
         return None
@@ -889,7 +775,7 @@ def bench_kernel(device: str, tmp: Path) -> dict | None:
 # ---------------------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m ddk.stages.bench", description=__doc__.split("\n\n")[0],
+        prog="python -m ddk.benchmarks.suite", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/default.toml", help="TOML config whose cache and models are measured (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -956,13 +842,6 @@ def run(args) -> dict:
     result["seconds"] = time.perf_counter() - t_start
     print(f"\nbench done in {result['seconds']:.0f} s")
     return result
-
-
-def write_report(path: Path, result: dict) -> None:
-    """A benchmark's numbers as JSON (atomically: a killed run leaves no torn report)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    print(f"results: {path}")
 
 
 def main(argv=None) -> None:

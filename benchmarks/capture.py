@@ -1,7 +1,7 @@
 """Stage one on a GPU: the hf capture (HFTeacher.topk) against the teacher's bare forward.
 
-    python -m ddk.stages.bench_capture                      # 1.5B and 7B Qwen2 shapes, 8 x 2048 tokens
-    python -m ddk.stages.bench_capture --shapes 1.5b --json runs/bench/capture.json
+    python -m ddk.benchmarks.capture                      # 1.5B and 7B Qwen2 shapes, 8 x 2048 tokens
+    python -m ddk.benchmarks.capture --shapes 1.5b --json runs/bench/capture.json
 
 CUDA only. Random-init Qwen2ForCausalLM teachers of the Qwen2.5-1.5B and -7B shapes
 (V = 151936, bf16, sdpa) are built in GPU memory; per shape, interleaved repeats of:
@@ -15,7 +15,7 @@ CUDA only. Random-init Qwen2ForCausalLM teachers of the Qwen2.5-1.5B and -7B sha
 Each arm's peak is the allocator's peak above what was allocated before it (weights).
 Then, for the 7B shape, `teacher.batch_rows = auto` at seq 4096 on an emulated 80 GB GPU
 (a ballast tensor takes the rest): the rows it picks and one capture of that many rows.
-Last, the CPU codec's encode tokens/s on one thread (stages/bench_codec.py). A random-init
+Last, the CPU codec's encode tokens/s on one thread (benchmarks/codec.py). A random-init
 teacher is near-uniform: bytes/token measured on it mean nothing, so none are printed.
 """
 
@@ -33,8 +33,8 @@ import torch
 
 from ..pipeline.atomic import write_json_atomic
 from ..pipeline.teachers.hf import HFTeacher
-from .bench import describe_machine
-from .bench_codec import encode_throughput
+from .codec import encode_throughput
+from .harness import describe_machine
 
 VOCAB = 151936
 # (hidden, intermediate, layers, heads, kv heads) of the Qwen2.5 checkpoints' config.json.
@@ -172,7 +172,7 @@ def print_shape(r: dict) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ddk.stages.bench_capture", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddk.benchmarks.capture", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="1.5b,7b", help=f"comma-separated, of {', '.join(SHAPES)} (default: %(default)s)")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
