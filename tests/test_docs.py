@@ -81,8 +81,12 @@ def test_ddk_commands_exist():
 def test_python_modules_answer_help():
     """Every `python -m ddk.X` the docs name imports and prints its --help (in one child
     interpreter, so the imports are paid once)."""
-    modules = sorted(set(re.findall(r"python -m (ddk(?:\.\w+)+)", _all_docs())))
-    assert modules, "no `python -m ddk...` found in the docs (the pattern is broken)"
+    named = set(re.findall(r"python -m (ddk(?:\.\w+)+)", _all_docs()))
+    assert named, "no `python -m ddk...` found in the docs (the pattern is broken)"
+    # and every benchmark and tool with a command line, named in the docs or not
+    scripts = {f"ddk.{f.parent.name}.{f.stem}" for folder in ("benchmarks", "tools") for f in (ROOT / folder).glob("*.py")
+               if "def main(" in _text(f)}
+    modules = sorted(named | scripts)
     script = (
         "import runpy, sys\n"
         "failed = []\n"
