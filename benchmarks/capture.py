@@ -11,7 +11,11 @@ CUDA only. Random-init Qwen2ForCausalLM teachers of the Qwen2.5-1.5B and -7B sha
   decoder   the decoder to its final hidden states only (what the chunked head starts from)
   top-k     HFTeacher.topk, support "topk" (Triton stats pass), everything up to numpy
   top-k/torch  the same with the torch per-chunk path (the CPU path), for comparison
-  sampled   HFTeacher.topk, support "sampled" (inverse-CDF draws, counts on the host)
+  sampled   HFTeacher.topk, support "sampled": the blocked inverse CDF (Triton: the sums
+            of blocks of 64 logits in one read of the chunk, then each draw's block and
+            its id within it), the draws' counts on the GPU
+  sampled/torch  the same with the torch per-chunk path (the CPU path: an fp32 copy of
+            each chunk), for comparison
 Each arm's peak is the allocator's peak above what was allocated before it (weights).
 Then, for the 7B shape, `teacher.batch_rows = auto` at seq 4096 on an emulated 80 GB GPU
 (a ballast tensor takes the rest): the rows it picks and one capture of that many rows.
@@ -102,7 +106,8 @@ def bench_shape(shape: str, rows: int, seq_len: int, k: int, repeats: int, devic
     ids = torch.as_tensor(ids_np, device=device)
     teachers = {"topk": HFTeacher.from_model(model, k, support="topk"),
                 "topk/torch": HFTeacher.from_model(model, k, support="topk", impl="torch"),
-                "sampled": HFTeacher.from_model(model, k, support="sampled")}
+                "sampled": HFTeacher.from_model(model, k, support="sampled"),
+                "sampled/torch": HFTeacher.from_model(model, k, support="sampled", impl="torch")}
     with torch.no_grad():
         arms = {
             "bare": lambda: model(input_ids=ids[:, :-1], use_cache=False).logits,
@@ -159,9 +164,9 @@ def print_shape(r: dict) -> None:
     print(f"\n{r['shape']} shape ({r['params_b']:.2f}B params), {r['rows']} x {r['seq_len']} tokens, k={r['k']}, bf16, "
           f"median of {r['repeats']} interleaved repeats; chunked head: {r['chunked_head']}, chunk positions "
           f"{r['chunk_tokens']}")
-    print(f"{'arm':<12} {'tok/s':>10} {'vs bare':>8} {'peak GiB':>9}")
+    print(f"{'arm':<14} {'tok/s':>10} {'vs bare':>8} {'peak GiB':>9}")
     for name, a in r["arms"].items():
-        print(f"{name:<12} {a['tokens_per_s']:>10,.0f} {a['vs_bare']:>8.3f} {a['peak_gib']:>9.2f}")
+        print(f"{name:<14} {a['tokens_per_s']:>10,.0f} {a['vs_bare']:>8.3f} {a['peak_gib']:>9.2f}")
     for arm, goal in GOALS.items():
         got = r["arms"][arm]["vs_bare"]
         print(f"goal {arm} >= {goal}x bare: {got:.3f} ({'met' if got >= goal else 'NOT met'})")

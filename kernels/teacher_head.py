@@ -31,13 +31,42 @@ Two implementations with the same contract:
           e^-87 of the row max underflows to -inf (mass < 1e-37, not representable in the
           codec anyway).
 
-Sampled (support = "sampled"): inverse-CDF sampling. p = softmax(z[:bound]) (ids >= bound
-are left out and the rest renormalised), cdf = cumsum(exp(z - m)) in fp32, and draw j for
-uniform u is the first id whose cdf exceeds u * cdf[-1]. The uniforms come from the
-caller (one torch.Generator per row, pipeline/teachers/hf.py), so a row's draws do not
-depend on how rows are batched or chunked. Ids whose probability is below one fp32 ulp
-of the running sum (~6e-8 of the mass before them) cannot be drawn: a bias of that size,
-far below the 1/k a draw carries.
+Sampled (support = "sampled"): k draws per position by inverse CDF from
+p = softmax(z[:bound]) (ids >= bound are left out and the rest renormalised), blocked in
+two levels so that the chunk is read about once, in its own dtype:
+  level one   ids [0, bound) in blocks of SAMPLE_BLOCK = 64 logits (the last one partial):
+              per block b, M_b = max z and S_b = sum exp(z - M_b) in fp32. One read of
+              the chunk: a Triton kernel on CUDA (`_block_stats_kernel`, a [GROUP, 64]
+              tile of one row per program); on CPU torch on one fp32 copy of the chunk.
+  blocks      (torch, [c, V / 64]) m = max_b M_b, w_b = S_b exp(M_b - m) and the block
+              CDF W = cumsum(w) in fp64, total T = W[-1]. Draw j with uniform u_j:
+              t = u_j T, its block b = the first with W_b > t (the last block that can
+              be reached, W_b = T, for t >= T), and its fraction within the block
+              f = (t - W_{b-1}) / (W_b - W_{b-1}), clamped to [0, 1 - 2^-24].
+  in block    e_i = exp(z_i - M_b) over the block's 64 logits again (k * 64 logits a
+              row: 3 % of the chunk at k = 64, V = 152k), cumsum in fp32, and the draw
+              is the first i with cumsum_i > f * sum(e) and e_i > 0 (none: the last
+              i with e_i > 0). A Triton kernel on CUDA (`_pick_in_block_kernel`), torch
+              on CPU (gathering from the level-one fp32 copy, nothing recomputed).
+The target's log-prob and `folded_logmass` use lse over ALL V ids, as the top-k path:
+lse = logaddexp(m + log T, logsumexp(z[bound:])), the ids >= bound (at most a few hundred)
+by torch on their slice. The uniforms come from the caller (one torch.Generator per row,
+pipeline/teachers/hf.py): a row's draws do not depend on how rows are batched or chunked,
+on the same device type (CUDA and CPU sum in different orders: their draws may differ
+where u T lies within rounding of a CDF boundary).
+Why blocked: the plain inverse CDF (an fp32 copy of the chunk, exp, a cumsum over V,
+searchsorted) read and wrote ~6 fp32 [c, V] buffers and ran the capture at 0.71 of the
+bare forward on an H200; this reads the bf16 chunk once plus 3 % of it.
+Why 64: a row of 64 bf16 logits is one 128-byte line; the block arrays (M, S fp32, W fp64:
+16 bytes a block, 1/8 of the chunk's bf16 bytes) and the in-block step (k * 64 logits)
+both stay small; 128 would double the in-block re-read for no gain in the first read.
+Precision: a draw equals the float64 inverse CDF over ids < bound except where u T lies
+within the rounding of a boundary: the fp32 sums of <= 64 terms exp(.) <= 1 (relative
+error ~1e-7, at worst 64 * 2^-24 = 4e-6, of the block's mass) and fp64 across blocks
+(tests/test_teacher_head.py checks it against float64 with a margin of 1e-4 of the mass).
+An id is never drawn when its e_i is 0 in fp32 (z_i < M_b - 103: mass < 1e-44 of its
+block's max) and, as before, the uniforms' 24 bits resolve probabilities to 2^-24; ids
+>= bound and ids of logit -inf are never drawn.
 """
 
 from __future__ import annotations
@@ -62,6 +91,23 @@ INTERPRETER_BLOCK_V = 128
 
 # Logits per block of block_topk's first pass.
 TOPK_BLOCK = 64
+# Logits per block of the blocked sampler (a power of two; why 64: the module docstring).
+# It is part of the draw procedure (pipeline/teachers/hf.py's SAMPLER names it).
+SAMPLE_BLOCK = 64
+# Blocks per program of its level-one kernel (GROUP * SAMPLE_BLOCK logits a program, as
+# _block_max_kernel), and draws per program of its in-block kernel; the interpreter on CPU
+# uses small groups so the tests reach many programs per row.
+GPU_SAMPLE_GROUP, INTERPRETER_SAMPLE_GROUP = 32, 4
+PICK_DRAWS = 16
+
+
+def resolve_impl(impl: str, is_cuda: bool) -> str:
+    """impl "auto": "triton" on CUDA when triton is importable, else "torch"."""
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "auto":
+        return "triton" if is_cuda and triton is not None else "torch"
+    return impl
 
 
 def block_topk(logits: Tensor, k: int, bound: int) -> tuple[Tensor, Tensor]:
@@ -183,6 +229,45 @@ if triton is not None:
         tl.store(folded_ptr + row, tl.log(f) - log_s)
         tl.store(in_topk_ptr + row, (f_max > kth).to(tl.int8))
 
+    @triton.jit
+    def _block_stats_kernel(z_ptr, stride, max_ptr, sum_ptr, blocks, bound,
+                            BLOCK: tl.constexpr, GROUP: tl.constexpr):
+        """GROUP blocks of one row: each block's max M and sum exp(z - M) over its ids < bound."""
+        row = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
+        cols = b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        z = tl.load(z_ptr + row * stride + cols, mask=cols < bound, other=-float("inf")).to(tl.float32)
+        m = tl.max(z, 1)
+        m_safe = tl.where(m == -float("inf"), 0.0, m)  # a block of -inf logits sums to 0, not nan
+        s = tl.sum(tl.exp(z - m_safe[:, None]), 1)
+        tl.store(max_ptr + row * blocks + b, m, mask=b < blocks)
+        tl.store(sum_ptr + row * blocks + b, s, mask=b < blocks)
+
+    @triton.jit
+    def _pick_in_block_kernel(z_ptr, stride, block_ptr, frac_ptr, out_ptr, k, bound,
+                              BLOCK: tl.constexpr, DRAWS: tl.constexpr):
+        """DRAWS draws of one row: in its block, the first id whose cumulative
+        exp(z - M_b) exceeds the draw's fraction of the block's sum."""
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * DRAWS + tl.arange(0, DRAWS)
+        live = j < k
+        blk = tl.load(block_ptr + row * k + j, mask=live, other=0)
+        frac = tl.load(frac_ptr + row * k + j, mask=live, other=0.0)
+        i = tl.arange(0, BLOCK)
+        cols = blk[:, None] * BLOCK + i[None, :]
+        z = tl.load(z_ptr + row * stride + cols, mask=live[:, None] & (cols < bound),
+                    other=-float("inf")).to(tl.float32)
+        m = tl.max(z, 1)
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        e = tl.exp(z - m_safe[:, None])
+        threshold = frac * tl.sum(e, 1)
+        cum = tl.cumsum(e, 1)
+        # e > 0: an id of probability 0 is never drawn, whatever the scan's rounding.
+        first = tl.min(tl.where((cum > threshold[:, None]) & (e > 0), i[None, :], BLOCK), 1)
+        last = tl.max(tl.where(e > 0, i[None, :], 0), 1)
+        pick = tl.where(first < BLOCK, first, last)
+        tl.store(out_ptr + row * k + j, blk * BLOCK + pick, mask=live)
+
 
 def topk_chunk_triton(logits: Tensor, targets: Tensor, k: int, bound: int) -> TopKChunk:
     """torch.topk in the chunk's dtype, then one Triton pass for lse, tail and target."""
@@ -206,24 +291,102 @@ def topk_chunk_triton(logits: Tensor, targets: Tensor, k: int, bound: int) -> To
 def topk_chunk(logits: Tensor, targets: Tensor, k: int, bound: int, impl: str = "auto") -> TopKChunk:
     """The top-k support of one chunk of logits [c, V] (see the module docstring).
     impl: "torch", "triton", or "auto" (triton on CUDA when importable)."""
-    if impl == "auto":
-        impl = "triton" if logits.is_cuda and triton is not None else "torch"
-    fn = topk_chunk_triton if impl == "triton" else topk_chunk_torch
+    fn = topk_chunk_triton if resolve_impl(impl, logits.is_cuda) == "triton" else topk_chunk_torch
     return fn(logits, targets, k, bound)
 
 
-def sample_chunk(logits: Tensor, targets: Tensor, uniforms: Tensor, bound: int) -> SampledChunk:
+def _block_exp_torch(logits: Tensor, bound: int, block: int) -> tuple[Tensor, Tensor]:
+    """(M [c, nb] fp32, e [c, nb, block] fp32): per block of ids < bound, its max and
+    exp(z - M_b), 0 past bound. The one fp32 [c, V] buffer of the CPU path."""
+    c = logits.shape[0]
+    blocks = -(-bound // block)
+    e = torch.empty(c, blocks * block, dtype=torch.float32, device=logits.device)
+    e[:, :bound] = logits[:, :bound]  # exact in fp32
+    e[:, bound:] = float("-inf")
+    e = e.view(c, blocks, block)
+    block_max = e.amax(-1)
+    safe = torch.where(torch.isneginf(block_max), 0.0, block_max)  # a block of -inf logits: e = 0, not nan
+    e.sub_(safe[..., None]).exp_()
+    return block_max, e
+
+
+def sample_block_stats(logits: Tensor, bound: int, block: int = SAMPLE_BLOCK,
+                       impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Level one of the blocked sampler: (M, S), each [c, ceil(bound / block)] fp32, the
+    max and sum exp(z - M) of each block of ids < bound (the last block partial)."""
+    if resolve_impl(impl, logits.is_cuda) == "torch":
+        block_max, e = _block_exp_torch(logits, bound, block)
+        return block_max, e.sum(-1)
+    if triton is None:
+        raise RuntimeError("the triton sampler needs the triton package")
+    blocks = -(-bound // block)
+    block_max = torch.empty(logits.shape[0], blocks, dtype=torch.float32, device=logits.device)
+    block_sum = torch.empty_like(block_max)
+    group = GPU_SAMPLE_GROUP if logits.is_cuda else INTERPRETER_SAMPLE_GROUP
+    _block_stats_kernel[(logits.shape[0], triton.cdiv(blocks, group))](
+        logits, logits.stride(0), block_max, block_sum, blocks, bound, BLOCK=block, GROUP=group, num_warps=4)
+    return block_max, block_sum
+
+
+def _pick_in_blocks_torch(e: Tensor, chosen: Tensor, fraction: Tensor) -> Tensor:
+    """Per draw, its position in its block (e [c, nb, block] from _block_exp_torch, chosen
+    and fraction [c, k]): the first i with cumsum(e)_i > fraction * sum(e), at most the
+    block's last id of positive mass. torch's cumsum on CPU runs sequentially (with a
+    float64 accumulator): nondecreasing, and rising exactly at the ids with e_i > 0, so
+    the id found has e_i > 0 and binary searches over the [block] rows do the rest."""
+    c, k = chosen.shape
+    block = e.shape[-1]
+    cum = e.gather(1, chosen[..., None].expand(-1, -1, block)).view(c * k, block)  # the index is a view
+    cum.cumsum_(-1)
+    total = cum[:, -1:].contiguous()
+    first = torch.searchsorted(cum, fraction.reshape(-1, 1) * total, right=True)
+    last = torch.searchsorted(cum, total)  # where the cumsum reaches its total
+    return torch.minimum(first, last).view(c, k)
+
+
+def sample_chunk(logits: Tensor, targets: Tensor, uniforms: Tensor, bound: int, impl: str = "auto",
+                 block: int = SAMPLE_BLOCK) -> SampledChunk:
     """k draws per position (uniforms [c, k] in [0, 1)) from softmax(logits[:, :bound]) by
-    inverse CDF, and the target's log-prob under the full softmax."""
-    z = logits.float() if logits.dtype != torch.float32 else logits.clone()
-    m = z.amax(-1, keepdim=True)
-    e = z.sub_(m).exp_()  # [c, V] fp32, in place: <= 1, the max at 1
-    total = e.sum(-1)
-    lse = m.squeeze(-1) + total.log()
-    target = logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
-    folded = (e[:, bound:].sum(-1).log() - total.log()) if bound < e.shape[1] else torch.full_like(lse, float("-inf"))
-    # In place (no second [c, V] fp32 buffer) unless ids >= bound are cut off: searchsorted
-    # wants a contiguous boundary tensor, and the slice is not.
-    cdf = e.cumsum_(-1) if bound == e.shape[1] else torch.cumsum(e[:, :bound], -1)
-    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=bound - 1)
+    the blocked inverse CDF, and the target's log-prob under the full softmax (module
+    docstring). impl: "torch", "triton", or "auto" (triton on CUDA when importable);
+    block: logits per block, a power of two (SAMPLE_BLOCK; the tests use smaller ones)."""
+    if block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    c, v = logits.shape
+    impl = resolve_impl(impl, logits.is_cuda)
+    if impl == "torch":
+        block_max, e = _block_exp_torch(logits, bound, block)
+        block_sum = e.sum(-1)
+    else:
+        block_max, block_sum = sample_block_stats(logits, bound, block, impl)
+    # Across blocks in fp64 ([c, V / block]: small): its rounding, ~1e-16 of the mass, is
+    # far below the fp32 block sums' own.
+    row_max = block_max.amax(-1, keepdim=True).double()
+    cdf = block_max.double().sub_(row_max).exp_().mul_(block_sum).cumsum_(-1)  # W_b
+    total = cdf[:, -1:].contiguous()  # T
+    lse = row_max.squeeze(-1) + total.squeeze(-1).log()  # over ids < bound
+    if bound < v:
+        above = torch.logsumexp(logits[:, bound:].float(), -1).double()
+        lse = torch.logaddexp(lse, above)
+        folded = (above - lse).float()
+    else:
+        folded = torch.full((c,), float("-inf"), device=logits.device)
+    target = (logits.gather(-1, targets[:, None]).squeeze(-1).double() - lse).float()
+
+    t = uniforms.double() * total
+    # W_b > W_{b-1} for the block found (the first W_b > t): its mass is positive. `last`,
+    # the first block with W_b = T, bounds it should t reach T.
+    last = torch.searchsorted(cdf, total)
+    chosen = torch.searchsorted(cdf, t, right=True).clamp_(max=last)
+    hi = cdf.gather(1, chosen)
+    lo = torch.where(chosen > 0, cdf.gather(1, (chosen - 1).clamp_(min=0)), 0.0)
+    fraction = ((t - lo) / (hi - lo)).float().clamp_(0.0, 1.0 - 2.0**-24)
+    if impl == "torch":
+        pick = _pick_in_blocks_torch(e, chosen, fraction)
+        draws = chosen * block + pick
+    else:
+        k = uniforms.shape[1]
+        draws = torch.empty(c, k, dtype=torch.int64, device=logits.device)
+        _pick_in_block_kernel[(c, triton.cdiv(k, PICK_DRAWS))](
+            logits, logits.stride(0), chosen, fraction, draws, k, bound, BLOCK=block, DRAWS=PICK_DRAWS, num_warps=4)
     return SampledChunk(draws, target, folded)

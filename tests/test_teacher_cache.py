@@ -299,3 +299,28 @@ def test_a_plan_from_before_the_quantizer_option_reads_as_fixed(tiny_cache, tmp_
     old = CachePlan.load(tmp_path)
     check_compatible(old, CachePlan.load(Path(cfg.cache.out_dir)), tmp_path)  # a resume is not refused
     assert codec_from_manifest(m).logprob_quantizer == "fixed"
+
+
+def test_a_cache_sampled_with_an_earlier_draw_procedure_is_read_but_not_resumed(tiny_cache, tmp_path):
+    """A complete cache whose plan records another sampler (an earlier ddk's inverse CDF)
+    stays usable: a re-run finds nothing to do. An incomplete one is not finished with
+    this ddk's draws (two procedures in one cache): the capture worker refuses, naming both."""
+    from ddk.pipeline.teachers.hf import SAMPLER
+
+    cfg, _ = tiny_cache
+    cache = tmp_path / "cache"
+    sampled = load_config(cfg.source_path, [f"cache.out_dir={json.dumps(str(cache))}", "cache.support=sampled",
+                                            "teacher.backend=hf"])
+    teacher_cache(sampled, log=QUIET)
+    plan = json.loads((cache / "plan.json").read_text())
+    assert plan["codec"]["sampler"] == SAMPLER
+    plan["codec"]["sampler"] = "inverse-cdf"  # what the ddk before the blocked sampler recorded
+    (cache / "plan.json").write_text(json.dumps(plan))
+    before = _files(cache)
+    logs = []
+    teacher_cache(sampled, log=logs.append)
+    assert "nothing to do" in logs[-1] and _files(cache) == before
+    (cache / "manifest.json").unlink()
+    next(iter(sorted(cache.rglob("*.parquet")))).unlink()
+    with pytest.raises(CacheError, match=f"'inverse-cdf'.*'{SAMPLER}'"):
+        teacher_cache(sampled, log=QUIET)

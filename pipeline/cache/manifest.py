@@ -118,10 +118,12 @@ def check_compatible(existing: CachePlan, new: CachePlan, cache_dir: Path, skip:
         b["codec"] = {k: v for k, v in b["codec"].items() if k != "fold_padded"} | {"vocab_size": rows}
         b["format_version"] = a["format_version"]
         b["tokenizer"] = {**b["tokenizer"], "vocab_size": rows}
-    if a["codec"].get("support") == "sampled" and "sampler" not in a["codec"]:
-        # Sampled before the draw procedure was recorded (one multinomial per row): a
-        # complete cache stays usable; resuming one is refused by the capture worker.
-        b["codec"] = {k: v for k, v in b["codec"].items() if k != "sampler"}
+    if a["codec"].get("support") == "sampled" and a["codec"].get("sampler") != b["codec"].get("sampler"):
+        # Sampled with another draw procedure (none recorded: one multinomial per row; or
+        # an earlier inverse CDF): a complete cache stays usable as it is, and resuming an
+        # incomplete one is refused by the capture worker, which names the procedures.
+        b["codec"] = {k: v for k, v in b["codec"].items() if k != "sampler"} | (
+            {"sampler": a["codec"]["sampler"]} if "sampler" in a["codec"] else {})
     for key in a:
         if key not in skip and a[key] != b.get(key):
             detail = _first_difference(a[key], b.get(key), key)

@@ -19,10 +19,13 @@ fails the check). Otherwise the model's full logits are computed per batch and a
 says so: correct, but with the [B, L, V] memory above.
 
 support = "sampled" (pipeline/teachers/support.py): k draws with replacement from the full
-softmax of each position by inverse CDF (kernels/teacher_head.py), with uniforms from one
-torch.Generator per row seeded by its tokens and cache.sample_seed: the same draws for the
-same row whatever the batching or chunking, on the same device type. Returned as the
-distinct ids with log(count / k) and no tail (the target sums to 1).
+softmax of each position by a blocked inverse CDF (kernels/teacher_head.py: the sums of
+blocks of 64 logits in one read of the chunk, then the draw's block and its id within it;
+a Triton kernel on CUDA, torch on CPU), with uniforms from one torch.Generator per row
+seeded by its tokens and cache.sample_seed: the same draws for the same row whatever the
+batching or chunking, on the same device type. The procedure's name, SAMPLER, is recorded
+in the cache's plan. Returned as the distinct ids with log(count / k) and no tail (the
+target sums to 1).
 
 vocab_bound: the tokenizer's length when the teacher has more embedding rows than ids
 (Qwen2.5-7B: 152,064 rows for 151,665 ids). Ids at or above it are folded into the tail
@@ -38,15 +41,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...kernels.teacher_head import sample_chunk, topk_chunk
+from ...kernels.teacher_head import SAMPLE_BLOCK, resolve_impl, sample_chunk, topk_chunk
 
 from .base import TeacherBackend, TopK, named_head_transforms
 from .support import NO_FOLDS, add_folds, draws_to_support_torch, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The sampled support's draw procedure, recorded in the plan (codec.sampler): a cache is
-# resumed only with the procedure it was begun with.
-SAMPLER = "inverse-cdf"
+# resumed only with the procedure it was begun with (the block size is part of it; the
+# earlier "inverse-cdf" took one fp32 cumsum over the whole row).
+SAMPLER = f"inverse-cdf-blocked-{SAMPLE_BLOCK}"
 # Logit bytes one chunk may take (its logits in the model's dtype plus the fp32 work the
 # chunk's arithmetic needs), and the bounds of the chunk in positions.
 CHUNK_BYTES = 1 << 30
@@ -70,15 +74,23 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return name
 
 
-def chunk_tokens_for(vocab: int, dtype: torch.dtype, support: str, fused_stats: bool, padded: bool = False) -> int:
-    """Positions per head chunk so that its logits and fp32 work fit CHUNK_BYTES: the
-    logits in the model's dtype, plus an fp32 [c, V] buffer for sampling (exp, then the
-    cumulative sum in place; a second one when padded ids are cut off, see sample_chunk)
-    or for the torch top-k path (its fp32 copy and logsumexp temporaries: 8 bytes); the
-    Triton top-k path reads the logits once and needs none."""
-    extra = (8 if padded else 4) if support == "sampled" else (0 if fused_stats else 8)
-    per_position = vocab * (torch.finfo(dtype).bits // 8 + extra)
-    c = CHUNK_BYTES // per_position
+def chunk_tokens_for(vocab: int, dtype: torch.dtype, support: str, fused_stats: bool, k: int = 64) -> int:
+    """Positions per head chunk so that its logits and work fit CHUNK_BYTES: the logits in
+    the model's dtype, plus per position
+      top-k, torch    an fp32 copy and logsumexp temporaries (8 bytes a logit)
+      top-k, Triton   nothing: the kernels read the logits
+      sampled         the block arrays (max and sum in fp32, the block CDF in fp64: 16
+                      bytes a block of SAMPLE_BLOCK logits) and ~48 bytes a draw ([c, k]
+                      thresholds, blocks, fractions, ids); on the torch path (CPU) also
+                      its fp32 copy of the logits (4 bytes a logit) and the gathered
+                      blocks of the draws (their fp32 cumsum: 4 bytes a logit)
+    The padded ids' slice (ids >= bound, a few hundred) is left out: < 1 % of the logits."""
+    logit_bytes = torch.finfo(dtype).bits // 8
+    if support == "sampled":
+        work = 16 * -(-vocab // SAMPLE_BLOCK) + 48 * k + (0 if fused_stats else 4 * vocab + 4 * k * SAMPLE_BLOCK)
+    else:
+        work = 0 if fused_stats else 8 * vocab
+    c = CHUNK_BYTES // (vocab * logit_bytes + work)
     return int(min(CHUNK_MAX, max(CHUNK_MIN, c // CHUNK_MIN * CHUNK_MIN)))
 
 
@@ -113,9 +125,8 @@ class HFTeacher(TeacherBackend):
         head = model.get_output_embeddings()
         self.vocab = head.weight.shape[0]
         self.vocab_bound = self.vocab if vocab_bound is None else min(vocab_bound, self.vocab)
-        fused = impl == "triton" or (impl == "auto" and self.device.startswith("cuda"))
-        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused,
-                                                             padded=self.vocab_bound < self.vocab)
+        fused = resolve_impl(impl, self.device.startswith("cuda")) == "triton"
+        self.chunk_tokens = chunk_tokens or chunk_tokens_for(self.vocab, model.dtype, support, fused, k)
         self.folded = NO_FOLDS
         self.chunked = self._head_reproduces_logits()
         if not self.chunked:
@@ -187,7 +198,7 @@ class HFTeacher(TeacherBackend):
             if uniforms is None:
                 parts.append(topk_chunk(logits, targets[r], self.k, self.vocab_bound, self.impl))
             else:
-                parts.append(sample_chunk(logits, targets[r], uniforms[r], self.vocab_bound))
+                parts.append(sample_chunk(logits, targets[r], uniforms[r], self.vocab_bound, self.impl))
         out = [torch.cat(field) for field in zip(*parts)]
         return self._topk_batch(out, b, length) if uniforms is None else self._sampled_batch(out, b, length)
 
