@@ -3,8 +3,9 @@ the corpus size and a resume point every `corpus.ingest_checkpoint_mb` of text.
 
 Per domain, in `<cache>/_work/ingest/<domain>/`, two passes:
 
-1. **Tokenize.** A reader thread streams documents (one file, one row group, one line at
-   a time) into batches of `corpus.ingest_batch_mb` of text; each batch is encoded by the
+1. **Tokenize.** A reader thread streams documents (pipeline/corpus.py: polars reads
+   .jsonl in ~1 MiB runs of whole lines and Parquet / CSV / Arrow IPC in batches of rows;
+   a .txt file is one document) into batches of `corpus.ingest_batch_mb` of text; each batch is encoded by the
    tokenizer's Rust core, which spreads a batch over all cores (limit it with
    RAYON_NUM_THREADS). Token ids append to `tokens.bin` (int32) and one (key, length)
    record per document to `docs.bin`. Every checkpoint the two files are flushed to disk
