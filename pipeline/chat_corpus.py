@@ -20,7 +20,8 @@ import ast
 import itertools
 import unicodedata
 
-from .corpus import Domain, _docstring_nodes, _language_reference, _stdlib_modules, _take, chat_document
+from .builtin_corpus import docstring_nodes, language_reference, stdlib_modules, take
+from .corpus import Domain, chat_document
 
 _CATEGORIES = {
     "Lu": "an uppercase letter", "Ll": "a lowercase letter", "Lt": "a titlecase letter", "Lm": "a modifier letter",
@@ -34,10 +35,10 @@ _CATEGORIES = {
 
 def builtin_chat_domains(chars_per_domain: int) -> list[Domain]:
     return [
-        Domain("api", _take(_api_questions(), chars_per_domain), chat=True),
-        Domain("language", _take(_language_questions(), chars_per_domain), chat=True),
-        Domain("unicode", _take(_unicode_questions(), chars_per_domain), chat=True),
-        Domain("code", _take(_code_questions(), chars_per_domain), chat=True),
+        Domain("api", take(_api_questions(), chars_per_domain), chat=True),
+        Domain("language", take(_language_questions(), chars_per_domain), chat=True),
+        Domain("unicode", take(_unicode_questions(), chars_per_domain), chat=True),
+        Domain("code", take(_code_questions(), chars_per_domain), chat=True),
     ]
 
 
@@ -52,11 +53,11 @@ def _paragraphs(text: str, limit: int) -> str:
 
 
 def _api_questions():
-    for rel, _, tree in _stdlib_modules():
+    for rel, _, tree in stdlib_modules():
         module = ".".join(rel.with_suffix("").parts)
         if any(part.startswith("_") for part in module.split(".")):
             continue
-        for node, expr in _docstring_nodes(tree):
+        for node, expr in docstring_nodes(tree):
             if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
                 continue
             doc = expr.value.value.strip()
@@ -87,7 +88,7 @@ def _chunks(text: str, size: int) -> list[str]:
 
 def _language_questions():
     system = {"role": "system", "content": "You answer questions about the Python language from its reference manual."}
-    for t, doc in enumerate(_language_reference()):
+    for t, doc in enumerate(language_reference()):
         topic = doc.doc_id.split(":", 1)[1]
         for part, answer in enumerate(_chunks(doc.text, 150 + 100 * (t % 4))):  # parts of mixed lengths
             if len(answer) < 80:
@@ -130,7 +131,7 @@ def _unicode_questions():
 
 
 def _code_questions():
-    for rel, src, tree in _stdlib_modules():
+    for rel, src, tree in stdlib_modules():
         module = ".".join(rel.with_suffix("").parts)
         if any(part.startswith("_") for part in module.split(".")):
             continue

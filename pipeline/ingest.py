@@ -49,7 +49,8 @@ import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
 from .config import ConfigError, CorpusConfig
-from .corpus import CorpusPosition, Document, builtin_domains, iter_documents, source_files
+from .builtin_corpus import builtin_domains
+from .corpus import CorpusPosition, Document, iter_documents, source_files
 from .chat import ChatStats
 from .packing import SPLITS, ConversationPacker, HeldOutSelector, document_key, pack_conversations, pad_token_id
 from .progress import progress

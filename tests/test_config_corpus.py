@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ddk.pipeline.config import ConfigError, CorpusConfig, DomainSource, load_config
-from ddk.pipeline.corpus import builtin_domains, load_domain, load_domains
+from ddk.pipeline.builtin_corpus import builtin_domains
+from ddk.pipeline.corpus import load_domain, load_domains
 from ddk.pipeline.packing import pack_domain
 
 

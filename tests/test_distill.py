@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_cache, tmp_path,
 def test_student_with_another_tokenizer_or_smaller_vocab_is_refused(tiny_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ddk.pipeline.corpus import builtin_domains
+    from ddk.pipeline.builtin_corpus import builtin_domains
     from ddk.pipeline.tiny_models import train_tokenizer
 
     cfg, _ = tiny_cache

@@ -27,7 +27,7 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """The project's tiny byte-level BPE (as `make tiny-models` trains it), saved."""
-    from ddk.pipeline.corpus import builtin_domains
+    from ddk.pipeline.builtin_corpus import builtin_domains
     from ddk.pipeline.tiny_models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-tok")

@@ -15,7 +15,8 @@ import pytest
 
 from ddk.pipeline import ingest as ingest_mod
 from ddk.pipeline.config import ConfigError, CorpusConfig, DomainSource
-from ddk.pipeline.corpus import builtin_domains, load_domains
+from ddk.pipeline.builtin_corpus import builtin_domains
+from ddk.pipeline.corpus import load_domains
 from ddk.pipeline.ingest import IngestError, ingest_corpus
 from ddk.pipeline.packing import HeldOutSelector, pack_domain
 

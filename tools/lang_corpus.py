@@ -1,7 +1,7 @@
 """Build a third multi-domain corpus, natural language in five languages and four scripts,
 from the translated message catalogs this machine ships (binary gettext .mo files).
 
-The built-in corpus (pipeline/corpus.py) is Python code and English documentation; the
+The built-in corpus (pipeline/builtin_corpus.py) is Python code and English documentation; the
 system corpus (tools/system_corpus.py) is C headers, roff man pages, changelogs and
 licenses. Both are mostly English and mostly technical markup. This one is short
 natural-language UI text: the translations (msgstr) of the same programs' messages

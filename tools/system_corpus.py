@@ -1,6 +1,6 @@
 """Build a second, held-out multi-domain text corpus from the operating system's own files.
 
-The built-in corpus (pipeline/corpus.py) is made from the Python installation: stdlib
+The built-in corpus (pipeline/builtin_corpus.py) is made from the Python installation: stdlib
 sources, docstrings, pydoc topics and the unicodedata database. For issue "DDK beyond
 the paper" we want a corpus from a different source, with clearly different registers,
 that still needs no network: what a Debian-like system ships under /usr.
