@@ -12,7 +12,9 @@ the real command line, each stage in its own process as a user runs it:
     ddk distill --mode cpt, then --mode kd   (--steps steps each)
     ddk eval
 
-Printed: stage one's tokens/s (its busy time, from the manifest) against the teacher's
+Printed: stage one's tokens/s (its busy time, from the manifest; and its steady state, each
+worker's first shard left out, since a short capture is dominated by one-time compiles and
+warm-up that the bare forward's warm-up batch excludes) against the teacher's
 bare forward `model(ids).logits` over the same rows and batch size, measured here after
 the capture; stage two's cached-KD tokens/s against CPT's (medians over the steps after
 the first 10); each stage's wall time and peak GPU memory (the most nvidia-smi saw in
@@ -192,6 +194,9 @@ keep_checkpoints = 1
             tokens=manifest["tokens"], bytes_per_token=manifest["bytes_per_token"], capture_tokens_per_s=capture.get("tokens_per_s"),
             bare_forward_tokens_per_s=bare,
             stage_one_vs_bare=(capture.get("tokens_per_s") or 0) / bare,
+            # without each worker's first shard (Triton compiles, warm-up): what a long capture runs at
+            capture_steady_tokens_per_s=capture.get("steady_tokens_per_s"),
+            stage_one_steady_vs_bare=(capture.get("steady_tokens_per_s") or 0) / bare,
             kd_vs_cpt=stages["distill-kd"]["tokens_per_s"] / stages["distill-cpt"]["tokens_per_s"])
     print(f"\nbench-gpu: {result['tokens']:,} cached tokens, {result['bytes_per_token']:.1f} bytes/token (random-init "
           f"teacher: a worst case); models written in {result['models_s']:.0f} s")
@@ -202,7 +207,9 @@ keep_checkpoints = 1
     for key, goal in GOALS.items():
         got = result[key]
         print(f"{key.replace('_', ' ')}: {got:.3f} (goal >= {goal}: {'met' if got >= goal else 'NOT met'})")
-    print(f"(teacher bare forward {bare:,.0f} tokens/s over the same rows, batches of {args.teacher_batch_rows})")
+    print(f"stage one steady state (each worker's first shard left out: compiles and warm-up): "
+          f"{result['stage_one_steady_vs_bare']:.3f} of the bare forward")
+    print(f"(teacher bare forward {bare:,.0f} tokens/s over the same rows, batches of {args.teacher_batch_rows}, after a warm-up batch)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.json), json.loads(json.dumps(result, default=str)))

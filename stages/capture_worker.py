@@ -87,6 +87,11 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
             batch_rows = backend.fit_batch_rows(plan.seq_len)
             print(f"teacher.batch_rows = auto: {batch_rows} rows of {plan.seq_len} tokens per forward", flush=True)
     tokens, t_start = 0, time.perf_counter()
+    # The steady state: from the end of the first shard's teacher forwards (which carry the
+    # one-time costs: Triton compiles, cuBLAS and allocator warm-up) to the end, over the
+    # tokens of the other shards. A short capture is dominated by those costs; this says
+    # what a long one runs at.
+    first_forward_done, first_tokens = None, 0
     # The next shard's teacher forward overlaps this shard's encode + write (a second
     # thread, which encodes rows on cache.encode_threads threads of its own: zstd and most
     # numpy work release the GIL). On a GPU the CPU-side codec is otherwise the
@@ -130,6 +135,8 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
             topk = _concat([_forward(backend, rows[i : i + batch_rows], batch_rows, spec.file,
                                      None if positions is None else positions[i : i + batch_rows])
                             for i in range(0, len(rows), batch_rows)])
+            if first_forward_done is None:
+                first_forward_done, first_tokens = time.perf_counter(), spec.rows * plan.seq_len
             # Padded teacher ids folded into the tail in this shard (hf backend, padded teachers only).
             fold = backend.take_folded() if hasattr(backend, "take_folded") else None
             # top-p: the exact top-k stays the reference the distortion is measured against.
@@ -143,12 +150,15 @@ def run_capture(cache_dir: Path, shard_ids: list[int], worker: int = 0, capture_
         bar.close()
     finally:
         pool.shutdown(wait=True)
-        busy = time.perf_counter() - t_start
+        t_end = time.perf_counter()
+        busy = t_end - t_start
+        steady = ({"steady_tokens": tokens - first_tokens, "steady_seconds": t_end - first_forward_done}
+                  if first_forward_done is not None and tokens > first_tokens else {})
         backend.close()
         stats = cache_dir / WORK_DIR / "stats" / f"worker-{worker}.json"
         try:
             stats.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype})
+            write_json_atomic(stats, {"tokens": tokens, "seconds": busy, "engine_dtype": backend.dtype, **steady})
         except OSError:  # a full disk: the throughput note is not worth masking the real error
             pass
 

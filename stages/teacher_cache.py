@@ -329,17 +329,26 @@ def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) ->
 
 
 def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
-    """Throughput of this run's workers (teacher forward + encode, engine start-up excluded)."""
+    """Throughput of this run's workers (teacher forward + encode, engine start-up excluded):
+    tokens_per_s over each worker's whole loop; steady_tokens_per_s without each worker's
+    first shard, whose forwards carry the one-time costs (compiles, warm-up), when every
+    worker had more than one shard."""
     stats_dir = cache_dir / WORK_DIR / "stats"
-    tokens, busy, dtypes = 0, 0.0, set()
+    tokens, busy, dtypes, steady_tokens, steady_busy, steady_all = 0, 0.0, set(), 0, 0.0, True
     for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
         s = json.loads(f.read_text())
         tokens += s["tokens"]
         busy = max(busy, s["seconds"])
         dtypes.add(s["engine_dtype"])
+        if s.get("steady_seconds"):
+            steady_tokens += s["steady_tokens"]
+            steady_busy = max(steady_busy, s["steady_seconds"])
+        else:
+            steady_all = False
         f.unlink()
+    steady = {"steady_tokens_per_s": round(steady_tokens / steady_busy, 1)} if steady_all and steady_busy else {}
     return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None,
-            "engine_dtype": ",".join(sorted(dtypes))}  # as each engine reported it (checked against teacher.dtype)
+            **steady, "engine_dtype": ",".join(sorted(dtypes))}  # as each engine reported it (checked against teacher.dtype)
 
 
 # ---------------------------------------------------------------- several ranks

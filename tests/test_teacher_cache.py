@@ -47,6 +47,9 @@ def test_manifest_records_what_design_asks(tiny_cache):
         assert math.isclose(d["teacher_val_ppl"], math.exp(d["teacher_val_loss"]))
         assert math.isclose(d["teacher_test_ppl"], math.exp(d["teacher_test_loss"]))
         assert d["tokens"] == (d["train_rows"] + d["val_rows"] + d["test_rows"]) * m["seq_len"]
+    # throughput over the whole loop, and without the first shard's one-time costs
+    shards = sum(len(d["shards"]) for d in m["domains"].values())
+    assert shards > 1 and m["capture"]["tokens_per_s"] > 0 and m["capture"]["steady_tokens_per_s"] > 0
 
 
 def test_cached_teacher_loss_equals_an_independent_transformers_forward(tiny_cache):
