@@ -16,6 +16,12 @@ CUDA only. Random-init Qwen2ForCausalLM teachers of the Qwen2.5-1.5B and -7B sha
             its id within it), the draws' counts on the GPU
   sampled/torch  the same with the torch per-chunk path (the CPU path: an fp32 copy of
             each chunk), for comparison
+  sampled+write  `sampled` while the previous call's result is encoded and written as a
+            shard on a background thread (cache.encode_threads threads of its own), as the
+            capture worker overlaps them; the call ends when both are done. Against
+            `sampled` it shows what the worker's loop costs the GPU: the write's own time
+            where the codec cannot keep up, and the GIL the encode threads take from the
+            thread that launches the teacher's kernels
 Each arm's peak is the allocator's peak above what was allocated before it (weights).
 Then, for the 7B shape, `teacher.batch_rows = auto` at seq 4096 on an emulated 80 GB GPU
 (a ballast tensor takes the rest): the rows it picks and one capture of that many rows.
@@ -26,6 +32,7 @@ teacher is near-uniform: bytes/token measured on it mean nothing, so none are pr
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from concurrent.futures import ThreadPoolExecutor
+
 from ..pipeline.atomic import write_json_atomic
+from ..pipeline.cache.codec import TopKCodec
+from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.teachers.hf import HFTeacher
 from .codec import encode_throughput
 from .harness import describe_machine
@@ -99,7 +110,34 @@ def _timed(fn, base: int) -> tuple[float, float]:
     return time.perf_counter() - t0, ((torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else 0.0)
 
 
-def bench_shape(shape: str, rows: int, seq_len: int, k: int, repeats: int, device: str = "cuda"):
+class OverlappedWrite:
+    """A capture call as the worker makes it: submit the previous result's shard write to a
+    background thread, capture this batch, then wait for the write (the worker's one-shard-
+    deep overlap). Shards go to a temporary folder, each call overwriting the last."""
+
+    def __init__(self, teacher: HFTeacher, rows: np.ndarray, k: int, encode_threads: int, folder: Path):
+        codec = TopKCodec.from_params({"vocab_size": teacher.vocab_bound, "k": k, "logprob_step": 2**-10,
+                                       "logprob_floor": -63.0, "support": "sampled"})
+        self.writer = TopKShardWriter(codec, 3, 8, encode_threads)
+        self.teacher, self.rows, self.folder = teacher, rows, folder
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.previous = None
+
+    def __call__(self):
+        pending = None
+        if self.previous is not None:
+            pending = self.pool.submit(self.writer.write, self.folder / "shard.parquet", "d", "train", 0,
+                                       self.rows, self.previous)
+        self.previous = self.teacher.topk(self.rows)
+        if pending is not None:
+            pending.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def bench_shape(shape: str, rows: int, seq_len: int, k: int, repeats: int, device: str = "cuda",
+                encode_threads: int = 4):
     model = build_teacher(shape, seq_len, device)
     params = sum(p.numel() for p in model.parameters())
     ids_np = np.random.default_rng(0).integers(0, 151643, (rows, seq_len + 1))
@@ -108,11 +146,14 @@ def bench_shape(shape: str, rows: int, seq_len: int, k: int, repeats: int, devic
                 "topk/torch": HFTeacher.from_model(model, k, support="topk", impl="torch"),
                 "sampled": HFTeacher.from_model(model, k, support="sampled"),
                 "sampled/torch": HFTeacher.from_model(model, k, support="sampled", impl="torch")}
+    folder = Path(tempfile.mkdtemp(prefix="ddk-capture-write-"))
+    overlapped = OverlappedWrite(teachers["sampled"], ids_np, k, encode_threads, folder)
     with torch.no_grad():
         arms = {
             "bare": lambda: model(input_ids=ids[:, :-1], use_cache=False).logits,
             "decoder": lambda: model.get_decoder()(input_ids=ids[:, :-1], use_cache=False).last_hidden_state,
             **{name: (lambda t=t: t.topk(ids_np)) for name, t in teachers.items()},
+            "sampled+write": overlapped,
         }
         base = _allocated()
         times: dict[str, list[float]] = {a: [] for a in arms}
@@ -131,7 +172,12 @@ def bench_shape(shape: str, rows: int, seq_len: int, k: int, repeats: int, devic
         sec = statistics.median(times[name])
         out["arms"][name] = {"seconds": sec, "tokens_per_s": tokens / sec, "peak_gib": peaks[name],
                              "vs_bare": statistics.median(b / x for b, x in zip(times["bare"], times[name]))}
-    del teachers, arms
+    out["encode_threads"] = encode_threads
+    overlapped.close()
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    del teachers, arms, overlapped
     return out, model
 
 
@@ -170,6 +216,8 @@ def print_shape(r: dict) -> None:
     for arm, goal in GOALS.items():
         got = r["arms"][arm]["vs_bare"]
         print(f"goal {arm} >= {goal}x bare: {got:.3f} ({'met' if got >= goal else 'NOT met'})")
+    write = r["arms"]["sampled+write"]["tokens_per_s"] / r["arms"]["sampled"]["tokens_per_s"]
+    print(f"sampled with the shard write overlapped ({r['encode_threads']} encode threads) / sampled alone: {write:.3f}")
     extra = r["arms"]["topk"]["peak_gib"] - r["arms"]["bare"]["peak_gib"]
     print(f"capture peak - bare peak: top-k {extra:+.2f} GiB, sampled "
           f"{r['arms']['sampled']['peak_gib'] - r['arms']['bare']['peak_gib']:+.2f} GiB (goal <= +2 GiB)")
@@ -183,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--encode-threads", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads encoding a shard in the sampled+write arm (cache.encode_threads' default: %(default)s)")
     p.add_argument("--auto-seq-len", type=int, default=4096, help="seq_len of the 80 GB batch_rows=auto check (0: skip)")
     args, device = parse_gpu_args(p, argv, "bench-capture needs a CUDA GPU (it builds 1.5B and 7B teachers in GPU memory); "
                                            "on CPU, `make bench` (P5) measures the capture on the tiny teacher")
@@ -190,7 +240,7 @@ def main(argv=None) -> None:
     print(f"ddk bench-capture on {result['machine']['cuda_device'] or result['machine']['cpu']}, torch {torch.__version__}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for shape in shapes:
-        r, model = bench_shape(shape, args.rows, args.seq_len, args.k, args.repeats, device)
+        r, model = bench_shape(shape, args.rows, args.seq_len, args.k, args.repeats, device, args.encode_threads)
         print_shape(r)
         if shape == shapes[-1] and args.auto_seq_len and device == "cuda":
             r["auto_rows_80gb"] = a = auto_rows_on_80gb(model, args.auto_seq_len, args.k)

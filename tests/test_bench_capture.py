@@ -22,6 +22,7 @@ def test_cpu_smoke_runs_every_arm(tmp_path, capsys):
     bench_capture.main(["--cpu-smoke", "--shapes", "tiny", "--rows", "2", "--seq-len", "16", "--k", "8",
                         "--repeats", "1", "--json", str(out)])
     r = json.loads(out.read_text())["shapes"]["tiny"]
-    assert set(r["arms"]) == {"bare", "decoder", "topk", "topk/torch", "sampled", "sampled/torch"}
+    assert set(r["arms"]) == {"bare", "decoder", "topk", "topk/torch", "sampled", "sampled/torch", "sampled+write"}
     assert r["chunked_head"] and all(a["tokens_per_s"] > 0 for a in r["arms"].values())
-    assert "goal topk >= 0.95x bare" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "goal topk >= 0.95x bare" in printed and "sampled with the shard write overlapped" in printed
