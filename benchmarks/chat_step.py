@@ -3,9 +3,9 @@
     python -m ddk.benchmarks.chat_step                     # CUDA if available, else CPU
     python -m ddk.benchmarks.chat_step --json runs/bench/chat.json
 
-What it measures. One random-init Qwen2 student (the shapes of `bench_student_step`) and
+What it measures. One random-init Qwen2 student (the shapes of `benchmarks/student_step.py`) and
 the fused cached-KD step of stage two, on the same token rows and teacher supports two
-ways, interleaved step by step (benchmarks/suite.py: `interleaved`, `paired_ratio`):
+ways, interleaved step by step (benchmarks/harness.py: `interleaved`, `paired_ratio`):
 
   raw text      no mask, position ids 0..L-1, the plain causal mask
   packed chat   conversations of random lengths packed whole (packing.ConversationPacker,

@@ -196,7 +196,7 @@ keep_checkpoints = 1
             stage_one_vs_bare=(capture.get("tokens_per_s") or 0) / bare,
             # without each worker's first shard (Triton compiles, warm-up): what a long capture runs at
             capture_steady_tokens_per_s=capture.get("steady_tokens_per_s"),
-            stage_one_steady_vs_bare=(capture.get("steady_tokens_per_s") or 0) / bare,
+            stage_one_steady_vs_bare=(capture["steady_tokens_per_s"] / bare) if capture.get("steady_tokens_per_s") else None,
             kd_vs_cpt=stages["distill-kd"]["tokens_per_s"] / stages["distill-cpt"]["tokens_per_s"])
     print(f"\nbench-gpu: {result['tokens']:,} cached tokens, {result['bytes_per_token']:.1f} bytes/token (random-init "
           f"teacher: a worst case); models written in {result['models_s']:.0f} s")
@@ -207,8 +207,9 @@ keep_checkpoints = 1
     for key, goal in GOALS.items():
         got = result[key]
         print(f"{key.replace('_', ' ')}: {got:.3f} (goal >= {goal}: {'met' if got >= goal else 'NOT met'})")
-    print(f"stage one steady state (each worker's first shard left out: compiles and warm-up): "
-          f"{result['stage_one_steady_vs_bare']:.3f} of the bare forward")
+    steady = result["stage_one_steady_vs_bare"]
+    print("stage one steady state (each worker's first shard left out: compiles and warm-up): "
+          + (f"{steady:.3f} of the bare forward" if steady is not None else "n/a (a worker wrote a single shard)"))
     print(f"(teacher bare forward {bare:,.0f} tokens/s over the same rows, batches of {args.teacher_batch_rows}, after a warm-up batch)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ on the same device type (CUDA and CPU sum in different orders: their draws may d
 where u T lies within rounding of a CDF boundary).
 Why blocked: the plain inverse CDF (an fp32 copy of the chunk, exp, a cumsum over V,
 searchsorted) read and wrote ~6 fp32 [c, V] buffers and ran the capture at 0.71 of the
-bare forward on an H200; this reads the bf16 chunk once plus 3 % of it.
+bare forward on an H200 at the Qwen2.5-1.5B shape (0.91 at 7B, where the decoder weighs more); this reads the bf16 chunk once plus 3 % of it.
 Why 64: a row of 64 bf16 logits is one 128-byte line; the block arrays (M, S fp32, W fp64:
 16 bytes a block, 1/8 of the chunk's bf16 bytes) and the in-block step (k * 64 logits)
 both stay small; 128 would double the in-block re-read for no gain in the first read.
@@ -319,6 +319,8 @@ def sample_block_stats(logits: Tensor, bound: int, block: int = SAMPLE_BLOCK,
         return block_max, e.sum(-1)
     if triton is None:
         raise RuntimeError("the triton sampler needs the triton package")
+    if logits.stride(1) != 1:
+        raise ValueError("the triton sampler needs each row of logits contiguous (stride 1 along V)")
     blocks = -(-bound // block)
     block_max = torch.empty(logits.shape[0], blocks, dtype=torch.float32, device=logits.device)
     block_sum = torch.empty_like(block_max)
@@ -377,7 +379,10 @@ def sample_chunk(logits: Tensor, targets: Tensor, uniforms: Tensor, bound: int, 
     # W_b > W_{b-1} for the block found (the first W_b > t): its mass is positive. `last`,
     # the first block with W_b = T, bounds it should t reach T.
     last = torch.searchsorted(cdf, total)
-    chosen = torch.searchsorted(cdf, t, right=True).clamp_(max=last)
+    # A row whose logits are NaN, or -inf at every id below the bound, has a NaN CDF: its
+    # block index is clamped into range (no out-of-bounds gather, no device assert) and
+    # its target log-prob is NaN, which the caller refuses (pipeline/teachers/hf.py).
+    chosen = torch.searchsorted(cdf, t, right=True).clamp_(max=last).clamp_(max=cdf.shape[1] - 1)
     hi = cdf.gather(1, chosen)
     lo = torch.where(chosen > 0, cdf.gather(1, (chosen - 1).clamp_(min=0)), 0.0)
     fraction = ((t - lo) / (hi - lo)).float().clamp_(0.0, 1.0 - 2.0**-24)
@@ -387,6 +392,8 @@ def sample_chunk(logits: Tensor, targets: Tensor, uniforms: Tensor, bound: int, 
     else:
         k = uniforms.shape[1]
         draws = torch.empty(c, k, dtype=torch.int64, device=logits.device)
+        # the kernel indexes [c, k] arrays as row * k + j: contiguous (uniforms may not be)
         _pick_in_block_kernel[(c, triton.cdiv(k, PICK_DRAWS))](
-            logits, logits.stride(0), chosen, fraction, draws, k, bound, BLOCK=block, DRAWS=PICK_DRAWS, num_warps=4)
+            logits, logits.stride(0), chosen.contiguous(), fraction.contiguous(), draws, k, bound,
+            BLOCK=block, DRAWS=PICK_DRAWS, num_warps=4)
     return SampledChunk(draws, target, folded)

@@ -317,13 +317,13 @@ def _polars_scan(path: Path, invalid_utf8: str):
 
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pl.scan_parquet(path)
+        return pl.scan_parquet(path, glob=False)  # a file name, not a pattern: '[' or '*' in it is literal
     if suffix in (".arrow", ".ipc", ".feather"):
-        return pl.scan_ipc(path)
+        return pl.scan_ipc(path, glob=False)
     if invalid_utf8 == "skip":
         raise ConfigError(f"{path}: corpus.invalid_utf8 = 'skip' is not available for {suffix} files (polars decodes whole "
                           f"batches, not rows); use 'replace' (U+FFFD for bad bytes) or 'error', or fix the file")
-    return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False, quote_char='"',
+    return pl.scan_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False, quote_char='"', glob=False,
                        encoding="utf8-lossy" if invalid_utf8 == "replace" else "utf8")
 
 

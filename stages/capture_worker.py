@@ -25,7 +25,7 @@ from ..pipeline.cache.writer import TopKShardWriter
 from ..pipeline.chat import position_ids, text_flags
 from ..pipeline.ingest import INGEST_DIR, read_flags, read_rows, rows_path
 from ..pipeline.progress import progress
-from ..pipeline.teachers.base import TopK
+from ..pipeline.teachers.base import TeacherOutputError, TopK
 
 WORK_DIR = "_work"  # scratch of a cache being made: the ingested rows, the capture settings, worker stats
 CAPTURE_FILE = f"{WORK_DIR}/capture.json"
@@ -168,6 +168,8 @@ def _forward(backend, rows: np.ndarray, batch_rows: int, shard: str, positions: 
     that fits (half the rows; the shards written so far are complete and kept)."""
     try:
         return backend.topk(rows) if positions is None else backend.topk(rows, position_ids=positions)
+    except TeacherOutputError as e:
+        raise CacheError(f"{shard}: {e}; the shards already written are kept") from None
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
         if "out of memory" not in str(e).lower():
             raise

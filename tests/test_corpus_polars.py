@@ -325,3 +325,17 @@ def test_polars_parses_the_batches_and_python_reads_only_the_odd_lines(tmp_path,
     chat.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(100)))
     by_python.clear()
     assert len(_stream(corpus_mod._read_jsonl, chat, DomainSource("c", ["c.jsonl"], format="chat"))) == 100 and by_python == []
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".arrow"])
+def test_file_names_with_glob_characters_are_read_as_names(tmp_path, suffix):
+    """A file named `a[1]*?.parquet` (found by the domain's own glob) is opened as that
+    name: the polars scans do not expand it as a pattern."""
+    import polars as pl
+
+    path = tmp_path / f"a[1]*?{suffix}"
+    frame = pl.DataFrame({"text": ["one", "two"]})
+    {".parquet": frame.write_parquet, ".csv": frame.write_csv, ".arrow": frame.write_ipc}[suffix](path)
+    src = DomainSource("g", [str(tmp_path / f"*{suffix}")])
+    docs = [d.text for d, _ in iter_documents(src, tmp_path) if d is not None]
+    assert docs == ["one", "two"]

@@ -248,6 +248,51 @@ def test_a_rows_draws_do_not_depend_on_the_chunk_it_is_in(impl):
     assert torch.equal(part.target_logprob, whole.target_logprob[3:5])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sampler_takes_strided_rows_transposed_uniforms_and_k_off_the_kernel_grid(impl):
+    """The chunk as a view of a wider buffer (row stride > V, as hf.py's chunks of a
+    [positions, V] buffer are), uniforms that are a transposed view, and k = 37 (not a
+    multiple of the draws per kernel program): the same draws as contiguous inputs."""
+    vocab, bound = 1000, 963
+    z = _sampler_logits(vocab, bound, torch.bfloat16).to(DEVICE)
+    wide = torch.full((z.shape[0], vocab + 40), 7.0, dtype=z.dtype, device=DEVICE)
+    wide[:, :vocab] = z
+    strided = wide[:, :vocab]
+    assert strided.stride(0) == vocab + 40
+    u = _uniforms(37, z.shape[0], seed=5).to(DEVICE).t()  # [rows, 37], not contiguous
+    targets = torch.zeros(z.shape[0], dtype=torch.long, device=DEVICE)
+    ref = sample_chunk(z, targets, u.contiguous(), bound, impl=impl, block=16)
+    got = sample_chunk(strided, targets, u, bound, impl=impl, block=16)
+    assert ref.draws.shape == (z.shape[0], 37)
+    assert torch.equal(got.draws, ref.draws) and torch.equal(got.target_logprob, ref.target_logprob)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_row_without_finite_logits_gives_a_nan_target_not_a_crash(impl):
+    """NaN logits, or -inf at every id below the bound: no out-of-bounds index (on CUDA a
+    device assert); the row's target log-prob is NaN, which HFTeacher refuses by name."""
+    vocab, bound = 1000, 963
+    z = _sampler_logits(vocab, bound, torch.float32).to(DEVICE)
+    z[1, 10] = float("nan")
+    z[2, :bound] = float("-inf")
+    u = _uniforms(z.shape[0], 32, seed=6).to(DEVICE)
+    out = sample_chunk(z, torch.zeros(z.shape[0], dtype=torch.long, device=DEVICE), u, bound, impl=impl, block=16)
+    assert bool(out.target_logprob[1:3].isnan().all()) and bool(out.target_logprob[[0, 5, 6]].isfinite().all())
+    assert bool(((out.draws >= 0) & (out.draws < vocab)).all())
+
+
+def test_the_hf_teacher_refuses_non_finite_logits(tiny_models):
+    from ddk.pipeline.teachers.base import TeacherOutputError
+
+    cfg, _ = tiny_models
+    teacher = HFTeacher(str(cfg.teacher_path()), k=8, support="sampled")
+    rows = np.random.default_rng(0).integers(0, 300, (2, 17))
+    with torch.no_grad():
+        teacher.model.get_output_embeddings().weight[5] = float("nan")
+    with pytest.raises(TeacherOutputError, match="not finite at"):
+        teacher.topk(rows)
+
+
 def test_a_rows_draws_do_not_depend_on_batching_or_chunking(tiny_models):
     cfg, _ = tiny_models
     rows = np.random.default_rng(0).integers(0, 300, (3, 33))

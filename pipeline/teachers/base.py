@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class TeacherOutputError(ValueError):
+    """The teacher's output cannot be cached as it is (NaN log-probs: non-finite logits);
+    the capture worker adds the shard to the message."""
+
+
 @dataclass
 class TopK:
     """Teacher distributions for B rows of L + 1 tokens: one entry per predicted position.

@@ -43,7 +43,7 @@ from torch import nn
 
 from ...kernels.teacher_head import SAMPLE_BLOCK, resolve_impl, sample_chunk, topk_chunk
 
-from .base import TeacherBackend, TopK, named_head_transforms
+from .base import TeacherBackend, TeacherOutputError, TopK, named_head_transforms
 from .support import NO_FOLDS, add_folds, draws_to_support_torch, row_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,6 +229,18 @@ class HFTeacher(TeacherBackend):
         out, self.folded = self.folded, NO_FOLDS
         return out
 
+    def _check_targets(self, target: np.ndarray) -> np.ndarray:
+        """The target log-probs of a batch, refused when NaN or +inf: the teacher's logits
+        were NaN (or, sampled, -inf at every id below the tokenizer's length), which no
+        support can represent. -inf is kept: a target the teacher rules out entirely."""
+        bad = np.isnan(target) | np.isposinf(target)
+        if bad.any():
+            raise TeacherOutputError(
+                f"the teacher's logits are not finite at {int(bad.sum())} of {target.size} positions of this batch "
+                f"(NaN, or -inf at every id); check the checkpoint, and teacher.dtype (float16 can overflow: use "
+                f"bfloat16 or float32)")
+        return target
+
     def _topk_batch(self, out, b, length) -> TopK:
         ids, logprobs, target, tail, folded, in_topk = out
         self._count_folded(folded, in_topk)
@@ -236,7 +248,7 @@ class HFTeacher(TeacherBackend):
         return TopK(
             ids=ids.to(torch.int32).cpu().numpy().reshape(*shape, -1),
             logprobs=logprobs.cpu().numpy().astype(np.float32).reshape(*shape, -1),
-            target_logprob=target.cpu().numpy().astype(np.float32).reshape(shape),
+            target_logprob=self._check_targets(target.cpu().numpy().astype(np.float32).reshape(shape)),
             tail_logmass=tail.cpu().numpy().astype(np.float32).reshape(shape),
         )
 
@@ -245,7 +257,7 @@ class HFTeacher(TeacherBackend):
         self._count_folded(folded, None)
         sup_ids, sup_lp = draws_to_support_torch(draws, self.k)
         return TopK(ids=sup_ids.cpu().numpy().reshape(b, length, -1), logprobs=sup_lp.cpu().numpy().reshape(b, length, -1),
-                    target_logprob=target.cpu().numpy().astype(np.float32).reshape(b, length),
+                    target_logprob=self._check_targets(target.cpu().numpy().astype(np.float32).reshape(b, length)),
                     tail_logmass=np.full((b, length), -np.inf, np.float32))
 
     @torch.no_grad()
