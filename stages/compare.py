@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -213,22 +214,21 @@ def _shared_teacher_loss(runs: dict[str, list[Run]]) -> dict[str, float]:
 def runs_frame(runs: dict[str, list[Run]]) -> pl.DataFrame:
     """The runs as one long frame (RUNS_FRAME_SCHEMA, compare_runs.parquet): a row per (mode,
     seed, domain) with the test numbers, measured against the first run's teacher (the same
-    for every run of one cache, or of two caches of one teacher and corpus)."""
+    for every run of one cache, or of two caches of one teacher and corpus) by
+    metrics_vs_teacher, which defines them (a domain a run lacks is an error there)."""
     teacher = _shared_teacher_loss(runs)
     rows = []
     for label, rs in runs.items():
         for r in rs:
+            student = r.results["test"]["student_after_loss"]
+            m = metrics_vs_teacher(student, teacher)
             speed = _train_speed(r.dir)
-            rows += [{"mode": label, "seed": r.seed, "domain": d, "test_ce": r.results["test"]["student_after_loss"][d],
-                      "teacher_test_ce": teacher_ce, "validation_ce": r.results["student_after_loss"][d],
-                      "tokens": r.results["tokens"], "train_tokens_per_s": speed, "run_dir": str(r.dir)}
+            rows += [{"mode": label, "seed": r.seed, "domain": d, "test_ce": student[d], "teacher_test_ce": teacher_ce,
+                      "test_ppl": m["ppl"][d], "test_ppl_ratio": m["ratio"][d],
+                      "validation_ce": r.results["student_after_loss"][d], "tokens": r.results["tokens"],
+                      "train_tokens_per_s": speed, "run_dir": str(r.dir)}
                      for d, teacher_ce in teacher.items()]
-    given = {name: dtype for name, dtype in RUNS_FRAME_SCHEMA.items() if name not in ("test_ppl", "test_ppl_ratio")}
-    return pl.DataFrame(rows, schema=given).with_columns(
-        test_ppl=pl.col("test_ce").exp(),
-        # as metrics_vs_teacher has it: exp of the CE difference, not a quotient of two PPLs
-        test_ppl_ratio=(pl.col("test_ce") - pl.col("teacher_test_ce")).exp(),
-    ).select(list(RUNS_FRAME_SCHEMA))
+    return pl.DataFrame(rows, schema=RUNS_FRAME_SCHEMA)
 
 
 def write_runs_frame(frame: pl.DataFrame, path: Path) -> None:
@@ -306,46 +306,30 @@ def _mode_summary(rows: pl.DataFrame) -> dict:
     metrics_vs_teacher's numbers and the run's; over seeds, their seed_spread."""
     # Groups keep the frame's order: seeds as run, domains as the teacher lists them.
     seeds = rows.group_by("seed", maintain_order=True).agg(
-        pl.col("run_dir").first(),
-        pl.col("domain"),
-        pl.col("test_ppl"),
-        pl.col("test_ce").mean().alias("mean_ce"),  # the mean log-PPL over domains
-        pl.col("test_ppl_ratio"),
-        pl.col("test_ppl_ratio").mean().alias("mean_ratio"),
-        pl.col("test_ppl_ratio").max().alias("worst_ratio"),
-        pl.col("domain").get(pl.col("test_ppl_ratio").arg_max()).alias("worst_domain"),  # the first, on a tie
-        # On the rows the scheduler steered by: the gap to mean_ce shows what steering on them is worth.
-        pl.col("validation_ce").mean().alias("validation_mean_ce"),
-        pl.col("tokens").first(),
-        pl.col("train_tokens_per_s").first(),
+        pl.col("run_dir", "tokens", "train_tokens_per_s").first(),
+        pl.col("domain", "test_ce", "teacher_test_ce", "validation_ce"),
     )
     per_seed = [{
         "seed": s["seed"],
         "run_dir": s["run_dir"],
-        # metrics_vs_teacher's keys, in its order
-        "ppl": dict(zip(s["domain"], s["test_ppl"])),
-        "mean_ce": s["mean_ce"],
-        "ratio": dict(zip(s["domain"], s["test_ppl_ratio"])),
-        "mean_ratio": s["mean_ratio"],
-        "worst_ratio": s["worst_ratio"],
-        "worst_domain": s["worst_domain"],
-        "validation_mean_ce": s["validation_mean_ce"],
+        **metrics_vs_teacher(dict(zip(s["domain"], s["test_ce"])), dict(zip(s["domain"], s["teacher_test_ce"]))),
+        # On the rows the scheduler steered by: the gap to mean_ce shows what steering on them is worth.
+        "validation_mean_ce": statistics.fmean(s["validation_ce"]),
         "tokens": s["tokens"],
         "tokens_per_s": s["train_tokens_per_s"],
     } for s in seeds.iter_rows(named=True)]
     # The domain that is worst in most seeds; a tie goes to the one that was worst first.
-    worst_domain, worst_seeds = (seeds.group_by("worst_domain", maintain_order=True).agg(pl.len().alias("seeds"))
-                                 .sort("seeds", descending=True, maintain_order=True).row(0))
+    worst_domain, worst_seeds = Counter(p["worst_domain"] for p in per_seed).most_common(1)[0]
     ppl_by_domain = rows.group_by("domain", maintain_order=True).agg(pl.col("test_ppl"))
-    speeds = seeds["train_tokens_per_s"].drop_nulls()  # a run without train records has no speed
+    speeds = [p["tokens_per_s"] for p in per_seed if p["tokens_per_s"] is not None]  # None: no train records
     return {
         "ppl": {d: seed_spread(ppl) for d, ppl in ppl_by_domain.iter_rows()},
-        "mean_ce": seed_spread(seeds["mean_ce"].to_list()),
-        "mean_ratio": seed_spread(seeds["mean_ratio"].to_list()),
-        "worst_ratio": seed_spread(seeds["worst_ratio"].to_list()),
+        "mean_ce": seed_spread([p["mean_ce"] for p in per_seed]),
+        "mean_ratio": seed_spread([p["mean_ratio"] for p in per_seed]),
+        "worst_ratio": seed_spread([p["worst_ratio"] for p in per_seed]),
         "worst_domain": worst_domain,
         "worst_domain_seeds": worst_seeds,
-        "tokens_per_s": seed_spread(speeds.to_list()) if speeds.len() else None,
+        "tokens_per_s": seed_spread(speeds) if speeds else None,
         "per_seed": per_seed,
     }
 
