@@ -125,10 +125,10 @@ def step_peak_bytes(step: Callable[[int], float], device: str) -> int | None:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(0)
-    return _replayed_peak(prof)
+    return replayed_peak(prof)
 
 
-def _replayed_peak(prof) -> int:
+def replayed_peak(prof) -> int:
     """The peak of live bytes, replaying the profiler's allocation/free events in time order."""
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0

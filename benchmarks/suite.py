@@ -90,7 +90,8 @@ from ..pipeline.teachers.support import top_p_support
 from ..pipeline.teachers.vllm import vllm_available
 from ..stages.distill import _tokens_only, autocast_context, load_student
 from . import codec as bench_codec, sparse_kl as bench_sparse_kl
-from .harness import _replayed_peak, sync, describe_machine, interleaved, matmul_params, paired_ratio, print_table, step_peak_bytes, write_report
+from .harness import (describe_machine, interleaved, matmul_params, paired_ratio, print_table, replayed_peak,
+                      step_peak_bytes, sync, write_report)
 
 KL_VOCABS = (32000, 151936)  # P2: a LLaMA-2 and a Qwen vocabulary
 KL_K = 64
@@ -239,7 +240,7 @@ def cpu_peak_bytes(impl: str, n: int, v: int, k: int) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         (grad,) = torch.autograd.grad(fn(x, ids, lp, tail), x)
         del grad
-    return _replayed_peak(prof)
+    return replayed_peak(prof)
 
 
 def bench_kl_memory(device: str, sizes: Sizes, kernel: dict | None) -> dict:
