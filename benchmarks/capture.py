@@ -45,8 +45,9 @@ import torch
 from concurrent.futures import ThreadPoolExecutor
 
 from ..pipeline.atomic import write_json_atomic
-from ..pipeline.cache.codec import TopKCodec
+from ..pipeline.cache.codec import DEFAULT_LOGPROB_FLOOR, TopKCodec
 from ..pipeline.cache.writer import TopKShardWriter
+from ..pipeline.config import CacheConfig
 from ..pipeline.teachers.hf import HFTeacher
 from .codec import encode_throughput
 from .harness import describe_machine
@@ -116,8 +117,9 @@ class OverlappedWrite:
     deep overlap). Shards go to a temporary folder, each call overwriting the last."""
 
     def __init__(self, teacher: HFTeacher, rows: np.ndarray, k: int, encode_threads: int, folder: Path):
-        codec = TopKCodec.from_params({"vocab_size": teacher.vocab_bound, "k": k, "logprob_step": 2**-10,
-                                       "logprob_floor": -63.0, "support": "sampled"})
+        # the codec stage one writes a sampled cache with, at the config's defaults
+        codec = TopKCodec.from_params({"vocab_size": teacher.vocab_bound, "k": k, "logprob_step": CacheConfig().logprob_step,
+                                       "logprob_floor": DEFAULT_LOGPROB_FLOOR, "support": "sampled"})
         self.writer = TopKShardWriter(codec, 3, 8, encode_threads)
         self.teacher, self.rows, self.folder = teacher, rows, folder
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
