@@ -4,6 +4,7 @@
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
 #   make compare SEEDS=3               cpt / kd / ddk / ablations from one cache, over seeds, table + plots
+#   make fit-mix                       the fixed domain mix fitted to that comparison's runs (then MODES=...,kd-fitted)
 #   make bench                         speed, memory and cache-size benchmarks
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 DDK := $(VENV)/bin/ddk
 STAMP := $(VENV)/.ddk-setup
 
-.PHONY: demo setup tiny-models teacher-cache distill eval compare bench inspect test test-fast bench-kernel bench-step bench-capture bench-gpu bench-chat bench-ingest system-corpus lang-corpus clean
+.PHONY: demo setup tiny-models teacher-cache distill eval compare bench fit-mix inspect test test-fast bench-kernel bench-step bench-capture bench-gpu bench-chat bench-ingest system-corpus lang-corpus clean
 
 # The main job on the embedded default: stage one, then stage two.
 demo: teacher-cache distill
@@ -65,6 +66,11 @@ eval: setup
 SEEDS ?= 3
 compare: teacher-cache
 	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(if $(MODES),--modes $(MODES)) $(if $(VS_CACHE),--vs-cache $(VS_CACHE)) $(SET)
+
+# The domain mix fitted to a comparison's runs (COMPARE_DIR, default runs/default/compare);
+# `make compare MODES=kd,ddk-equal-sampling,kd-fitted` then trains and judges it.
+fit-mix: setup
+	$(DDK) fit-mix --compare-dir $(or $(COMPARE_DIR),runs/default/compare) $(SET)
 
 # P1-P6: throughput, memory and cache-size ratios measured side by side; JSON in runs/bench/.
 bench: teacher-cache

@@ -228,7 +228,10 @@ class DistillConfig:
     mode: str = "ddk"
     no_smoothing: bool = False
     equal_sampling: bool = False
-    kd_domains: str = "proportional"  # kd mode: "proportional" | "uniform"
+    kd_domains: str = "proportional"  # kd mode: "proportional" | "uniform" | "fixed" (domain_weights)
+    # kd_domains = "fixed": the sampling weight of every domain, e.g. the mix `ddk fit-mix`
+    # fitted to a comparison's runs (normalized to sum to 1).
+    domain_weights: dict[str, float] = field(default_factory=dict)
     # A HF model directory; "" = the tiny student under models.out_dir.
     student: str = ""
     cache_dir: str = ""  # "" = cache.out_dir
@@ -478,8 +481,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.no_smoothing / equal_sampling are ablations of mode 'ddk', not '{d.mode}'")
     if d.no_smoothing and d.equal_sampling:
         raise ConfigError("distill.no_smoothing and distill.equal_sampling are two different ablations; pick one")
-    if d.kd_domains not in ("proportional", "uniform"):
-        raise ConfigError(f"distill.kd_domains: '{d.kd_domains}' is not one of proportional, uniform")
+    if d.kd_domains not in ("proportional", "uniform", "fixed"):
+        raise ConfigError(f"distill.kd_domains: '{d.kd_domains}' is not one of proportional, uniform, fixed")
+    if (d.kd_domains == "fixed") != bool(d.domain_weights) or (d.domain_weights and d.mode != "kd"):
+        raise ConfigError("distill.domain_weights (one weight per domain) goes with distill.mode = 'kd' and distill.kd_domains = 'fixed', "
+                          f"and they need it; got mode '{d.mode}', kd_domains '{d.kd_domains}', domain_weights {d.domain_weights}")
+    bad = {k: v for k, v in d.domain_weights.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
+    if bad or (d.domain_weights and sum(d.domain_weights.values()) <= 0):
+        raise ConfigError(f"distill.domain_weights: every weight must be a finite number >= 0 and their sum > 0, got {d.domain_weights}")
     if d.chunk_tokens < 0:
         raise ConfigError(f"distill.chunk_tokens = {d.chunk_tokens}: must be >= 0 (tokens per fused-head chunk; 0 = chosen for the device)")
     if d.steps < 1 or d.batch_rows < 1 or d.grad_accum < 1:

@@ -86,7 +86,7 @@ _KNOWN_SLOTS = {
     "student after": 0, "student": 0, "ddk-log-ratio-t0.3": 0,
     "cpt": 1, "kd": 2, "ddk": 3, "ddk-no-smoothing": 4, "ddk w/o fs": 4, "ddk-equal-sampling": 5,
     "ddk-guarded": 6, "ddk-prior-tilt": 7, "ddk-progress": 8, "ddk-gap-progress": 9,
-    "ddk-log-ratio-t0.1": 10, "student before": 11,
+    "ddk-log-ratio-t0.1": 10, "student before": 11, "kd-fitted": 12,
 }
 _N_SLOTS = len(MODE_COLORS) * len(MODE_MARKERS)
 
@@ -490,5 +490,54 @@ def plot_ppl_ratio(series: dict[str, tuple[list[float], list[list[float]]]], dom
     else:
         axes[0].set_title(f"{title}\n{runs[0][0]}" if runs[0][0] else title)
     _legend_outside(axes[-1], fig, title="domain")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -----------------------------------------------------------------------------
+# a domain's loss against its share of the data (ddk fit-mix)
+
+
+def plot_mix_fit(domains: list[str], points: dict[str, tuple[list[list[float]], list[list[float]]]],
+                 a: list[float], b: list[float], mix: list[float], path,
+                 title: str = "Validation CE against the domain's mean share") -> Path:
+    """One panel per domain: every run as a point (x: the domain's mean share, log axis;
+    y: its final validation CE), marked by mode (`points[mode] = (shares [runs][N], ce
+    [runs][N])`), the fitted line a_i - b_i log s, and the fitted mix's share (dotted)."""
+    domains = [str(d) for d in domains]
+    if not domains or not points:
+        raise ValueError("plot_mix_fit: no domains or no runs to plot")
+    styles = mode_styles(points)
+    cols = min(3, len(domains))
+    rows = math.ceil(len(domains) / cols)
+    w, h = PANEL_SIZE
+    fig = Figure(figsize=(w * 0.75 * cols + 1.8, h * 0.8 * rows), dpi=DPI)
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [grid[r][c] for r in range(rows) for c in range(cols)]
+    for ax in axes[len(domains):]:
+        ax.set_visible(False)
+    for i, (ax, dom) in enumerate(zip(axes, domains)):
+        seen = [s[i] for shares, _ in points.values() for s in shares]
+        lo, hi = min(seen + [mix[i]]) / 1.1, max(seen + [mix[i]]) * 1.1
+        xs = [lo * (hi / lo) ** (t / 40) for t in range(41)]
+        ax.plot(xs, [a[i] - b[i] * math.log(x) for x in xs], color="#555555", lw=1.2,
+                label="fit $a - b \\log s$" if i == 0 else None)
+        for mode, (shares, ce) in points.items():
+            st = styles[mode]
+            ax.plot([s[i] for s in shares], [c[i] for c in ce], st.marker, color=st.color, ms=5, ls="none",
+                    label=mode if i == 0 else None)
+        ax.axvline(mix[i], color="#555555", ls=":", lw=1.2, label="fitted mix" if i == 0 else None)
+        ax.set_xscale("log")
+        ax.set_xticks([lo * (hi / lo) ** t for t in (0.1, 0.5, 0.9)])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{dom}: b = {b[i]:.2f}", fontsize="medium")
+        ax.set_xlabel("mean share of rows", fontsize="small")
+        if i % cols == 0:
+            ax.set_ylabel("validation CE (nats)", fontsize="small")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    _legend_outside(axes[cols - 1], fig, *axes[0].get_legend_handles_labels(), title="run")
     fig.tight_layout()
     return _save(fig, path)

@@ -18,7 +18,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-MODES = ("ddk", "ddk-no-smoothing", "uniform", "proportional", "prior-tilt", "progress", "gap-progress")
+MODES = ("ddk", "ddk-no-smoothing", "uniform", "proportional", "prior-tilt", "progress", "gap-progress", "fixed")
 # The rules beyond the paper that weigh what a domain's data buys (distill.ddk_rule).
 RULES = ("paper", "prior-tilt", "progress", "gap-progress")
 
@@ -284,6 +284,7 @@ class DomainScheduler:
       "progress"         the proportional mix at step 0, then progress_weights of the
                          learning progress (EMA over intervals, progress_ema).
       "gap-progress"     the same with gap_times_progress as the score.
+      "fixed"            the given fixed_weights forever (kd with a chosen mix, e.g. `ddk fit-mix`'s).
 
     The fixed modes still accept `update` so that every mode records the same history
     (ratios over training are plotted for all of them), but their weights never move.
@@ -292,7 +293,8 @@ class DomainScheduler:
     def __init__(self, domains, mode: str = "ddk", interval: int = 1000, alpha: float = 0.5,
                  rows_per_domain: dict | None = None, discrepancy: str = "ppl-ratio", temperature: float = 1.0,
                  smooth_initial: bool = False, weight_floor: float = 0.0, weight_cap: float = 1.0,
-                 progress_floor: float = 0.2, progress_ema: float = 0.5):
+                 progress_floor: float = 0.2, progress_ema: float = 0.5,
+                 fixed_weights: dict | None = None):
         self.domains = list(domains)
         if not self.domains:
             raise ValueError("DomainScheduler needs at least one domain")
@@ -331,6 +333,14 @@ class DomainScheduler:
                 raise ValueError(f"rows_per_domain must be non-negative with a positive total, got {counts.tolist()}")
             self.weights = counts / counts.sum()
             self.prior = self.weights.copy()
+        elif mode == "fixed":
+            if set(fixed_weights or {}) != set(self.domains):
+                raise ValueError(f"mode 'fixed' needs fixed_weights with exactly the domains {self.domains}, "
+                                 f"got {sorted(fixed_weights or {})}")
+            w = np.array([fixed_weights[d] for d in self.domains], dtype=np.float64)
+            if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(f"fixed_weights must be finite, >= 0, with a positive sum, got {fixed_weights}")
+            self.weights = w / w.sum()
         else:
             # for ddk modes this is only a placeholder until the step-0 update (Eq. 1)
             self.weights = np.full(n, 1.0 / n)
@@ -387,7 +397,7 @@ class DomainScheduler:
             self.weights = progress_weights(scores, self.prior, self.progress_floor)
         if self.mode in ("ddk", "ddk-no-smoothing", "prior-tilt", "progress", "gap-progress"):
             self.weights = bound_weights(self.weights, self.weight_floor, self.weight_cap)
-        # uniform / proportional: weights fixed at construction
+        # uniform / proportional / fixed: weights fixed at construction
         self.num_updates += 1
         self.history.append(HistoryEntry(int(step), self.weights.tolist(), lS.tolist(), (lS / lT).tolist()))
         return self.weights.copy()

@@ -241,7 +241,8 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
 @main.command("compare")
 @config_options
 @click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: these five), plus the variants beyond "
-                   "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded.")
+                   "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded, ddk-prior-tilt, ddk-progress, ddk-gap-progress, and "
+                   "kd-fitted (kd with the mix `ddk fit-mix` fitted to the runs already in --out).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
 @click.option("--vs-cache", type=click.Path(file_okay=False), default=None,
@@ -266,6 +267,27 @@ def compare_cmd(config_path, overrides, modes, seeds, out_dir, vs_cache):
     path = config_path if config_path is not None or not Path(DEFAULT_CONFIG).exists() else DEFAULT_CONFIG
     compare(path, list(overrides), out, modes.split(",") if modes else None, seeds=seeds, log=click.echo,
             vs_cache=Path(vs_cache) if vs_cache else None)
+
+
+@main.command("fit-mix")
+@click.option("--compare-dir", type=click.Path(file_okay=False, exists=True), required=True,
+              help="A `ddk compare` output directory with finished runs of several modes (their mixes must differ).")
+@click.option("--extrapolate", type=click.FloatRange(min=1.0), default=1.5, show_default=True,
+              help="Let each domain's share go this factor beyond the range of shares the runs gave it (1: only where the fit has data).")
+@friendly_errors
+def fit_mix_cmd(compare_dir, extrapolate):
+    """Fit the domain mix that minimizes the domain-mean loss to a comparison's runs.
+
+    Per domain, the final VALIDATION CE of every run (cpt excepted) against the log of the
+    mean share of rows the domain got: CE_i = a_i - b_i log s_i; the mix s_i = b_i / sum b
+    (kept within --extrapolate times the range of shares the runs saw) minimizes the fitted
+    mean. Writes <compare-dir>/fitted_mix.json and fitted_mix.png (each domain's runs and
+    line); `ddk compare --modes kd,ddk-equal-sampling,kd-fitted` then trains kd with that
+    mix and judges it on the held-out test split.
+    """
+    from .fit_mix import fit_mix
+
+    fit_mix(Path(compare_dir), extrapolate=extrapolate, log=click.echo)
 
 
 @main.group("cache")

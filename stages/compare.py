@@ -72,6 +72,9 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("ddk-gap-progress", ["distill.mode=ddk", "distill.ddk_rule=gap-progress"]),
 ]
 ALL_MODES = MODES + VARIANTS
+# kd with the fixed mix `ddk fit-mix` fitted to this comparison's other runs (its
+# fitted_mix.json in --out); run after them, judged on the test split the fit never saw.
+FITTED = "kd-fitted"
 PAPER_BASES = ("ddk", "ddk-equal-sampling")  # what a variant is also paired against
 # The paper's baseline: every other mode's paired difference is measured against it.
 REFERENCE = "kd"
@@ -111,12 +114,14 @@ VS_CACHE = "@vs-cache"  # the label suffix of a mode trained from --vs-cache
 
 def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print,
             vs_cache: Path | None = None) -> dict:
-    unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES})
+    unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES} - {FITTED})
     if unknown:
-        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES]}")
+        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES] + [FITTED]}")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
     wanted = MODES if modes is None else [m for m in ALL_MODES if m[0] in modes]
+    if modes is not None and FITTED in modes:
+        wanted = [*wanted, (FITTED, fitted_overrides(out))]
     if vs_cache is not None:
         if not (Path(vs_cache) / "manifest.json").exists():
             raise ConfigError(f"--vs-cache {vs_cache}: no manifest.json there; point it at a finished `ddk teacher-cache` directory")
@@ -138,6 +143,17 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     return summary
 
 
+def fitted_overrides(out: Path) -> list[str]:
+    """kd-fitted's config: kd with the mix in <out>/fitted_mix.json."""
+    from .fit_mix import FITTED_MIX, toml_table
+
+    path = Path(out) / FITTED_MIX
+    if not path.exists():
+        raise ConfigError(f"mode {FITTED}: {path} not found; fit it to this comparison's runs first: ddk fit-mix --compare-dir {out}")
+    weights = json.loads(path.read_text())["weights"]
+    return ["distill.mode=kd", "distill.kd_domains=fixed", f"distill.domain_weights={toml_table(weights)}"]
+
+
 def _refuse_single_seed_layout(mode_dir: Path) -> None:
     if (mode_dir / "results.json").exists():
         raise ConfigError(f"{mode_dir / 'results.json'} is a single-seed run of an older ddk, made before per-seed runs and the held-out "
@@ -149,7 +165,7 @@ def _run(config_path, overrides: list[str], label: str, extra: list[str], seed: 
     run_dir = out / label / f"seed-{seed}"
     cfg = load_config(config_path, [*overrides, *extra, f"distill.seed={seed}", f"distill.out_dir={json.dumps(str(run_dir))}"])
     base = label.removesuffix(VS_CACHE)
-    assert run_label(cfg) == ("ddk-variant" if base in dict(VARIANTS) else base)
+    assert run_label(cfg) == ("ddk-variant" if base in dict(VARIANTS) else "kd-fixed" if base == FITTED else base)
     results_path = run_dir / "results.json"
     if results_path.exists():
         key = (str(cfg.cache_path()), str(cfg.student_path()))
@@ -262,7 +278,7 @@ def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | N
                                                        row_weights=weights, **BOOTSTRAP)
     # The variants beyond the paper also against what they would replace: the paper's DDK and ES.
     rows_t = {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}
-    pairs = [(label, base) for label in runs if label in dict(VARIANTS) for base in PAPER_BASES if base in runs]
+    pairs = [(label, base) for label in runs if label in dict(VARIANTS) or label == FITTED for base in PAPER_BASES if base in runs]
     if all(m in runs for m in PAPER_BASES):
         pairs.insert(0, PAPER_BASES)  # the paper's own claim: DDK against equal sampling
     variants_vs_paper = {f"{a} − {b}": paired_bootstrap(_row_losses(runs[a]), _row_losses(runs[b]), rows_t, row_weights=weights,

@@ -57,8 +57,8 @@ def scheduler_mode(cfg: Config) -> str:
         if d.equal_sampling or d.no_smoothing:
             return "uniform" if d.equal_sampling else "ddk-no-smoothing"
         return "ddk" if d.ddk_rule == "paper" else d.ddk_rule
-    if d.mode == "kd" and d.kd_domains == "uniform":
-        return "uniform"
+    if d.mode == "kd" and d.kd_domains in ("uniform", "fixed"):
+        return d.kd_domains
     return "proportional"
 
 
@@ -237,7 +237,8 @@ RESUMABLE_WITH_CHANGED = ("out_dir", "checkpoint_every", "keep_checkpoints", "de
 # [distill] fields added after runs were first recorded, with the value that reproduces
 # what those runs did: a saved config without the field is read as having this value.
 ADDED_LATER = {"discrepancy": "ppl-ratio", "discrepancy_temperature": 1.0, "smooth_initial": False,
-               "weight_floor": 0.0, "weight_cap": 1.0, "ddk_rule": "paper", "progress_floor": 0.2, "progress_ema": 0.5}
+               "weight_floor": 0.0, "weight_cap": 1.0, "ddk_rule": "paper", "progress_floor": 0.2, "progress_ema": 0.5,
+               "domain_weights": {}}
 
 
 def saved_config(config: dict) -> dict:
@@ -300,9 +301,12 @@ class Trainer:
         self.domains = domains = reader.domains
         rows = {dom: reader.num_rows(dom, "train") for dom in domains}
         self.interval = DomainScheduler.interval_steps(d.steps, d.interval or None, None if d.interval else d.interval_fraction)
+        if d.kd_domains == "fixed" and set(d.domain_weights) != set(domains):
+            raise ConfigError(f"distill.domain_weights names {sorted(d.domain_weights)}, but the cache {reader.dir} holds the domains "
+                              f"{domains}: give one weight for each of them")
         self.scheduler = DomainScheduler(domains, scheduler_mode(cfg), self.interval, d.alpha, rows, d.discrepancy,
                                          d.discrepancy_temperature, d.smooth_initial, d.weight_floor, d.weight_cap,
-                                         d.progress_floor, d.progress_ema)
+                                         d.progress_floor, d.progress_ema, d.domain_weights or None)
         self.sampler = IntervalSampler(rows, seed=d.seed)
         self.gamma = 0.0 if d.mode == "cpt" else d.gamma
         # A sampled support holds all of the teacher's mass (its tail is -inf everywhere): the

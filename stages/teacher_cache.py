@@ -328,27 +328,37 @@ def teacher_cache(cfg: Config, log=print, rank: int = 0, world_size: int = 1) ->
     return manifest
 
 
+def combine_throughput(records: list[dict]) -> dict:
+    """Processes that ran side by side (the workers of one run, or the ranks of a cache):
+    their tokens over the busiest one's seconds; likewise the steady state (each worker's
+    first shard left out: its forwards carry the compiles and warm-up) when every one of
+    them recorded it (it did not when it wrote a single shard, or none)."""
+    out = {"tokens": sum(r.get("tokens", 0) for r in records), "seconds": max((r.get("seconds", 0.0) for r in records), default=0.0)}
+    if records and all(r.get("steady_seconds") for r in records):
+        out |= {"steady_tokens": sum(r["steady_tokens"] for r in records),
+                "steady_seconds": max(r["steady_seconds"] for r in records)}
+    return out
+
+
+def _rates(combined: dict) -> dict:
+    """tokens_per_s and, when known, steady_tokens_per_s of combine_throughput's result."""
+    busy, steady = combined["seconds"], combined.get("steady_seconds")
+    return {"tokens_per_s": round(combined["tokens"] / busy, 1) if busy else None,
+            **({"steady_tokens_per_s": round(combined["steady_tokens"] / steady, 1)} if steady else {})}
+
+
 def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
     """Throughput of this run's workers (teacher forward + encode, engine start-up excluded):
     tokens_per_s over each worker's whole loop; steady_tokens_per_s without each worker's
-    first shard, whose forwards carry the one-time costs (compiles, warm-up), when every
-    worker had more than one shard."""
+    first shard (combine_throughput)."""
     stats_dir = cache_dir / WORK_DIR / "stats"
-    tokens, busy, dtypes, steady_tokens, steady_busy, steady_all = 0, 0.0, set(), 0, 0.0, True
+    records = []
     for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
-        s = json.loads(f.read_text())
-        tokens += s["tokens"]
-        busy = max(busy, s["seconds"])
-        dtypes.add(s["engine_dtype"])
-        if s.get("steady_seconds"):
-            steady_tokens += s["steady_tokens"]
-            steady_busy = max(steady_busy, s["steady_seconds"])
-        else:
-            steady_all = False
+        records.append(json.loads(f.read_text()))
         f.unlink()
-    steady = {"steady_tokens_per_s": round(steady_tokens / steady_busy, 1)} if steady_all and steady_busy else {}
-    return {"backend": backend, "tokens": tokens, "wall_seconds": round(seconds, 2), "tokens_per_s": round(tokens / busy, 1) if busy else None,
-            **steady, "engine_dtype": ",".join(sorted(dtypes))}  # as each engine reported it (checked against teacher.dtype)
+    combined = combine_throughput(records)
+    return {"backend": backend, "tokens": combined["tokens"], "wall_seconds": round(seconds, 2), **_rates(combined),
+            "engine_dtype": ",".join(sorted({r["engine_dtype"] for r in records}))}  # as each engine reported it (checked against teacher.dtype)
 
 
 # ---------------------------------------------------------------- several ranks
@@ -512,16 +522,14 @@ def _capture_rank(cfg: Config, me: RankInfo, cache_dir: Path, plan: CachePlan, b
 
 
 def _rank_stats(cache_dir: Path, first: int, workers: int) -> dict:
-    """This rank's workers' throughput notes (read and removed): tokens, busiest worker's seconds, dtypes."""
-    tokens, busy, dtypes = 0, 0.0, set()
+    """This rank's workers' throughput notes (read and removed), combined (combine_throughput), and their dtypes."""
+    records = []
     for w in range(first, first + workers):
         f = cache_dir / WORK_DIR / "stats" / f"worker-{w}.json"
         if f.exists():
-            s = json.loads(f.read_text())
-            tokens, busy = tokens + s["tokens"], max(busy, s["seconds"])
-            dtypes.add(s["engine_dtype"])
+            records.append(json.loads(f.read_text()))
             f.unlink()
-    return {"tokens": tokens, "seconds": busy, "engine_dtype": sorted(dtypes)}
+    return {**combine_throughput(records), "engine_dtype": sorted({r["engine_dtype"] for r in records})}
 
 
 def _markers(cache_dir: Path, world: int | None = None) -> list[Path]:
@@ -541,11 +549,10 @@ def _merged_stats(cache_dir: Path, backend: str, world: int | None = None) -> di
             pass
     if not ranks:
         return None
-    tokens = sum(r.get("tokens", 0) for r in ranks)
-    busy = max(r.get("seconds", 0.0) for r in ranks)  # the ranks run side by side
-    return {"backend": backend, "tokens": tokens, "wall_seconds": max(r.get("wall_seconds", 0.0) for r in ranks),
-            "tokens_per_s": round(tokens / busy, 1) if busy else None,
-            "engine_dtype": ",".join(sorted({d for r in ranks for d in r.get("engine_dtype", [])})), "ranks": len(ranks)}
+    combined = combine_throughput(ranks)  # the ranks run side by side
+    return {"backend": backend, "tokens": combined["tokens"], "wall_seconds": max(r.get("wall_seconds", 0.0) for r in ranks),
+            **_rates(combined), "engine_dtype": ",".join(sorted({d for r in ranks for d in r.get("engine_dtype", [])})),
+            "ranks": len(ranks)}
 
 
 def _take_lock(cache_dir: Path, who: str) -> tuple[Path | None, dict]:

@@ -31,10 +31,15 @@ def _weights(evals, domains):
     return [np.array([e["weights"][d] for d in domains]) for e in evals]
 
 
-@pytest.mark.parametrize("mode", ["cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-equal-sampling"])
+FIXED_MIX = {"code": 1.0, "reference": 1.0, "docstrings": 2.0, "unicode": 4.0}
+
+
+@pytest.mark.parametrize("mode", ["cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-equal-sampling", "kd-fixed"])
 def test_modes_follow_their_weighting_rule(tiny_cache, tmp_path, mode):
     extra = {"cpt": ["distill.mode=cpt"], "kd": ["distill.mode=kd"], "ddk": [],
-             "ddk-no-smoothing": ["distill.no_smoothing=true"], "ddk-equal-sampling": ["distill.equal_sampling=true"]}[mode]
+             "ddk-no-smoothing": ["distill.no_smoothing=true"], "ddk-equal-sampling": ["distill.equal_sampling=true"],
+             "kd-fixed": ["distill.mode=kd", "distill.kd_domains=fixed",
+                          "distill.domain_weights={" + ", ".join(f"{k} = {v}" for k, v in FIXED_MIX.items()) + "}"]}[mode]
     cfg = _cfg(tiny_cache, tmp_path / mode, *extra)
     res = distill(cfg, log=QUIET)
     assert res["mode"] == mode
@@ -57,6 +62,10 @@ def test_modes_follow_their_weighting_rule(tiny_cache, tmp_path, mode):
     elif mode == "ddk-equal-sampling":
         for x in w:
             np.testing.assert_allclose(x, np.full(len(domains), 0.25))
+    elif mode == "kd-fixed":  # the given mix, normalized, and the rows drawn by it
+        fixed = np.array([FIXED_MIX[d] for d in domains]) / sum(FIXED_MIX.values())
+        for x in w:
+            np.testing.assert_allclose(x, fixed)
     elif mode == "ddk-no-smoothing":
         for x, r in zip(w, ratios):
             np.testing.assert_allclose(x, discrepancy_factor(r * ppl_t, ppl_t), rtol=1e-9)

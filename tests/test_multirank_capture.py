@@ -177,6 +177,9 @@ def test_ranks_write_the_one_process_cache_each_shard_once(tiny_cache, tmp_path,
     m = load_manifest(cache)
     assert _comparable(m) == _comparable(ref_manifest)
     assert m["capture"]["ranks"] == world
+    per_rank = [sum(1 for rank, _ in writes if rank == r) for r in range(world)]
+    # the steady rate (each worker's first shard left out) when every rank's worker wrote more than one
+    assert (m["capture"].get("steady_tokens_per_s", 0) > 0) == all(n > 1 for n in per_rank), (per_rank, m["capture"])
     assert sum("every rank is done; building" in out for out in outputs.values()) == 1
     assert sum("waiting for rank 0" in out for out in outputs.values()) >= 1  # the others waited for the ingest
     # Nothing left behind: no temp files, no ingested rows, no markers, no lock.
@@ -199,6 +202,7 @@ def test_ranks_write_the_one_process_cache_each_shard_once(tiny_cache, tmp_path,
         m = load_manifest(cache)
         rows = {s.file: s.rows for s in CachePlan.load(cache).shards}
         assert m["capture"]["tokens"] == sum(rows[v] for v in victims) * m["seq_len"]  # this run's capture only
+        assert "steady_tokens_per_s" not in m["capture"]  # one shard per rank at most: no steady state to measure
         assert _files(cache) == reference and _comparable(m) | {"capture": None} == _comparable(ref_manifest) | {"capture": None}
 
 
@@ -301,3 +305,12 @@ def test_rank_and_world_size_come_from_the_options_then_torchrun_then_srun():
         r(None, None, {"RANK": "1"})
     res = CliRunner().invoke(cli, ["teacher-cache", "--rank", "2", "--world-size", "2"])
     assert res.exit_code == 1 and "rank 2 of world size 2" in res.output
+
+
+def test_throughput_of_processes_side_by_side():
+    two = [{"tokens": 100, "seconds": 2.0, "steady_tokens": 60, "steady_seconds": 1.0},
+           {"tokens": 300, "seconds": 4.0, "steady_tokens": 200, "steady_seconds": 2.5}]
+    assert tc.combine_throughput(two) == {"tokens": 400, "seconds": 4.0, "steady_tokens": 260, "steady_seconds": 2.5}
+    # one process without a steady state (a single shard): no steady state for the whole
+    assert tc.combine_throughput([two[0], {"tokens": 50, "seconds": 1.0}]) == {"tokens": 150, "seconds": 2.0}
+    assert tc.combine_throughput([]) == {"tokens": 0, "seconds": 0.0}

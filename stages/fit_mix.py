@@ -1,0 +1,79 @@
+"""`ddk fit-mix`: the fixed domain mix fitted to a comparison's finished runs
+(pipeline/mix_fit.py), written to <compare dir>/fitted_mix.json for `ddk compare --modes
+...,kd-fitted` (kd with that mix, paired against kd, equal sampling and DDK on the test split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..pipeline.atomic import write_json_atomic
+from ..pipeline.config import ConfigError
+from ..pipeline.mix_fit import bootstrap_mixes, fit_log_share, optimal_mix, read_run
+from ..pipeline.plots import plot_mix_fit
+
+FITTED_MIX = "fitted_mix.json"
+# Runs the fit leaves out: cpt (another objective: no teacher), the fitted mix's own runs
+# (the fit would then depend on its own output) and runs from another cache (--vs-cache).
+NOT_FITTED = ("cpt", "kd-fitted")
+
+
+def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print) -> dict:
+    run_dirs = sorted(p.parent for p in Path(compare_dir).glob("*/seed-*/results.json")
+                      if p.parent.parent.name not in NOT_FITTED and "@" not in p.parent.parent.name)
+    if not run_dirs:
+        raise ConfigError(f"{compare_dir}: no finished runs (<mode>/seed-<s>/results.json); run `ddk compare` there first")
+    runs = [read_run(d) for d in run_dirs]
+    domains = json.loads((run_dirs[0] / "results.json").read_text())["domains"]
+    labels = [d.parent.name for d in run_dirs]
+    try:
+        fit = fit_log_share(domains, np.array([r.shares for r in runs]), np.array([r.ce for r in runs]))
+    except ValueError as e:
+        raise ConfigError(f"{compare_dir}: {e}") from None
+    mix = optimal_mix(fit, extrapolate)
+    # how firmly the runs pin the mix down: 95 % of the mixes fitted to resampled runs
+    boot = bootstrap_mixes(domains, np.array([r.shares for r in runs]), np.array([r.ce for r in runs]), extrapolate)
+    band = np.percentile(boot, [2.5, 97.5], axis=0) if len(boot) else np.full((2, len(domains)), np.nan)
+    by_mode: dict[str, list] = {}
+    for label, run in zip(labels, runs):
+        by_mode.setdefault(label, []).append(run)
+    observed = {m: float(np.mean([r.ce.mean() for r in rs])) for m, rs in by_mode.items()}
+    predicted = {m: float(np.mean([fit.predicted_mean_ce(r.shares) for r in rs])) for m, rs in by_mode.items()}
+    uniform = np.full(len(domains), 1.0 / len(domains))
+    result = {
+        "domains": domains,
+        "weights": dict(zip(domains, mix.round(4).tolist())),
+        "weights_95": {d: [float(band[0, i]), float(band[1, i])] for i, d in enumerate(domains)},
+        "bootstrap": {"replicates": int(len(boot)), "resampled": "runs, with replacement", "rng_seed": 0},
+        "fit": {"model": "CE_i = a_i - b_i * log(mean share_i), least squares over the runs, validation CE",
+                "a": fit.a.tolist(), "b": fit.b.tolist(), "r2": fit.r2.tolist(),
+                "share_low": fit.lo.tolist(), "share_high": fit.hi.tolist(), "extrapolate": extrapolate},
+        "predicted_mean_val_ce": {"fitted": fit.predicted_mean_ce(mix), "uniform": fit.predicted_mean_ce(uniform), **predicted},
+        "observed_mean_val_ce": observed,
+        "runs": [str(d) for d in run_dirs],
+    }
+    points = {m: ([r.shares.tolist() for r in rs], [r.ce.tolist() for r in rs]) for m, rs in by_mode.items()}
+    result["plot"] = str(plot_mix_fit(domains, points, fit.a.tolist(), fit.b.tolist(), mix.tolist(),
+                                      Path(compare_dir) / "fitted_mix.png"))
+    write_json_atomic(Path(compare_dir) / FITTED_MIX, result)
+    log(f"fitted to {len(runs)} runs of {len(by_mode)} modes ({', '.join(by_mode)}) in {compare_dir}: validation CE per domain "
+        f"against the log of its mean share")
+    log(f"{'domain':<16}{'b (nats/e-fold)':>16}{'R^2':>7}{'shares seen':>16}{'fitted share':>14}{'95 % (runs resampled)':>23}")
+    for i, d in enumerate(domains):
+        log(f"{d:<16}{fit.b[i]:>16.3f}{fit.r2[i]:>7.2f}{f'{fit.lo[i]:.3f}..{fit.hi[i]:.3f}':>16}{mix[i]:>14.3f}"
+            f"{f'{band[0, i]:.3f}..{band[1, i]:.3f}':>23}")
+    log(f"domain-mean validation CE, fitted (observed): " + ", ".join(
+        f"{m} {predicted[m]:.4f} ({observed[m]:.4f})" for m in by_mode) +
+        f"; uniform {fit.predicted_mean_ce(uniform):.4f}; the fitted mix {fit.predicted_mean_ce(mix):.4f}")
+    log(f"written: {Path(compare_dir) / FITTED_MIX}, {result['plot']}; train it with `ddk compare --out {compare_dir} --modes kd,ddk-equal-sampling,kd-fitted` "
+        f"(paired on the test split), or one run with --set distill.mode=kd --set distill.kd_domains=fixed "
+        f"--set 'distill.domain_weights={toml_table(result['weights'])}'")
+    return result
+
+
+def toml_table(weights: dict) -> str:
+    """{german = 0.2, ...}: a TOML inline table, as --set reads it."""
+    return "{" + ", ".join(f"{k} = {v}" if k.replace("_", "").replace("-", "").isalnum() else f'"{k}" = {v}'
+                           for k, v in weights.items()) + "}"
