@@ -4,7 +4,7 @@
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
 #   make compare SEEDS=3               cpt / kd / ddk / ablations from one cache, over seeds, table + plots
-#   make fit-mix                       the fixed domain mix fitted to that comparison's runs (then MODES=...,kd-fitted)
+#   make fit-mix                       the fixed domain mix fitted to that comparison's runs (MODES=...,kd-fitted trains it)
 #   make bench                         speed, memory and cache-size benchmarks
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 
@@ -68,7 +68,7 @@ compare: teacher-cache
 	$(DDK) compare --config $(CONFIG) --seeds $(SEEDS) $(if $(MODES),--modes $(MODES)) $(if $(VS_CACHE),--vs-cache $(VS_CACHE)) $(SET)
 
 # The domain mix fitted to a comparison's runs (COMPARE_DIR, default runs/default/compare);
-# `make compare MODES=kd,ddk-equal-sampling,kd-fitted` then trains and judges it.
+# `make compare MODES=...,kd-fitted` trains and judges it (and fits it first when absent).
 fit-mix: setup
 	$(DDK) fit-mix --compare-dir $(or $(COMPARE_DIR),runs/default/compare) $(SET)
 

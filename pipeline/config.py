@@ -486,7 +486,8 @@ def validate(cfg: Config) -> None:
     if (d.kd_domains == "fixed") != bool(d.domain_weights) or (d.domain_weights and d.mode != "kd"):
         raise ConfigError("distill.domain_weights (one weight per domain) goes with distill.mode = 'kd' and distill.kd_domains = 'fixed', "
                           f"and they need it; got mode '{d.mode}', kd_domains '{d.kd_domains}', domain_weights {d.domain_weights}")
-    bad = {k: v for k, v in d.domain_weights.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
+    bad = {k: v for k, v in d.domain_weights.items()
+           if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
     if bad or (d.domain_weights and sum(d.domain_weights.values()) <= 0):
         raise ConfigError(f"distill.domain_weights: every weight must be a finite number >= 0 and their sum > 0, got {d.domain_weights}")
     if d.chunk_tokens < 0:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConfigError
+
 
 @dataclass
 class RunMix:
@@ -68,16 +70,21 @@ def mean_shares(eval_steps: list[int], weights: np.ndarray, total_steps: int) ->
 
 def read_run(run_dir: Path) -> RunMix:
     """A finished run's RunMix from its results.json (validation CE) and metrics.jsonl (weights)."""
-    results = json.loads((run_dir / "results.json").read_text())
-    domains = results["domains"]
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    evals = [e for e in evals if e.get("kind") == "eval" and "weights" in e and e["step"] < results["steps"]]
-    if not evals:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no evaluation records with domain weights; is the run finished?")
-    weights = np.array([[e["weights"][d] for d in domains] for e in evals])
-    shares = mean_shares([e["step"] for e in evals], weights, results["steps"])
-    ce = np.array([results["student_after_loss"][d] for d in domains], np.float64)
-    return RunMix(results.get("mode", run_dir.parent.name), int(run_dir.name.removeprefix("seed-")), shares, ce)
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        domains = results["domains"]
+        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        evals = [e for e in evals if e.get("kind") == "eval" and "weights" in e and e["step"] < results["steps"]]
+        if not evals:
+            raise ValueError("no evaluation records with domain weights in metrics.jsonl")
+        weights = np.array([[e["weights"][d] for d in domains] for e in evals])
+        shares = mean_shares([e["step"] for e in evals], weights, results["steps"])
+        ce = np.array([results["student_after_loss"][d] for d in domains], np.float64)
+        seed = int(run_dir.name.removeprefix("seed-"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{run_dir}: not a finished run of ddk distill ({type(e).__name__}: {e}); "
+                          f"finish it (ddk compare resumes it) or move it out of the comparison") from None
+    return RunMix(results.get("mode", run_dir.parent.name), seed, shares, ce)
 
 
 def fit_log_share(domains: list, shares: np.ndarray, ce: np.ndarray) -> LogShareFit:
@@ -87,8 +94,9 @@ def fit_log_share(domains: list, shares: np.ndarray, ce: np.ndarray) -> LogShare
         raise ValueError(f"shares {shares.shape} and ce {ce.shape} must both be [runs, {len(domains)} domains]")
     if shares.shape[0] < 3:
         raise ValueError(f"{shares.shape[0]} runs: a line per domain needs at least 3 runs with different mixes")
-    if np.any(shares <= 0) or not np.all(np.isfinite(ce)):
-        raise ValueError("every run must give every domain a share > 0 and a finite CE")
+    bad = [domains[i] for i in range(len(domains)) if np.any(shares[:, i] <= 0) or not np.all(np.isfinite(ce[:, i]))]
+    if bad:
+        raise ValueError(f"domains {bad}: some run gave them no data (share 0) or a non-finite CE; leave such runs out")
     n = len(domains)
     a, b, r2 = np.zeros(n), np.zeros(n), np.zeros(n)
     for i, name in enumerate(domains):
@@ -118,7 +126,17 @@ def optimal_mix(fit: LogShareFit, extrapolate: float = 1.0, iters: int = 200) ->
         mid = np.sqrt(small * big)
         small, big = (mid, big) if total(mid) > 1.0 else (small, mid)
     mix = np.clip(b / big, lo, hi)
-    return mix / mix.sum()
+    # Every domain with b > 0 at its high end and still short of 1: the rest goes to the
+    # domains whose loss did not answer their share, those closest to b = 0 first (they
+    # cost the least), each up to its high end; never by rescaling past the bounds.
+    short = 1.0 - mix.sum()
+    for i in sorted(np.flatnonzero(fit.b <= 0), key=lambda i: -fit.b[i]):
+        if short <= 1e-15:
+            break
+        add = min(short, hi[i] - mix[i])
+        mix[i] += add
+        short -= add
+    return mix / mix.sum()  # a float-rounding correction only
 
 
 def bootstrap_mixes(domains: list, shares: np.ndarray, ce: np.ndarray, extrapolate: float = 1.0,

@@ -242,7 +242,8 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
 @config_options
 @click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: these five), plus the variants beyond "
                    "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded, ddk-prior-tilt, ddk-progress, ddk-gap-progress, and "
-                   "kd-fitted (kd with the mix `ddk fit-mix` fitted to the runs already in --out).")
+                   "kd-fitted (kd with the mix `ddk fit-mix` fits to the other runs in --out; fitted after they ran "
+                   "when --out has no fitted_mix.json; not trained from --vs-cache).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
 @click.option("--vs-cache", type=click.Path(file_okay=False), default=None,

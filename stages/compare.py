@@ -46,6 +46,7 @@ from ..pipeline.config import Config, ConfigError, load_config
 from ..pipeline.run_identity import cache_identity, student_identity
 from ..pipeline.stats import metrics_vs_teacher, paired_bootstrap, seed_spread
 from .distill import RESUMABLE_WITH_CHANGED, distill, read_metrics, run_label, saved_config
+from .fit_mix import FITTED_MIX, NOT_FITTED, fit_mix, toml_table
 
 # (label, config overrides): one tool, five switches.
 MODES: list[tuple[str, list[str]]] = [
@@ -73,7 +74,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
 ]
 ALL_MODES = MODES + VARIANTS
 # kd with the fixed mix `ddk fit-mix` fitted to this comparison's other runs (its
-# fitted_mix.json in --out); run after them, judged on the test split the fit never saw.
+# fitted_mix.json in --out, fitted there first when absent, after the other modes ran);
+# judged on the test split the fit never saw.
 FITTED = "kd-fitted"
 PAPER_BASES = ("ddk", "ddk-equal-sampling")  # what a variant is also paired against
 # The paper's baseline: every other mode's paired difference is measured against it.
@@ -120,8 +122,6 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
     wanted = MODES if modes is None else [m for m in ALL_MODES if m[0] in modes]
-    if modes is not None and FITTED in modes:
-        wanted = [*wanted, (FITTED, fitted_overrides(out))]
     if vs_cache is not None:
         if not (Path(vs_cache) / "manifest.json").exists():
             raise ConfigError(f"--vs-cache {vs_cache}: no manifest.json there; point it at a finished `ddk teacher-cache` directory")
@@ -132,6 +132,13 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     for label, extra in wanted:
         _refuse_single_seed_layout(out / label)
         runs[label] = [_run(config_path, list(overrides), label, extra, seed, out, identities, log) for seed in range(seeds)]
+    if modes is not None and FITTED in modes:  # last: the fit may use the runs just made (not from --vs-cache)
+        if not (out / FITTED_MIX).exists():
+            log(f"[{FITTED}] no {out / FITTED_MIX} yet: fitting it to the finished runs in {out} (ddk fit-mix)")
+            fit_mix(out, log=log, run_dirs=[r.dir for label, rs in runs.items() if label not in NOT_FITTED and
+                                            not label.endswith(VS_CACHE) for r in rs])
+        runs[FITTED] = [_run(config_path, list(overrides), FITTED, fitted_overrides(out), seed, out, identities, log)
+                        for seed in range(seeds)]
     frame = runs_frame(runs)
     summary = summarize(runs, _test_row_weights(load_config(config_path, list(overrides))), frame=frame)
     write_json_atomic(out / "compare.json", summary)
@@ -145,8 +152,6 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
 
 def fitted_overrides(out: Path) -> list[str]:
     """kd-fitted's config: kd with the mix in <out>/fitted_mix.json."""
-    from .fit_mix import FITTED_MIX, toml_table
-
     path = Path(out) / FITTED_MIX
     if not path.exists():
         raise ConfigError(f"mode {FITTED}: {path} not found; fit it to this comparison's runs first: ddk fit-mix --compare-dir {out}")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,18 @@ FITTED_MIX = "fitted_mix.json"
 NOT_FITTED = ("cpt", "kd-fitted")
 
 
-def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print) -> dict:
-    run_dirs = sorted(p.parent for p in Path(compare_dir).glob("*/seed-*/results.json")
-                      if p.parent.parent.name not in NOT_FITTED and "@" not in p.parent.parent.name)
+def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print, run_dirs: list[Path] | None = None) -> dict:
+    """Fit, print, and write <compare_dir>/fitted_mix.json and fitted_mix.png. run_dirs: the
+    runs to fit (compare passes those it has just checked against its config, cache and
+    student); by default every finished run under compare_dir but NOT_FITTED's and
+    --vs-cache's, which must then agree among themselves (checked: same_runs)."""
+    if run_dirs is None:
+        run_dirs = sorted(p.parent for p in Path(compare_dir).glob("*/seed-*/results.json")
+                          if p.parent.parent.name not in NOT_FITTED and "@" not in p.parent.parent.name)
     if not run_dirs:
         raise ConfigError(f"{compare_dir}: no finished runs (<mode>/seed-<s>/results.json); run `ddk compare` there first")
+    domains = same_runs(run_dirs)
     runs = [read_run(d) for d in run_dirs]
-    domains = json.loads((run_dirs[0] / "results.json").read_text())["domains"]
     labels = [d.parent.name for d in run_dirs]
     try:
         fit = fit_log_share(domains, np.array([r.shares for r in runs]), np.array([r.ce for r in runs]))
@@ -44,7 +50,7 @@ def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print) -> dict:
     uniform = np.full(len(domains), 1.0 / len(domains))
     result = {
         "domains": domains,
-        "weights": dict(zip(domains, mix.round(4).tolist())),
+        "weights": dict(zip(domains, mix.round(6).tolist())),
         "weights_95": {d: [float(band[0, i]), float(band[1, i])] for i, d in enumerate(domains)},
         "bootstrap": {"replicates": int(len(boot)), "resampled": "runs, with replacement", "rng_seed": 0},
         "fit": {"model": "CE_i = a_i - b_i * log(mean share_i), least squares over the runs, validation CE",
@@ -73,7 +79,23 @@ def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print) -> dict:
     return result
 
 
+def same_runs(run_dirs: list[Path]) -> list[str]:
+    """The domains of runs that may be fitted together: the same domains, cache, initial
+    student and budget as the first (a run of another comparison left in the directory
+    would otherwise be fitted silently). Refuses naming the first run that differs."""
+    first = json.loads((run_dirs[0] / "results.json").read_text())
+    for d in run_dirs[1:]:
+        r = json.loads((d / "results.json").read_text())
+        for what, mine, theirs in (("domains", r.get("domains"), first.get("domains")), ("steps", r.get("steps"), first.get("steps")),
+                                   ("cache and initial student", r.get("identity"), first.get("identity"))):
+            if mine != theirs:
+                raise ConfigError(f"{d / 'results.json'}: its {what} differ from {run_dirs[0] / 'results.json'}'s; runs of another "
+                                  f"comparison cannot be fitted with these: move it out of {d.parent.parent}")
+    return first["domains"]
+
+
 def toml_table(weights: dict) -> str:
-    """{german = 0.2, ...}: a TOML inline table, as --set reads it."""
-    return "{" + ", ".join(f"{k} = {v}" if k.replace("_", "").replace("-", "").isalnum() else f'"{k}" = {v}'
+    """{german = 0.2, "es-ES.utf8" = 0.1, ...}: a TOML inline table, as --set reads it (bare
+    keys where TOML allows them, else quoted and escaped: a JSON string is a TOML basic string)."""
+    return "{" + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {v!r}"
                            for k, v in weights.items()) + "}"

@@ -95,6 +95,27 @@ def test_every_mode_and_seed_trains_the_same_budget_and_is_reported_on_test(comp
             assert set(rows["tokens"]) == {p["tokens"]} and set(rows["train_tokens_per_s"]) == {p["tokens_per_s"]}
 
 
+def test_kd_fitted_fits_the_mix_to_the_runs_then_trains_kd_with_it(compared, tmp_path):
+    """`--modes ...,kd-fitted` in one command: the other modes' runs (reused), the fit, then kd with the fitted mix.
+    (Before the refusal test below, which alters the fixture's student.)"""
+    args, out, _, _ = compared
+    mine = tmp_path / "cmp"  # a copy: the fixture's directory is shared with the other tests
+    shutil.copytree(out, mine, ignore=shutil.ignore_patterns("ckpt-*", "latest"))
+    args = [a if a != str(out) else str(mine) for a in args]
+    args[args.index("--modes") + 1] = ",".join(MODES + ["kd-fitted"])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("reusing its results") == len(MODES) * SEEDS and "fitting it to the finished runs" in r.output
+    fitted = json.loads((mine / "fitted_mix.json").read_text())
+    assert len(fitted["runs"]) == len(MODES) * SEEDS
+    for seed in range(SEEDS):
+        res = json.loads((mine / "kd-fitted" / f"seed-{seed}" / "results.json").read_text())
+        total = sum(fitted["weights"].values())
+        assert res["final_weights"] == pytest.approx({d: w / total for d, w in fitted["weights"].items()})
+    s = json.loads((mine / "compare.json").read_text())
+    assert "kd-fitted" in s["modes"] and "kd-fitted − ddk" in s["variants_vs_paper"]
+
+
 def test_reruns_reuse_or_resume_each_run_and_refuse_what_changed(compared):
     args, out, cache, student = compared
     runner = CliRunner()
@@ -216,3 +237,4 @@ def test_a_second_cache_is_paired_mode_by_mode(tmp_path):
     runs["kd@vs-cache"] = [_fake_run(tmp_path, "kd@vs-cache", 0, shifted(0.5), other)]
     with pytest.raises(Exception, match="cannot be paired"):
         summarize(runs)
+

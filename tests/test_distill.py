@@ -62,7 +62,7 @@ def test_modes_follow_their_weighting_rule(tiny_cache, tmp_path, mode):
     elif mode == "ddk-equal-sampling":
         for x in w:
             np.testing.assert_allclose(x, np.full(len(domains), 0.25))
-    elif mode == "kd-fixed":  # the given mix, normalized, and the rows drawn by it
+    elif mode == "kd-fixed":  # the given mix, normalized
         fixed = np.array([FIXED_MIX[d] for d in domains]) / sum(FIXED_MIX.values())
         for x in w:
             np.testing.assert_allclose(x, fixed)

@@ -160,10 +160,47 @@ def test_the_bootstrap_band_is_tight_when_the_runs_follow_the_law_and_wider_when
     assert np.all(hi - lo > 0.01) and np.all((lo <= point) & (point <= hi))
 
 
-def test_compare_refuses_kd_fitted_before_a_mix_was_fitted(tmp_path):
+def test_compare_cannot_fit_kd_fitted_without_runs_to_fit_it_to(tmp_path):
     from ddk.stages.compare import compare
 
-    with pytest.raises(ConfigError, match="ddk fit-mix --compare-dir"):
-        compare(None, [], tmp_path, modes=["kd", FITTED], seeds=1, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="no finished runs"):
+        compare(None, [], tmp_path, modes=[FITTED], seeds=1, log=lambda *_: None)
     with pytest.raises(ConfigError, match="kd-fitted"):  # the unknown-mode message lists it
         compare(None, [], tmp_path, modes=["kd-fitter"], seeds=1, log=lambda *_: None)
+
+
+def test_the_mix_never_leaves_its_bounds_when_the_answering_domains_are_all_at_their_top():
+    from ddk.pipeline.mix_fit import LogShareFit
+
+    fit = LogShareFit(DOMAINS, np.zeros(3), np.array([0.1, 0.1, -0.1]), np.ones(3), np.full(3, 0.2), np.array([0.4, 0.3, 0.5]))
+    mix = optimal_mix(fit)
+    np.testing.assert_allclose(mix, [0.4, 0.3, 0.3])  # a, b at their top; the rest to c, not a rescaling past the tops
+    flat = LogShareFit(DOMAINS, np.zeros(3), np.zeros(3), np.ones(3), np.full(3, 0.2), np.full(3, 0.5))
+    assert optimal_mix(flat).sum() == pytest.approx(1.0) and np.all(optimal_mix(flat) <= 0.5 + 1e-12)
+
+
+def test_toml_table_reads_back_whatever_the_domain_names():
+    import tomllib
+
+    from ddk.stages.fit_mix import toml_table
+
+    weights = {"german": 0.25, "es-ES": 0.25, "español": 0.125, 'a "quoted" name': 0.125, "dotted.name": 0.25}
+    assert tomllib.loads("v = " + toml_table(weights))["v"] == weights
+
+
+def test_fit_mix_refuses_runs_of_another_comparison_and_unfinished_ones(tmp_path):
+    _fake_compare(tmp_path, with_cpt=False)
+    odd = tmp_path / "ddk" / "seed-1" / "results.json"
+    res = json.loads(odd.read_text())
+    odd.write_text(json.dumps({**res, "steps": 40}))
+    r = CliRunner().invoke(cli, ["fit-mix", "--compare-dir", str(tmp_path)])
+    assert r.exit_code != 0 and str(odd) in r.output and "steps" in r.output and "Traceback" not in r.output
+    odd.write_text(json.dumps(res))
+    (tmp_path / "kd" / "seed-0" / "metrics.jsonl").write_text("")
+    r = CliRunner().invoke(cli, ["fit-mix", "--compare-dir", str(tmp_path)])
+    assert r.exit_code != 0 and "not a finished run" in r.output and "Traceback" not in r.output
+
+
+def test_boolean_domain_weights_are_refused():
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(None, ["distill.mode=kd", "distill.kd_domains=fixed", "distill.domain_weights={a = true, b = 1}"])
