@@ -25,13 +25,9 @@ training (not on when the data came: docs/evidence.md measures what timing costs
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from .config import ConfigError
 
 
 @dataclass
@@ -66,25 +62,6 @@ def mean_shares(eval_steps: list[int], weights: np.ndarray, total_steps: int) ->
     if lengths.sum() <= 0:
         raise ValueError(f"no training steps between the evaluations {list(eval_steps)} and step {total_steps}")
     return (np.asarray(weights, np.float64) * lengths[:, None]).sum(0) / lengths.sum()
-
-
-def read_run(run_dir: Path) -> RunMix:
-    """A finished run's RunMix from its results.json (validation CE) and metrics.jsonl (weights)."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-        domains = results["domains"]
-        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-        evals = [e for e in evals if e.get("kind") == "eval" and "weights" in e and e["step"] < results["steps"]]
-        if not evals:
-            raise ValueError("no evaluation records with domain weights in metrics.jsonl")
-        weights = np.array([[e["weights"][d] for d in domains] for e in evals])
-        shares = mean_shares([e["step"] for e in evals], weights, results["steps"])
-        ce = np.array([results["student_after_loss"][d] for d in domains], np.float64)
-        seed = int(run_dir.name.removeprefix("seed-"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{run_dir}: not a finished run of ddk distill ({type(e).__name__}: {e}); "
-                          f"finish it (ddk compare resumes it) or move it out of the comparison") from None
-    return RunMix(results.get("mode", run_dir.parent.name), seed, shares, ce)
 
 
 def fit_log_share(domains: list, shares: np.ndarray, ce: np.ndarray) -> LogShareFit:

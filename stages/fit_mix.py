@@ -12,8 +12,9 @@ import numpy as np
 
 from ..pipeline.atomic import write_json_atomic
 from ..pipeline.config import ConfigError
-from ..pipeline.mix_fit import bootstrap_mixes, fit_log_share, optimal_mix, read_run
+from ..pipeline.mix_fit import RunMix, bootstrap_mixes, fit_log_share, mean_shares, optimal_mix
 from ..pipeline.plots import plot_mix_fit
+from .distill import read_metrics
 
 FITTED_MIX = "fitted_mix.json"
 # Runs the fit leaves out: cpt (another objective: no teacher), the fitted mix's own runs
@@ -31,16 +32,18 @@ def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print, run_dirs: li
                           if p.parent.parent.name not in NOT_FITTED and "@" not in p.parent.parent.name)
     if not run_dirs:
         raise ConfigError(f"{compare_dir}: no finished runs (<mode>/seed-<s>/results.json); run `ddk compare` there first")
-    domains = same_runs(run_dirs)
-    runs = [read_run(d) for d in run_dirs]
+    results = [_results(d) for d in run_dirs]
+    domains = same_runs(run_dirs, results)
+    runs = [read_run(d, r) for d, r in zip(run_dirs, results)]
     labels = [d.parent.name for d in run_dirs]
+    shares, ce = np.array([r.shares for r in runs]), np.array([r.ce for r in runs])
     try:
-        fit = fit_log_share(domains, np.array([r.shares for r in runs]), np.array([r.ce for r in runs]))
+        fit = fit_log_share(domains, shares, ce)
     except ValueError as e:
         raise ConfigError(f"{compare_dir}: {e}") from None
     mix = optimal_mix(fit, extrapolate)
     # how firmly the runs pin the mix down: 95 % of the mixes fitted to resampled runs
-    boot = bootstrap_mixes(domains, np.array([r.shares for r in runs]), np.array([r.ce for r in runs]), extrapolate)
+    boot = bootstrap_mixes(domains, shares, ce, extrapolate)
     band = np.percentile(boot, [2.5, 97.5], axis=0) if len(boot) else np.full((2, len(domains)), np.nan)
     by_mode: dict[str, list] = {}
     for label, run in zip(labels, runs):
@@ -79,13 +82,42 @@ def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print, run_dirs: li
     return result
 
 
-def same_runs(run_dirs: list[Path]) -> list[str]:
+def _not_finished(run_dir: Path, e: Exception) -> ConfigError:
+    return ConfigError(f"{run_dir}: not a finished run of ddk distill ({type(e).__name__}: {e}); "
+                       f"finish it (ddk compare resumes it) or move it out of the comparison")
+
+
+def _results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise _not_finished(run_dir, e) from None
+
+
+def read_run(run_dir: Path, results: dict | None = None) -> RunMix:
+    """A finished run's RunMix: its validation CE from results.json (`results`, when the
+    caller has read it already) and its mean shares from the interval weights of its eval
+    records in metrics.jsonl."""
+    results = _results(run_dir) if results is None else results
+    try:
+        domains, steps = results["domains"], results["steps"]
+        evals = [e for e in read_metrics(run_dir, "eval") if "weights" in e and e["step"] < steps]
+        if not evals:
+            raise ValueError("no evaluation records with domain weights in metrics.jsonl")
+        shares = mean_shares([e["step"] for e in evals], np.array([[e["weights"][d] for d in domains] for e in evals]), steps)
+        ce = np.array([results["student_after_loss"][d] for d in domains], np.float64)
+        seed = int(run_dir.name.removeprefix("seed-"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _not_finished(run_dir, e) from None
+    return RunMix(results.get("mode", run_dir.parent.name), seed, shares, ce)
+
+
+def same_runs(run_dirs: list[Path], results: list[dict]) -> list[str]:
     """The domains of runs that may be fitted together: the same domains, cache, initial
     student and budget as the first (a run of another comparison left in the directory
     would otherwise be fitted silently). Refuses naming the first run that differs."""
-    first = json.loads((run_dirs[0] / "results.json").read_text())
-    for d in run_dirs[1:]:
-        r = json.loads((d / "results.json").read_text())
+    first = results[0]
+    for d, r in zip(run_dirs[1:], results[1:]):
         for what, mine, theirs in (("domains", r.get("domains"), first.get("domains")), ("steps", r.get("steps"), first.get("steps")),
                                    ("cache and initial student", r.get("identity"), first.get("identity"))):
             if mine != theirs:

@@ -347,15 +347,25 @@ def _rates(combined: dict) -> dict:
             **({"steady_tokens_per_s": round(combined["steady_tokens"] / steady, 1)} if steady else {})}
 
 
+def _take_worker_stats(cache_dir: Path, workers: range | None = None) -> list[dict]:
+    """The workers' throughput notes (`workers`' only, or all), read and removed."""
+    stats_dir = cache_dir / WORK_DIR / "stats"
+    if workers is None:
+        files = sorted(stats_dir.glob("worker-*.json"))  # none when the folder does not exist
+    else:
+        files = [f for f in (stats_dir / f"worker-{w}.json" for w in workers) if f.exists()]
+    records = []
+    for f in files:
+        records.append(json.loads(f.read_text()))
+        f.unlink()
+    return records
+
+
 def _capture_stats(cache_dir: Path, backend: str, seconds: float) -> dict:
     """Throughput of this run's workers (teacher forward + encode, engine start-up excluded):
     tokens_per_s over each worker's whole loop; steady_tokens_per_s without each worker's
     first shard (combine_throughput)."""
-    stats_dir = cache_dir / WORK_DIR / "stats"
-    records = []
-    for f in sorted(stats_dir.glob("worker-*.json")) if stats_dir.exists() else []:
-        records.append(json.loads(f.read_text()))
-        f.unlink()
+    records = _take_worker_stats(cache_dir)
     combined = combine_throughput(records)
     return {"backend": backend, "tokens": combined["tokens"], "wall_seconds": round(seconds, 2), **_rates(combined),
             "engine_dtype": ",".join(sorted({r["engine_dtype"] for r in records}))}  # as each engine reported it (checked against teacher.dtype)
@@ -523,12 +533,7 @@ def _capture_rank(cfg: Config, me: RankInfo, cache_dir: Path, plan: CachePlan, b
 
 def _rank_stats(cache_dir: Path, first: int, workers: int) -> dict:
     """This rank's workers' throughput notes (read and removed), combined (combine_throughput), and their dtypes."""
-    records = []
-    for w in range(first, first + workers):
-        f = cache_dir / WORK_DIR / "stats" / f"worker-{w}.json"
-        if f.exists():
-            records.append(json.loads(f.read_text()))
-            f.unlink()
+    records = _take_worker_stats(cache_dir, range(first, first + workers))
     return {**combine_throughput(records), "engine_dtype": sorted({r["engine_dtype"] for r in records})}
 
 

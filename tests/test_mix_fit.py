@@ -10,10 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from ddk.pipeline.config import ConfigError, load_config
-from ddk.pipeline.mix_fit import fit_log_share, mean_shares, optimal_mix, read_run
+from ddk.pipeline.mix_fit import fit_log_share, mean_shares, optimal_mix
 from ddk.pipeline.scheduler import DomainScheduler
 from ddk.stages.cli import main as cli
 from ddk.stages.compare import FITTED, fitted_overrides
+from ddk.stages.fit_mix import read_run
 
 DOMAINS = ["a", "b", "c"]
 A, B = np.array([4.0, 3.0, 5.0]), np.array([0.5, 0.2, 0.3])
