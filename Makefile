@@ -4,7 +4,8 @@
 #   make teacher-cache CONFIG=configs/ci.toml SET="--set cache.k=16"
 #   make distill                       stage two (DDK) from that cache; MODE=cpt|kd|ddk
 #   make compare SEEDS=3               cpt / kd / ddk / ablations from one cache, over seeds, table + plots
-#   make fit-mix                       the fixed domain mix fitted to that comparison's runs (MODES=...,kd-fitted trains it)
+#   make fit-mix                       the fixed domain mix fitted to that comparison's runs (MODES=...,kd-fitted trains it;
+#                                      SET="--worst-ratio kd": within KD's worst domain, MODES=...,kd-fitted-worst)
 #   make bench                         speed, memory and cache-size benchmarks
 #   make test                          the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 

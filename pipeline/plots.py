@@ -49,6 +49,8 @@ __all__ = [
     "mode_styles",
     "plot_domain_weights",
     "plot_domain_ppl",
+    "plot_mix_fit",
+    "plot_mix_frontier",
     "plot_ppl_ratio",
 ]
 
@@ -86,7 +88,7 @@ _KNOWN_SLOTS = {
     "student after": 0, "student": 0, "ddk-log-ratio-t0.3": 0,
     "cpt": 1, "kd": 2, "ddk": 3, "ddk-no-smoothing": 4, "ddk w/o fs": 4, "ddk-equal-sampling": 5,
     "ddk-guarded": 6, "ddk-prior-tilt": 7, "ddk-progress": 8, "ddk-gap-progress": 9,
-    "ddk-log-ratio-t0.1": 10, "student before": 11, "kd-fitted": 12,
+    "ddk-log-ratio-t0.1": 10, "student before": 11, "kd-fitted": 12, "kd-fitted-worst": 13,
 }
 _N_SLOTS = len(MODE_COLORS) * len(MODE_MARKERS)
 
@@ -539,5 +541,35 @@ def plot_mix_fit(domains: list[str], points: dict[str, tuple[list[list[float]], 
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     _legend_outside(axes[cols - 1], fig, *axes[0].get_legend_handles_labels(), title="run")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mix_frontier(curve: list[tuple[float, float]], observed: dict[str, tuple[float, float]],
+                      mix: tuple[float, float], path, bound: float | None = None,
+                      title: str = "What the worst domain costs the mean (the fit, validation)") -> Path:
+    """The fitted domain-mean CE of the best mix under a bound on the worst domain's
+    student/teacher PPL ratio (`curve`: (ratio, mean CE) pairs, mix_fit.frontier), each
+    mode's runs where they ended (`observed[mode] = (worst ratio, mean CE)`, mean over
+    seeds), the mix that was written (`mix`), and the bound asked for (dashed). The line
+    and the star are the fit's predictions, the mode markers measurements: a run off the
+    line is the fit's residual (docs/evidence.md has them per mode)."""
+    if not curve:
+        raise ValueError("plot_mix_frontier: no frontier points")
+    fig, (ax,) = _new_figure(extra_width=1.8)
+    styles = mode_styles(observed)
+    xs, ys = zip(*sorted(curve))
+    ax.plot(xs, ys, color="#555555", lw=1.5, label="best mix under the bound\n(the fit's prediction)")
+    for mode, (x, y) in observed.items():
+        st = styles[mode]
+        ax.plot([x], [y], st.marker, color=st.color, ms=8, ls="none", label=f"{mode} (runs, measured)")
+    ax.plot([mix[0]], [mix[1]], "*", color="black", ms=13, ls="none", label="the mix written (predicted)")
+    if bound is not None:
+        ax.axvline(bound, color="#555555", ls="--", lw=1.0, label=f"bound {bound:.3f}")
+    ax.set_xlabel("worst domain's student/teacher PPL ratio (validation)")
+    ax.set_ylabel("domain-mean validation CE (nats)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    _legend_outside(ax, fig)
     fig.tight_layout()
     return _save(fig, path)

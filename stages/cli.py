@@ -243,7 +243,8 @@ def eval_cmd(config_path, overrides, student, cache_dir, split, rows):
 @click.option("--modes", default=None, metavar="M1,M2", help="Subset of cpt,kd,ddk,ddk-no-smoothing,ddk-equal-sampling (default: these five), plus the variants beyond "
                    "the paper: ddk-log-ratio-t0.1, ddk-log-ratio-t0.3, ddk-guarded, ddk-prior-tilt, ddk-progress, ddk-gap-progress, and "
                    "kd-fitted (kd with the mix `ddk fit-mix` fits to the other runs in --out; fitted after they ran "
-                   "when --out has no fitted_mix.json; not trained from --vs-cache).")
+                   "when --out has no fitted_mix.json; not trained from --vs-cache), kd-fitted-worst (the same, the best mix "
+                   "that keeps every domain within kd's worst validation PPL ratio: fit-mix --worst-ratio kd).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Train every mode with distill.seed = 0..N-1 (replaces any distill.seed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output directory (default: <distill.out_dir>/../compare).")
 @click.option("--vs-cache", type=click.Path(file_okay=False), default=None,
@@ -275,8 +276,11 @@ def compare_cmd(config_path, overrides, modes, seeds, out_dir, vs_cache):
               help="A `ddk compare` output directory with finished runs of several modes (their mixes must differ).")
 @click.option("--extrapolate", type=click.FloatRange(min=1.0), default=1.5, show_default=True,
               help="Let each domain's share go this factor beyond the range of shares the runs gave it (1: only where the fit has data).")
+@click.option("--worst-ratio", default=None, metavar="RATIO|kd",
+              help="Keep every domain's fitted student/teacher validation PPL ratio at most this (a number > 1, or kd: the worst "
+                   "of this comparison's kd runs); writes fitted_mix_worst.json, which compare's kd-fitted-worst trains.")
 @friendly_errors
-def fit_mix_cmd(compare_dir, extrapolate):
+def fit_mix_cmd(compare_dir, extrapolate, worst_ratio):
     """Fit the domain mix that minimizes the domain-mean loss to a comparison's runs.
 
     Per domain, the final VALIDATION CE of every run (cpt excepted) against the log of the
@@ -284,11 +288,12 @@ def fit_mix_cmd(compare_dir, extrapolate):
     (kept within --extrapolate times the range of shares the runs saw) minimizes the fitted
     mean. Writes <compare-dir>/fitted_mix.json and fitted_mix.png (each domain's runs and
     line); `ddk compare --modes kd,ddk-equal-sampling,kd-fitted` then trains kd with that
-    mix and judges it on the held-out test split.
+    mix and judges it on the held-out test split. fitted_mix_frontier.png shows what a bound
+    on the worst domain (--worst-ratio) costs the fitted mean.
     """
     from .fit_mix import fit_mix
 
-    fit_mix(Path(compare_dir), extrapolate=extrapolate, log=click.echo)
+    fit_mix(Path(compare_dir), extrapolate=extrapolate, log=click.echo, worst_ratio=worst_ratio)
 
 
 @main.group("cache")

@@ -46,7 +46,7 @@ from ..pipeline.config import Config, ConfigError, load_config
 from ..pipeline.run_identity import cache_identity, student_identity
 from ..pipeline.stats import metrics_vs_teacher, paired_bootstrap, seed_spread
 from .distill import RESUMABLE_WITH_CHANGED, distill, read_metrics, run_label, saved_config
-from .fit_mix import FITTED_MIX, NOT_FITTED, fit_mix, toml_table
+from .fit_mix import FITTED_MIX, FITTED_MIX_WORST, NOT_FITTED, fit_mix, toml_table
 
 # (label, config overrides): one tool, five switches.
 MODES: list[tuple[str, list[str]]] = [
@@ -75,8 +75,11 @@ VARIANTS: list[tuple[str, list[str]]] = [
 ALL_MODES = MODES + VARIANTS
 # kd with the fixed mix `ddk fit-mix` fitted to this comparison's other runs (its
 # fitted_mix.json in --out, fitted there first when absent, after the other modes ran);
-# judged on the test split the fit never saw.
+# judged on the test split the fit never saw. kd-fitted-worst: the same fit's best mix
+# that keeps every domain within kd's worst validation PPL ratio (fit-mix --worst-ratio kd).
 FITTED = "kd-fitted"
+FITTED_WORST = "kd-fitted-worst"
+FITTED_MODES = {FITTED: (FITTED_MIX, None), FITTED_WORST: (FITTED_MIX_WORST, "kd")}  # mode: (its file in --out, --worst-ratio)
 PAPER_BASES = ("ddk", "ddk-equal-sampling")  # what a variant is also paired against
 # The paper's baseline: every other mode's paired difference is measured against it.
 REFERENCE = "kd"
@@ -116,9 +119,9 @@ VS_CACHE = "@vs-cache"  # the label suffix of a mode trained from --vs-cache
 
 def compare(config_path, overrides: list[str], out: Path, modes: list[str] | None = None, seeds: int = 3, log=print,
             vs_cache: Path | None = None) -> dict:
-    unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES} - {FITTED})
+    unknown = sorted(set(modes or []) - {label for label, _ in ALL_MODES} - set(FITTED_MODES))
     if unknown:
-        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES] + [FITTED]}")
+        raise ConfigError(f"unknown modes {unknown}; choose from {[label for label, _ in ALL_MODES] + list(FITTED_MODES)}")
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: a comparison needs at least 1 seed (3 or more to see run-to-run noise)")
     wanted = MODES if modes is None else [m for m in ALL_MODES if m[0] in modes]
@@ -132,12 +135,15 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     for label, extra in wanted:
         _refuse_single_seed_layout(out / label)
         runs[label] = [_run(config_path, list(overrides), label, extra, seed, out, identities, log) for seed in range(seeds)]
-    if modes is not None and FITTED in modes:  # last: the fit may use the runs just made (not from --vs-cache)
-        if not (out / FITTED_MIX).exists():
-            log(f"[{FITTED}] no {out / FITTED_MIX} yet: fitting it to the finished runs in {out} (ddk fit-mix)")
-            fit_mix(out, log=log, run_dirs=[r.dir for label, rs in runs.items() if label not in NOT_FITTED and
-                                            not label.endswith(VS_CACHE) for r in rs])
-        runs[FITTED] = [_run(config_path, list(overrides), FITTED, fitted_overrides(out), seed, out, identities, log)
+    for fitted, (name, worst_ratio) in FITTED_MODES.items():  # last: the fit may use the runs just made (not from --vs-cache)
+        if modes is None or fitted not in modes:
+            continue
+        if not (out / name).exists():
+            log(f"[{fitted}] no {out / name} yet: fitting it to the finished runs in {out} (ddk fit-mix"
+                + (f" --worst-ratio {worst_ratio})" if worst_ratio else ")"))
+            fit_mix(out, log=log, worst_ratio=worst_ratio, run_dirs=[r.dir for label, rs in runs.items() if label not in NOT_FITTED
+                                                                     and not label.endswith(VS_CACHE) for r in rs])
+        runs[fitted] = [_run(config_path, list(overrides), fitted, fitted_overrides(out, fitted), seed, out, identities, log)
                         for seed in range(seeds)]
     frame = runs_frame(runs)
     summary = summarize(runs, _test_row_weights(load_config(config_path, list(overrides))), frame=frame)
@@ -150,11 +156,13 @@ def compare(config_path, overrides: list[str], out: Path, modes: list[str] | Non
     return summary
 
 
-def fitted_overrides(out: Path) -> list[str]:
-    """kd-fitted's config: kd with the mix in <out>/fitted_mix.json."""
-    path = Path(out) / FITTED_MIX
+def fitted_overrides(out: Path, mode: str = FITTED) -> list[str]:
+    """kd-fitted's (or kd-fitted-worst's) config: kd with the mix in its file in --out."""
+    name, worst_ratio = FITTED_MODES[mode]
+    path = Path(out) / name
     if not path.exists():
-        raise ConfigError(f"mode {FITTED}: {path} not found; fit it to this comparison's runs first: ddk fit-mix --compare-dir {out}")
+        raise ConfigError(f"mode {mode}: {path} not found; fit it to this comparison's runs first: ddk fit-mix --compare-dir {out}"
+                          + (f" --worst-ratio {worst_ratio}" if worst_ratio else ""))
     weights = json.loads(path.read_text())["weights"]
     return ["distill.mode=kd", "distill.kd_domains=fixed", f"distill.domain_weights={toml_table(weights)}"]
 
@@ -170,7 +178,7 @@ def _run(config_path, overrides: list[str], label: str, extra: list[str], seed: 
     run_dir = out / label / f"seed-{seed}"
     cfg = load_config(config_path, [*overrides, *extra, f"distill.seed={seed}", f"distill.out_dir={json.dumps(str(run_dir))}"])
     base = label.removesuffix(VS_CACHE)
-    assert run_label(cfg) == ("ddk-variant" if base in dict(VARIANTS) else "kd-fixed" if base == FITTED else base)
+    assert run_label(cfg) == ("ddk-variant" if base in dict(VARIANTS) else "kd-fixed" if base in FITTED_MODES else base)
     results_path = run_dir / "results.json"
     if results_path.exists():
         key = (str(cfg.cache_path()), str(cfg.student_path()))
@@ -283,7 +291,7 @@ def summarize(runs: dict[str, list[Run]], row_weights: dict[str, np.ndarray] | N
                                                        row_weights=weights, **BOOTSTRAP)
     # The variants beyond the paper also against what they would replace: the paper's DDK and ES.
     rows_t = {d: np.asarray(v) for d, v in test["teacher_row_loss"].items()}
-    pairs = [(label, base) for label in runs if label in dict(VARIANTS) or label == FITTED for base in PAPER_BASES if base in runs]
+    pairs = [(label, base) for label in runs if label in dict(VARIANTS) or label in FITTED_MODES for base in PAPER_BASES if base in runs]
     if all(m in runs for m in PAPER_BASES):
         pairs.insert(0, PAPER_BASES)  # the paper's own claim: DDK against equal sampling
     variants_vs_paper = {f"{a} − {b}": paired_bootstrap(_row_losses(runs[a]), _row_losses(runs[b]), rows_t, row_weights=weights,

@@ -102,18 +102,20 @@ def test_kd_fitted_fits_the_mix_to_the_runs_then_trains_kd_with_it(compared, tmp
     mine = tmp_path / "cmp"  # a copy: the fixture's directory is shared with the other tests
     shutil.copytree(out, mine, ignore=shutil.ignore_patterns("ckpt-*", "latest"))
     args = [a if a != str(out) else str(mine) for a in args]
-    args[args.index("--modes") + 1] = ",".join(MODES + ["kd-fitted"])
+    args[args.index("--modes") + 1] = ",".join(MODES + ["kd-fitted", "kd-fitted-worst"])
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    assert r.output.count("reusing its results") == len(MODES) * SEEDS and "fitting it to the finished runs" in r.output
-    fitted = json.loads((mine / "fitted_mix.json").read_text())
-    assert len(fitted["runs"]) == len(MODES) * SEEDS
-    for seed in range(SEEDS):
-        res = json.loads((mine / "kd-fitted" / f"seed-{seed}" / "results.json").read_text())
-        total = sum(fitted["weights"].values())
-        assert res["final_weights"] == pytest.approx({d: w / total for d, w in fitted["weights"].items()})
+    assert r.output.count("reusing its results") == len(MODES) * SEEDS and r.output.count("fitting it to the finished runs") == 2
+    for mode, name in (("kd-fitted", "fitted_mix.json"), ("kd-fitted-worst", "fitted_mix_worst.json")):
+        fitted = json.loads((mine / name).read_text())
+        assert len(fitted["runs"]) == len(MODES) * SEEDS  # neither fit saw the other's runs
+        for seed in range(SEEDS):
+            res = json.loads((mine / mode / f"seed-{seed}" / "results.json").read_text())
+            total = sum(fitted["weights"].values())
+            assert res["final_weights"] == pytest.approx({d: w / total for d, w in fitted["weights"].items()})
+    assert fitted["worst_bound"]["from"].startswith("kd's worst")
     s = json.loads((mine / "compare.json").read_text())
-    assert "kd-fitted" in s["modes"] and "kd-fitted − ddk" in s["variants_vs_paper"]
+    assert {"kd-fitted", "kd-fitted-worst"} <= set(s["modes"]) and "kd-fitted-worst − ddk" in s["variants_vs_paper"]
 
 
 def test_reruns_reuse_or_resume_each_run_and_refuse_what_changed(compared):

@@ -10,14 +10,15 @@ import pytest
 from click.testing import CliRunner
 
 from ddk.pipeline.config import ConfigError, load_config
-from ddk.pipeline.mix_fit import fit_log_share, mean_shares, optimal_mix
+from ddk.pipeline.mix_fit import bounded_mix, fit_log_share, frontier, gap_floors, mean_shares, optimal_mix
 from ddk.pipeline.scheduler import DomainScheduler
 from ddk.stages.cli import main as cli
-from ddk.stages.compare import FITTED, fitted_overrides
+from ddk.stages.compare import FITTED, FITTED_WORST, fitted_overrides
 from ddk.stages.fit_mix import read_run
 
 DOMAINS = ["a", "b", "c"]
 A, B = np.array([4.0, 3.0, 5.0]), np.array([0.5, 0.2, 0.3])
+TEACHER = np.array([4.0, 3.0, 4.5])  # validation CE; at the uniform mix the gaps are 0.55, 0.22, 0.83
 
 
 def _mixes(n=12, seed=0):
@@ -86,7 +87,8 @@ def _write_run(run_dir, mode, weights_per_eval, ce, steps=20, interval=10):
     lines = [json.dumps(e) for e in evals] + [json.dumps({"kind": "train", "step": 1, "loss": 1.0})]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / "results.json").write_text(json.dumps({"mode": mode, "steps": steps, "domains": DOMAINS,
-                                                      "student_after_loss": dict(zip(DOMAINS, ce))}))
+                                                      "student_after_loss": dict(zip(DOMAINS, ce)),
+                                                      "teacher_loss": dict(zip(DOMAINS, TEACHER.tolist()))}))
 
 
 def _fake_compare(root, with_cpt=True):
@@ -205,3 +207,60 @@ def test_fit_mix_refuses_runs_of_another_comparison_and_unfinished_ones(tmp_path
 def test_boolean_domain_weights_are_refused():
     with pytest.raises(ConfigError, match=">= 0"):
         load_config(None, ["distill.mode=kd", "distill.kd_domains=fixed", "distill.domain_weights={a = true, b = 1}"])
+
+
+def test_a_bound_on_the_worst_domain_is_a_floor_on_its_share_and_the_bounded_mix_is_the_best_under_it():
+    shares = _mixes(20)
+    fit = fit_log_share(DOMAINS, shares, A - B * np.log(shares))
+    free = optimal_mix(fit)
+    free_gaps = fit.predicted_ce(free) - TEACHER
+    g = float(free_gaps.max()) - 0.02  # tighter than the free optimum's worst domain
+    floors = gap_floors(fit, TEACHER, g)
+    np.testing.assert_allclose(fit.predicted_ce(floors) - TEACHER, g)  # at its floor a domain sits on the bound
+    mix = bounded_mix(fit, TEACHER, g)
+    assert mix.sum() == pytest.approx(1.0) and np.all(fit.predicted_ce(mix) - TEACHER <= g + 1e-9)
+    assert fit.predicted_mean_ce(mix) > fit.predicted_mean_ce(free)  # the bound costs the mean something
+    cand = np.random.default_rng(5).dirichlet([8.0, 8.0, 8.0], size=40000)
+    ok = np.all((cand >= fit.lo) & (cand <= fit.hi), axis=1) & np.all(fit.predicted_ce(cand) - TEACHER <= g, axis=1)
+    assert ok.sum() > 20
+    assert fit.predicted_mean_ce(mix) <= min(fit.predicted_mean_ce(c) for c in cand[ok]) + 1e-9
+    # a bound the free optimum already meets changes nothing; one no mix meets names the domain
+    np.testing.assert_allclose(bounded_mix(fit, TEACHER, float(free_gaps.max()) + 0.1), free)
+    with pytest.raises(ValueError, match="domain 'a' needs a share of .* loosen the bound"):
+        bounded_mix(fit, TEACHER, 0.2)
+
+
+def test_the_frontier_runs_from_the_free_optimum_to_the_tightest_bound_and_never_gets_cheaper():
+    shares = _mixes(20)
+    fit = fit_log_share(DOMAINS, shares, A - B * np.log(shares))
+    curve = frontier(fit, TEACHER, points=15)
+    free = optimal_mix(fit)
+    assert curve[0] == pytest.approx((float(np.max(fit.predicted_ce(free) - TEACHER)), fit.predicted_mean_ce(free)))
+    worst, mean = np.array(curve).T
+    assert len(curve) >= 10 and np.all(np.diff(worst) < 0) and np.all(np.diff(mean) >= -1e-12)
+    with pytest.raises(ValueError):  # past the tightest bound no mix in the range meets it
+        bounded_mix(fit, TEACHER, float(worst[-1]) - 0.01)
+
+
+def test_cli_fit_mix_worst_ratio_kd_bounds_every_domain_by_kds_worst_and_kd_fitted_worst_trains_it(tmp_path):
+    _fake_compare(tmp_path)
+    with pytest.raises(ConfigError, match="--worst-ratio kd"):
+        fitted_overrides(tmp_path, FITTED_WORST)
+    r = CliRunner().invoke(cli, ["fit-mix", "--compare-dir", str(tmp_path), "--worst-ratio", "kd"])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "fitted_mix_worst.json").read_text())
+    assert not (tmp_path / "fitted_mix.json").exists()  # kd-fitted's file is another
+    kd_runs = [json.loads((tmp_path / "kd" / f"seed-{s}" / "results.json").read_text()) for s in range(2)]
+    kd_ce = np.mean([[r["student_after_loss"][d] for d in DOMAINS] for r in kd_runs], axis=0)
+    bound = float(np.exp(np.max(kd_ce - TEACHER)))
+    assert got["worst_bound"]["ratio"] == pytest.approx(bound)
+    assert max(got["predicted_val_ppl_ratio"].values()) <= bound + 1e-6
+    assert sum(got["weights"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert (tmp_path / "fitted_mix_worst_frontier.png").stat().st_size > 10_000
+    assert "bound" in r.output and "kd-fitted-worst" in r.output
+    cfg = load_config(None, fitted_overrides(tmp_path, FITTED_WORST))
+    assert (cfg.distill.mode, cfg.distill.kd_domains) == ("kd", "fixed")
+    assert cfg.distill.domain_weights == pytest.approx(got["weights"])
+    for bad, match in (("0.9", "above 1"), ("loose", "above 1"), ("1.0001", "loosen the bound")):
+        r = CliRunner().invoke(cli, ["fit-mix", "--compare-dir", str(tmp_path), "--worst-ratio", bad])
+        assert r.exit_code != 0 and match in r.output and "Traceback" not in r.output, r.output
