@@ -106,7 +106,7 @@ def fit_log_share(domains: list, shares: np.ndarray, ce: np.ndarray) -> LogShare
 def gap_floors(fit: LogShareFit, teacher_ce, max_gap: float) -> np.ndarray:
     """The smallest share per domain whose fitted CE is within max_gap nats of the teacher's
     (teacher_ce [N], nats): exp((a_i - T_i - max_gap) / b_i) where b_i > 0; 0 where the
-    domain's loss did not answer its share (b_i <= 0: no share helps it; `optimal_mix`
+    domain's loss did not answer its share (b_i <= 0: no share helps it; `bounded_mix`
     checks its bound at the mix it picks)."""
     t = np.asarray(teacher_ce, np.float64)
     with np.errstate(over="ignore", divide="ignore"):
@@ -124,8 +124,8 @@ def optimal_mix(fit: LogShareFit, extrapolate: float = 1.0, iters: int = 200, fl
     lo, hi, b = fit.lo / extrapolate, np.minimum(fit.hi * extrapolate, 1.0), np.maximum(fit.b, 0.0)
     if floors is not None:
         lo = np.maximum(lo, np.asarray(floors, np.float64))
-        over = [i for i in range(len(lo)) if lo[i] > hi[i] + 1e-12]
-        if over:
+        over = np.flatnonzero(lo > hi + 1e-12)
+        if len(over):
             i = over[0]
             raise ValueError(f"domain {fit.domains[i]!r} needs a share of {lo[i]:.3f} to meet the bound, above the "
                              f"{hi[i]:.3f} the fit may go to (x{extrapolate:g} the shares seen): loosen the bound")

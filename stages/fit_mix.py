@@ -88,8 +88,7 @@ def fit_mix(compare_dir: Path, extrapolate: float = 1.5, log=print, run_dirs: li
     stem = compare_dir / Path(name).stem
     points = {m: ([r.shares.tolist() for r in rs], [r.ce.tolist() for r in rs]) for m, rs in by_mode.items()}
     result["plot"] = str(plot_mix_fit(domains, points, fit.a.tolist(), fit.b.tolist(), mix.tolist(), stem.with_suffix(".png")))
-    observed_worst = {m: (float(np.exp(np.max(np.mean([r.ce for r in rs], 0) - teacher_ce))), result["observed_mean_val_ce"][m])
-                      for m, rs in by_mode.items()}
+    observed_worst = {m: (float(np.exp(worst_gap(rs, teacher_ce))), result["observed_mean_val_ce"][m]) for m, rs in by_mode.items()}
     result["frontier_plot"] = str(plot_mix_frontier(result["frontier"], observed_worst, (float(ratios.max()), fit.predicted_mean_ce(mix)),
                                                     stem.with_name(stem.name + "_frontier.png"),
                                                     bound=None if bound is None else bound["ratio"]))
@@ -129,6 +128,11 @@ def teacher_val_ce(run_dir: Path, results: dict, domains: list[str]) -> np.ndarr
         raise _not_finished(run_dir, e) from None
 
 
+def worst_gap(runs: list[RunMix], teacher_ce: np.ndarray) -> float:
+    """The largest over domains of the runs' mean validation CE minus the teacher's (nats)."""
+    return float(np.max(np.mean([r.ce for r in runs], 0) - teacher_ce))
+
+
 def worst_bound(worst_ratio: str | float, by_mode: dict[str, list[RunMix]], teacher_ce: np.ndarray, compare_dir) -> dict:
     """--worst-ratio as a gap in nats: a PPL ratio > 1 as given, or "kd": the largest over
     domains of the kd runs' mean validation CE minus the teacher's."""
@@ -136,7 +140,7 @@ def worst_bound(worst_ratio: str | float, by_mode: dict[str, list[RunMix]], teac
         if "kd" not in by_mode:
             raise ConfigError(f"{compare_dir}: --worst-ratio kd needs this comparison's kd runs (none among the runs fitted); "
                               f"run `ddk compare --modes kd,...` there first, or give a ratio such as 1.2")
-        gap = float(np.max(np.mean([r.ce for r in by_mode["kd"]], 0) - teacher_ce))
+        gap = worst_gap(by_mode["kd"], teacher_ce)
         return {"ratio": float(np.exp(gap)), "max_gap": gap, "from": "kd's worst domain, validation, mean over its seeds"}
     try:
         ratio = float(worst_ratio)
